@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create the virtual environment if it is missing and install the package.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_OPTS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lfdeep-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_OPTS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Keep a torch that is already importable (e.g. a CUDA build on a GPU machine,
+	# via VENV_OPTS=--system-site-packages); otherwise take the CPU wheel.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/lfdeep-neuron demo
+
+test: setup
+	# pytest exit code 5 (no tests collected) is a failure too.
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+clean-cache:
+	rm -rf $${LFDEEP_CACHE_DIR:-$$HOME/.cache/lfdeep_neuron}

@@ -1,0 +1,139 @@
+"""Compile and load the project's NMODL mechanisms (``mod/*.mod``).
+
+The mod files are compiled once with ``nrnivmodl`` into a cache directory
+keyed by the SHA-256 of their contents (and of the NEURON version), so an
+edited mod file gets a fresh build and an unchanged one is never rebuilt.
+Concurrent processes (``mpiexec`` ranks, worker pools, pytest-xdist) are safe:
+the first takes an exclusive file lock and builds into a temporary directory
+that is renamed into place when complete; the others wait on the lock and
+then load the finished build.
+
+Cache location: ``$LFDEEP_CACHE_DIR/mechanisms`` or
+``~/.cache/lfdeep_neuron/mechanisms``.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["mod_dir", "mod_hash", "cache_root", "build", "load"]
+
+_LOADED: Path | None = None
+
+
+class MechanismBuildError(RuntimeError):
+    """nrnivmodl failed; the message carries its output."""
+
+
+def mod_dir() -> Path:
+    """The directory holding the project's ``*.mod`` files.
+
+    ``$LFDEEP_MOD_DIR`` overrides; otherwise ``mod/`` at the repository root
+    (the package is installed editable, ``pip install -e .``).
+    """
+    env = os.environ.get("LFDEEP_MOD_DIR")
+    d = Path(env) if env else Path(__file__).resolve().parent.parent / "mod"
+    if not d.is_dir() or not list(d.glob("*.mod")):
+        raise FileNotFoundError(
+            f"no NMODL files found in {d}; set LFDEEP_MOD_DIR or install the "
+            "repository in editable mode (pip install -e .)")
+    return d
+
+
+def mod_hash(directory: Path | None = None) -> str:
+    """SHA-256 (16 hex digits) over the names and contents of the mod files."""
+    import neuron
+
+    directory = directory or mod_dir()
+    digest = hashlib.sha256()
+    digest.update(f"neuron={neuron.__version__};arch={platform.machine()}".encode())
+    for f in sorted(directory.glob("*.mod")):
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    env = os.environ.get("LFDEEP_CACHE_DIR")
+    root = Path(env) if env else Path.home() / ".cache" / "lfdeep_neuron"
+    return root / "mechanisms"
+
+
+def _library_in(build_dir: Path) -> Path | None:
+    hits = sorted(build_dir.glob("*/.libs/libnrnmech.so")) + sorted(build_dir.glob("*/libnrnmech.so"))
+    return hits[0] if hits else None
+
+
+def _nrnivmodl() -> str:
+    exe = Path(sys.executable).parent / "nrnivmodl"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("nrnivmodl")
+    if not found:
+        raise MechanismBuildError("nrnivmodl not found: is NEURON installed in this environment?")
+    return found
+
+
+def build(directory: Path | None = None, quiet: bool = True) -> Path:
+    """Compile the mod files if needed; return the build directory.
+
+    Holds an exclusive lock on ``<cache>/<hash>.lock`` while building, so only
+    one process compiles and the others wait for it.
+    """
+    directory = directory or mod_dir()
+    key = mod_hash(directory)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / key
+    if _library_in(target):
+        return target
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if _library_in(target):          # another process built it meanwhile
+                return target
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=root))
+            for f in directory.glob("*.mod"):
+                shutil.copy2(f, tmp / f.name)
+            proc = subprocess.run([_nrnivmodl()], cwd=tmp, capture_output=True, text=True)
+            if proc.returncode != 0 or not _library_in(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise MechanismBuildError(
+                    f"nrnivmodl failed in {directory} (exit {proc.returncode}):\n"
+                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            if not quiet:
+                print(proc.stdout)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return target
+
+
+def load() -> Path:
+    """Build if necessary and load the mechanisms into this process, once.
+
+    Returns the build directory. Calling it again is a no-op. If mechanisms of
+    the same names were already loaded from elsewhere, NEURON would refuse a
+    second registration; this function therefore loads exactly one build per
+    process.
+    """
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    target = build()
+    from neuron import h
+
+    lib = _library_in(target)
+    if not h.nrn_load_dll(str(lib)):
+        raise MechanismBuildError(f"NEURON could not load {lib}")
+    _LOADED = target
+    return target

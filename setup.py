@@ -1,0 +1,33 @@
+"""Packaging for lfdeep-neuron.
+
+torch is declared without an upper bound; on CPU-only machines install the
+CPU wheel first (``pip install torch==2.13.0``, which the Makefile does) so
+that pip never pulls the multi-GB CUDA build to satisfy this requirement.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="lfdeep-neuron",
+    version="0.1.0",
+    description=("Multitask deep-learning surrogates of the Hay L5 pyramidal cell, "
+                 "co-simulated inside NEURON and NetPyNE networks"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["lfdeep_neuron", "lfdeep_neuron.*"]),
+    install_requires=[
+        "neuron>=9.0",
+        "netpyne>=1.1",
+        "torch>=2.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "mpi4py>=4.0",
+        "mpich>=4.0; platform_system=='Linux'",
+        "lfpykit>=0.5",
+        "h5py>=3.8",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={"dev": ["pytest>=8"]},
+    entry_points={"console_scripts": ["lfdeep-neuron=lfdeep_neuron.cli:main"]},
+)
