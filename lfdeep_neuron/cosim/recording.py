@@ -1,0 +1,201 @@
+"""Voltage, input and spike recordings of surrogate instances, to arrays or HDF5.
+
+A :class:`Recording` is made by :meth:`SurrogateEngine.record` before a run. At every surrogate
+step the engine hands it the batched prediction; it keeps the requested rows and segments (on the
+engine's device, one small copy per step) and concatenates them on demand. Spikes are kept by the
+engine for all its instances (:meth:`SurrogateEngine.spikes`).
+
+Layout of :meth:`Recording.to_hdf5` (one cell per row; ``v_mV[i]`` has the meaning of a
+record's ``v_1ms``)::
+
+    /v_mV          float32 [n_cells, n_segments, T]   voltages at t_ms (point samples, mV)
+    /t_ms          float64 [T]                         t0 + k·Δ (0, 1, 2, ... ms)
+    /gid           int64   [n_cells]                   gid of each row (-1 - local index if none)
+    /segment_index int64   [n_segments]                index in the canonical segment order
+    /segment_name  bytes   [n_segments]                e.g. b'apic[36]' (x in segment_x)
+    /segment_x     float64 [n_segments]
+    /spike_logit   float32 [n_cells, T]                if recorded
+    /inputs        float64 [n_cells, 1278, T]          if recorded: channel sums each step consumed
+    /spikes/gid, /spikes/t_ms                          spikes emitted by the engine's instances
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Recording", "segment_indices"]
+
+
+def segment_indices(segments, table) -> np.ndarray | None:
+    """Canonical indices of the requested segments (None = all, table unknown).
+
+    Parameters
+    ----------
+    segments : None, 'all', 'soma', int, list of int or list of str
+        ``None``/``'all'``: every segment; ``'soma'``: the somatic segment; names are
+        ``'apic[36]'`` (a section with one segment) or ``'apic[36](0.25)'`` (the segment
+        containing x).
+    table : dict or None
+        The segment table (``name``, ``x``); needed for names.
+    """
+    if segments is None or (isinstance(segments, str) and segments == "all"):
+        return None if table is None else np.arange(len(table["name"]))
+    if isinstance(segments, str) and segments == "soma":
+        segments = [0]
+    if isinstance(segments, (int, np.integer, str)):
+        segments = [segments]
+    out = []
+    for s in segments:
+        if isinstance(s, (int, np.integer)):
+            out.append(int(s))
+            continue
+        if table is None:
+            raise ValueError("segment names need the model's segment table (model.meta['segments'])")
+        from lfdeep_neuron.cosim.cell import ChannelMap
+
+        name, x = str(s), None
+        if name.endswith(")") and "(" in name:
+            name, xs = name[:-1].split("(", 1)
+            x = float(xs)
+        out.append(ChannelMap.segment_of(table, name, x))
+    idx = np.asarray(out, np.int64)
+    if table is not None:
+        bad = idx[(idx < 0) | (idx >= len(table["name"]))]
+        if len(bad):
+            raise ValueError(f"segment indices out of range [0, {len(table['name'])}): {bad.tolist()}")
+    return idx
+
+
+class Recording:
+    """Voltages (and optionally inputs, spike logits) of chosen instances at every step."""
+
+    def __init__(self, engine, cells=None, segments="all", inputs: bool = False, logits: bool = False):
+        self.engine = engine
+        self._cells = None if cells is None else list(cells)
+        for c in self._cells or []:
+            if c.engine is not engine:
+                raise ValueError("Recording: a cell given belongs to another SurrogateEngine")
+        self._seg = segment_indices(segments, engine.segments)
+        self.keep_inputs = bool(inputs)
+        self.keep_logits = bool(logits)
+        self._gids = np.zeros(0, np.int64)
+        self._v, self._x, self._logit, self._steps = [], [], [], []
+
+    def _reset(self):
+        """Called by the engine at finitialize: map cells to rows, forget old samples."""
+        import torch
+
+        n_local = self.engine.n_local
+        if self._cells is None:
+            rows = np.arange(n_local)
+        else:
+            rows = np.array([c.index for c in self._cells], np.int64)
+            if len(rows) and rows.max() >= n_local:
+                raise ValueError("Recording: a cell is no longer an instance of this engine (closed?)")
+        self._rows_np = rows
+        self._gids = self.engine.gids[rows]
+        dev = self.engine.device
+        self._rows = torch.as_tensor(rows, device=dev)
+        self._all_rows = np.array_equal(rows, np.arange(self.engine.n_local))
+        table = self.engine.segments
+        self._all_segs = self._seg is None or (
+            table is not None and np.array_equal(self._seg, np.arange(len(table["name"]))))
+        self._seg_t = None if self._seg is None else torch.as_tensor(self._seg, device=dev)
+        self._v, self._x, self._logit, self._steps = [], [], [], []
+
+    def _append_inputs(self, rows: np.ndarray):
+        """Keep the channel sums (float64 [n_local, 1278]) a step is about to consume."""
+        if self.keep_inputs:
+            self._x.append(rows[self._rows_np].copy())
+
+    def _append(self, k: int, v, logit):
+        """Keep rows/segments of the batched prediction v [n_local, S] (mV) of step k."""
+        self._steps.append(k)
+        if self.keep_logits:
+            lg = logit if self._all_rows else logit.index_select(0, self._rows)
+            self._logit.append(lg.clone() if lg is logit else lg)
+        if self._seg is not None and len(self._seg) == 0:
+            return
+        sel = v if self._all_rows else v.index_select(0, self._rows)
+        if not self._all_segs:
+            sel = sel.index_select(1, self._seg_t)
+        self._v.append(sel.clone() if sel is v else sel)
+
+    # ---- results ----------------------------------------------------------------------------
+
+    @property
+    def gid(self) -> np.ndarray:
+        """gid of each recorded row (``-1 - local index`` for instances without gid)."""
+        return self._gids
+
+    @property
+    def segment_index(self) -> np.ndarray:
+        if self._seg is None:
+            return np.arange(self._v[0].shape[1] if self._v else 0)
+        return self._seg
+
+    @property
+    def t_ms(self) -> np.ndarray:
+        """Time of each sample (ms): t0 + k·Δ."""
+        return np.array([self.engine.step_time(k) for k in self._steps], np.float64)
+
+    @staticmethod
+    def _stack(chunks, shape_if_empty):
+        import torch
+
+        if not chunks:
+            return np.zeros(shape_if_empty, np.float32)
+        return torch.stack(chunks, dim=-1).to(device="cpu", dtype=torch.float32).numpy()
+
+    @property
+    def v_mV(self) -> np.ndarray:
+        """Voltages, float32 [n_cells, n_segments, T] (mV)."""
+        return self._stack(self._v, (len(self._gids), len(self.segment_index), len(self._steps)))
+
+    @property
+    def spike_logit(self) -> np.ndarray:
+        """Somatic spike logits, float32 [n_cells, T] (needs ``logits=True``)."""
+        if not self.keep_logits:
+            raise ValueError("spike logits were not recorded: engine.record(..., logits=True)")
+        return self._stack(self._logit, (len(self._gids), len(self._steps)))
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """Channel sums each step consumed, float64 [n_cells, 1278, T] (needs ``inputs=True``)."""
+        if not self.keep_inputs:
+            raise ValueError("inputs were not recorded: engine.record(..., inputs=True)")
+        if not self._x:
+            from lfdeep_neuron.cosim.engine import N_CHANNELS
+
+            return np.zeros((len(self._gids), N_CHANNELS, 0))
+        return np.stack(self._x, axis=-1)
+
+    def to_hdf5(self, path):
+        """Write the recording and the engine's spikes (layout in the module doc); atomic."""
+        import h5py
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        gid_sp, t_sp = self.engine.spikes()
+        seg = self.segment_index
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("v_mV", data=self.v_mV, compression="gzip", compression_opts=4)
+            f["t_ms"] = self.t_ms
+            f["gid"] = self.gid
+            f["segment_index"] = seg
+            table = self.engine.segments
+            if table is not None:
+                f["segment_name"] = np.asarray(table["name"])[seg].astype("S")
+                f["segment_x"] = np.asarray(table["x"], np.float64)[seg]
+            if self.keep_logits:
+                f["spike_logit"] = self.spike_logit
+            if self.keep_inputs:
+                f.create_dataset("inputs", data=self.inputs, compression="gzip", compression_opts=4)
+            f["spikes/gid"] = gid_sp
+            f["spikes/t_ms"] = t_sp
+            f.attrs["step_ms"] = self.engine.step_ms
+            f.attrs["spike_threshold"] = self.engine.spike_threshold
+            f.attrs["units"] = "v_mV: mV; t_ms: ms; inputs: reference-synapse weight units"
+        tmp.replace(path)
+        return path

@@ -1,0 +1,596 @@
+"""Ground-truth generation: ``lfdeep-neuron generate`` — many Hay-cell simulations, parallel and resumable.
+
+Each simulation ``i`` of a dataset with seed ``S``:
+
+1. draws its inputs with the published generator (:func:`~lfdeep_neuron.data.inputs.beniaguev_inputs`)
+   from its own seed ``sim_seed(S, i)`` (a ``numpy.random.RandomState``; stored as the record's ``seed``
+   attribute, so ``beniaguev_inputs(seed)`` redraws the same events);
+2. drops the events of dead synapses (BIOPHYSICS.md §6.4) and runs the detailed cell on the rest;
+3. writes ``DIR/sim_<i:06d>.h5`` (the layout of :mod:`~lfdeep_neuron.data.records` plus
+   ``imem_mean_1ms`` [S, T], the 1-ms bin-mean membrane currents in nA) through a temporary file that is
+   renamed when whole; the root attribute ``complete`` is written last.
+
+Parallelism: ``--workers K`` worker processes (``spawn``: NEURON is not fork-safe once initialised), or
+``mpiexec -n K lfdeep-neuron generate ...`` where rank ``r`` simulates ``r, r+K, r+2K, ...``.
+Resume: a rerun skips every record that is complete and matches the arguments; temporary files of an
+interrupted run are removed and those simulations redone. The same arguments give bit-identical
+records and ``meta.json`` whatever the number of workers or ranks (wall-clock times go to
+``timing.jsonl`` only).
+
+``DIR/meta.json`` describes the dataset: generation settings, per-record seeds/splits/spikes/bytes, and
+totals (simulated seconds, spikes, bytes, bytes per simulated second). It is written at the start (the
+settings a resume must match) and rewritten at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "GenerationConfig",
+    "generate",
+    "sim_seed",
+    "split_key",
+    "assign_splits",
+    "record_path",
+    "read_meta",
+    "list_records",
+    "record_is_complete",
+    "Simulator",
+    "configure_parser",
+    "run",
+]
+
+META_NAME = "meta.json"
+TIMING_LOG = "timing.jsonl"
+RECORD_GLOB = "sim_*.h5"
+_RECORD_RE = re.compile(r"^sim_(\d+)\.h5$")
+_TMP_RE = re.compile(r"^\.sim_(\d+)\.h5\..*\.tmp$")
+FORMAT_VERSION = 1
+DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+# Datasets every generated record must hold (checked when resuming).
+REQUIRED_DATASETS = ("segments", "synapses", "input", "input_effective", "v_1ms", "t_1ms",
+                     "imem_mean_1ms", "soma_spike_times_ms")
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset directory conventions (also used by dataset.py)
+# --------------------------------------------------------------------------------------------------
+
+def sim_seed(dataset_seed: int, index: int) -> int:
+    """Seed of simulation ``index`` in a dataset seeded ``dataset_seed`` (an int < 2**32)."""
+    ss = np.random.SeedSequence(entropy=int(dataset_seed), spawn_key=(int(index),))
+    return int(ss.generate_state(1, dtype=np.uint32)[0])
+
+
+def split_key(dataset_seed: int, index: int) -> float:
+    """A uniform number in [0, 1) fixed by (dataset seed, index): decides the split of a simulation."""
+    ss = np.random.SeedSequence(entropy=int(dataset_seed), spawn_key=(int(index), 0x5EED))
+    return float(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(11)) / float(1 << 53)
+
+
+def assign_splits(indices, dataset_seed: int = 0, fractions: dict | None = None) -> dict[str, list[int]]:
+    """Split simulations (never time) into train / val / test.
+
+    Simulation ``i`` goes to ``val`` if ``split_key(seed, i) < f_val``, to ``test`` if below
+    ``f_val + f_test``, else to ``train``: each simulation's split depends on its own index only, so
+    growing a dataset never moves an existing simulation. For tiny datasets (≥ 3 simulations) where a
+    split comes out empty, the train simulation with the smallest key moves to val and the one with
+    the largest key to test.
+    """
+    fr = dict(DEFAULT_SPLIT_FRACTIONS if fractions is None else fractions)
+    if set(fr) != {"train", "val", "test"} or any(v < 0 for v in fr.values()) or abs(sum(fr.values()) - 1) > 1e-9:
+        raise ValueError(f"split fractions must be train/val/test >= 0 summing to 1, got {fr}")
+    keys = {int(i): split_key(dataset_seed, int(i)) for i in indices}
+    out = {"train": [], "val": [], "test": []}
+    for i, u in sorted(keys.items()):
+        out["val" if u < fr["val"] else "test" if u < fr["val"] + fr["test"] else "train"].append(i)
+    if len(keys) >= 3:
+        for name, pick in (("val", min), ("test", max)):
+            if not out[name] and fr[name] > 0 and len(out["train"]) > 1:
+                moved = pick(out["train"], key=lambda i: keys[i])
+                out["train"].remove(moved)
+                out[name].append(moved)
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def record_path(out_dir, index: int) -> Path:
+    return Path(out_dir) / f"sim_{int(index):06d}.h5"
+
+
+def list_records(out_dir) -> dict[int, Path]:
+    """``{index: path}`` of the record files (``sim_<index>.h5``) in a directory."""
+    out = {}
+    for p in Path(out_dir).glob(RECORD_GLOB):
+        m = _RECORD_RE.match(p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def read_meta(out_dir) -> dict | None:
+    """The dataset's ``meta.json`` as a dict, or None when absent."""
+    p = Path(out_dir) / META_NAME
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc})") from exc
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class GenerationConfig:
+    """Everything that determines the records (and must match when resuming)."""
+
+    morphology: str
+    out_dir: str
+    n_sims: int
+    duration_ms: int = 6000
+    seed: int = 0
+    integrator: str = "cvode"
+    dt_ms: float = 0.025
+    v_init_mV: float = -76.0
+    voltage_dtype: str = "float32"
+    compression: str | None = "gzip"
+    split_fractions: dict = field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))
+    morphology_sha256: str = ""
+
+    def __post_init__(self):
+        if self.n_sims < 0:
+            raise ValueError(f"n_sims must be >= 0, got {self.n_sims}")
+        if int(self.duration_ms) != self.duration_ms or self.duration_ms < 2:
+            raise ValueError(f"duration_ms must be an integer number of ms >= 2, got {self.duration_ms}")
+        self.duration_ms = int(self.duration_ms)
+        if self.integrator not in ("cvode", "fixed"):
+            raise ValueError(f"integrator must be 'cvode' or 'fixed', got {self.integrator!r}")
+        if self.voltage_dtype not in ("float32", "float16"):
+            raise ValueError(f"voltage_dtype must be 'float32' or 'float16', got {self.voltage_dtype!r}")
+        if not 0 <= int(self.seed) < 2**63:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if not self.morphology_sha256:
+            p = Path(self.morphology)
+            if not p.is_file():
+                raise FileNotFoundError(f"morphology file not found: {p}")
+            self.morphology_sha256 = file_sha256(p)
+
+    def identity(self) -> dict:
+        """Settings that a resumed run must share with the records already there."""
+        d = asdict(self)
+        for k in ("morphology", "out_dir", "n_sims"):
+            d.pop(k)
+        d["morphology_name"] = Path(self.morphology).name
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# one process: build the cell once, simulate many
+# --------------------------------------------------------------------------------------------------
+
+class Simulator:
+    """Builds one Hay cell in this process and simulates dataset entries on it."""
+
+    def __init__(self, cfg: GenerationConfig):
+        from lfdeep_neuron import mechanisms
+        from lfdeep_neuron.data.inputs import dendritic_lengths_um
+        from lfdeep_neuron.hay import HayL5PC
+
+        mechanisms.load()
+        self.cfg = cfg
+        self.cell = HayL5PC(cfg.morphology)
+        self.segments = _as_table(self.cell.segment_table())
+        self.sections = _as_table(self.cell.section_table())
+        self.synapses = _as_table(self.cell.synapse_table())
+        self.lengths_um, self.n_basal = dendritic_lengths_um(self.segments)
+        self.n_channels = int(len(self.synapses["syn_idx"]))
+
+    def simulate(self, index: int) -> tuple[dict, dict]:
+        """Run simulation ``index``; return (``write_record`` kwargs, timing info)."""
+        import neuron
+
+        from lfdeep_neuron.data.inputs import beniaguev_inputs, effective_events
+        from lfdeep_neuron.hay.simulate import run_cell
+
+        cfg = self.cfg
+        seed = sim_seed(cfg.seed, index)
+        syn, t_ms, draw = beniaguev_inputs(seed, self.lengths_um, self.n_basal, cfg.duration_ms,
+                                           rng=np.random.RandomState(seed))
+        eff_syn, eff_t, dead = effective_events(syn, t_ms, self.n_channels)
+        self.cell.set_input_events(eff_syn, eff_t)
+        out = run_cell(self.cell, float(cfg.duration_ms), integrator=cfg.integrator, dt_ms=cfg.dt_ms,
+                       v_init_mV=cfg.v_init_mV, record_imem=True)
+        v = np.asarray(out["v_1ms"], dtype=np.float32)
+        err16 = v.astype(np.float16).astype(np.float64) - v
+        spikes = np.asarray(out["soma_spike_times_ms"], dtype=np.float64)
+
+        attrs = {
+            "protocol": "synaptic_beniaguev",
+            "duration_ms": float(cfg.duration_ms),
+            "v_init_mV": float(out["v_init_mV"]),
+            "celsius": float(out["celsius"]),
+            "integrator": cfg.integrator,
+            "cvode_atol": float(out["cvode_atol"]),
+            "cvode_rtol": float(out["cvode_rtol"]),
+            "dt_ms": float(out["dt_ms"]),
+            "integrator_steps": np.int64(out["integrator_steps"]),
+            "neuron_version": neuron.__version__,
+            "seed": np.int64(seed),
+            "dataset_seed": np.int64(cfg.seed),
+            "sim_index": np.int64(index),
+            "n_soma_spikes": np.int64(spikes.size),
+            "n_input_events": np.int64(syn.size),
+            "n_input_effective_events": np.int64(eff_syn.size),
+            "morphology_name": Path(cfg.morphology).name,
+            "morphology_sha256": cfg.morphology_sha256,
+            "voltage_dtype": cfg.voltage_dtype,
+            "v_1ms_float16_rmse_mV": float(np.sqrt(np.mean(err16**2))),
+            "v_1ms_float16_max_abs_err_mV": float(np.abs(err16).max()),
+            "segment_order": "soma, dend (basal), apic, axon; sections by index; segments by increasing x",
+            "spike_detection": "upward crossing of 0 mV at soma[0](0.5) (NetCon threshold)",
+            "v_1ms_grid": "t = 0,1,...,T-1 ms (point samples); v_soma_0p1ms: t = 0,0.1,...,T-0.1 ms",
+            "imem_mean_1ms_note": ("nA; mean of i_membrane_ (fast_imem) of each segment over the bin (k-1, k] ms; "
+                                   "column 0 holds the value at t = 0"),
+            "inputs_note": ("input = generated events (channel, ms); input_effective = input without the events of "
+                            "synapses/dead (an event at t = 0 silences a synapse in the original, BIOPHYSICS 6.4); "
+                            "the cell was driven by input_effective"),
+            **draw.attrs(),
+        }
+        attrs["complete"] = np.int8(1)  # the root attributes are written after every dataset
+        traces = {
+            "t_1ms": np.asarray(out["t_1ms"], dtype=np.float64),
+            "v_1ms": v.astype(np.float16) if cfg.voltage_dtype == "float16" else v,
+            "imem_mean_1ms": np.asarray(out["imem_mean_1ms"], dtype=np.float32),
+            "soma_spike_times_ms": spikes,
+            "t_0p1ms": np.asarray(out["t_0p1ms"], dtype=np.float64),
+            "v_soma_0p1ms": np.asarray(out["v_soma_0p1ms"], dtype=np.float32),
+        }
+        kwargs = dict(segments=self.segments, sections=self.sections, synapses={**self.synapses, "dead": dead},
+                      traces=traces, attrs=attrs, inputs=(syn, t_ms), inputs_effective=(eff_syn, eff_t),
+                      compression=cfg.compression)
+        timing = {"index": int(index), "wall_s": float(out["wall_s"]),
+                  "integrator_steps": int(out["integrator_steps"]), "n_soma_spikes": int(spikes.size)}
+        return kwargs, timing
+
+    def run_and_write(self, index: int) -> dict:
+        from lfdeep_neuron.data.records import write_record
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        kwargs, timing = self.simulate(index)
+        path = write_record(record_path(self.cfg.out_dir, index), **kwargs)
+        timing.update(total_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0, pid=os.getpid(),
+                      bytes=path.stat().st_size)
+        return timing
+
+
+def _as_table(table) -> dict:
+    return {k: np.asarray(v) for k, v in dict(table).items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# completeness and the directory summary
+# --------------------------------------------------------------------------------------------------
+
+def record_is_complete(path, cfg: GenerationConfig, index: int) -> bool:
+    """True if ``path`` is a whole record of simulation ``index`` made with these settings."""
+    import h5py
+
+    from lfdeep_neuron.data.records import RecordFormatError, validate_record
+
+    try:
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            if int(a.get("complete", 0)) != 1:
+                return False
+            expect = {"sim_index": index, "seed": sim_seed(cfg.seed, index), "dataset_seed": cfg.seed,
+                      "duration_ms": float(cfg.duration_ms), "integrator": cfg.integrator,
+                      "morphology_sha256": cfg.morphology_sha256, "voltage_dtype": cfg.voltage_dtype}
+            for k, v in expect.items():
+                got = a.get(k)
+                if isinstance(got, bytes):
+                    got = got.decode()
+                if got is None or (got != v if isinstance(v, str) else float(got) != float(v)):
+                    return False
+            validate_record(f, REQUIRED_DATASETS)
+            return f["v_1ms"].shape[1] == cfg.duration_ms
+    except (OSError, RecordFormatError, KeyError, ValueError):
+        return False
+
+
+def _clean_temporaries(out_dir: Path, indices=None) -> int:
+    n = 0
+    for p in out_dir.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and (indices is None or int(m.group(1)) in indices):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                n += 1
+    return n
+
+
+def _summarise(cfg: GenerationConfig) -> dict:
+    """meta.json content from the settings and the complete records in the directory."""
+    import h5py
+
+    out_dir = Path(cfg.out_dir)
+    records = []
+    for index, path in list_records(out_dir).items():
+        if not record_is_complete(path, cfg, index):
+            continue
+        with h5py.File(path, "r") as f:
+            a = f.attrs
+            records.append({
+                "index": index, "file": path.name, "seed": int(a["seed"]), "bytes": path.stat().st_size,
+                "n_soma_spikes": int(a["n_soma_spikes"]), "duration_ms": float(a["duration_ms"]),
+                "n_input_events": int(a["n_input_events"]),
+                "n_input_effective_events": int(a["n_input_effective_events"]),
+                "integrator_steps": int(a["integrator_steps"]),
+                "v_1ms_float16_rmse_mV": float(a["v_1ms_float16_rmse_mV"]),
+                "v_1ms_float16_max_abs_err_mV": float(a["v_1ms_float16_max_abs_err_mV"]),
+            })
+    splits = assign_splits([r["index"] for r in records], cfg.seed, cfg.split_fractions)
+    where = {i: name for name, idx in splits.items() for i in idx}
+    for r in records:
+        r["split"] = where[r["index"]]
+    sim_s = sum(r["duration_ms"] for r in records) / 1000.0
+    nbytes = sum(r["bytes"] for r in records)
+    n_spk = sum(r["n_soma_spikes"] for r in records)
+    f16_sq = sum(r["v_1ms_float16_rmse_mV"] ** 2 * r["duration_ms"] for r in records)
+    totals = {
+        "n_records": len(records),
+        "simulated_s": sim_s,
+        "soma_spikes": n_spk,
+        "soma_rate_hz": n_spk / sim_s if sim_s else 0.0,
+        "bytes": nbytes,
+        "bytes_per_simulated_s": nbytes / sim_s if sim_s else 0.0,
+        "input_events": sum(r["n_input_events"] for r in records),
+        "split_counts": {k: len(v) for k, v in splits.items()},
+        "split_simulated_s": {k: sum(r["duration_ms"] for r in records if r["split"] == k) / 1000.0
+                              for k in splits},
+    }
+    return {
+        "format": "lfdeep-neuron simulation dataset",
+        "format_version": FORMAT_VERSION,
+        "generation": cfg.identity(),
+        "protocol": "synaptic_beniaguev",
+        "n_channels": 1278,
+        "record_pattern": "sim_{index:06d}.h5",
+        "voltage_storage": {
+            "dtype": cfg.voltage_dtype,
+            "float16_rmse_mV": float(np.sqrt(f16_sq / (sim_s * 1000.0))) if sim_s else None,
+            "float16_max_abs_err_mV": max((r["v_1ms_float16_max_abs_err_mV"] for r in records), default=None),
+            "note": (f"v_1ms stored as {cfg.voltage_dtype}; the float16_* figures are the error float16 "
+                     "storage gives (measured on these records; half-ulp 0.031 mV for 64 <= |v| < 128 mV)"),
+        },
+        "splits": splits,
+        "records": records,
+        "totals": totals,
+    }
+
+
+def _check_or_start_meta(cfg: GenerationConfig) -> None:
+    out_dir = Path(cfg.out_dir)
+    meta = read_meta(out_dir)
+    if meta is not None:
+        if meta.get("format") != "lfdeep-neuron simulation dataset":
+            raise ValueError(f"{out_dir / META_NAME}: not an lfdeep-neuron dataset description")
+        old = meta.get("generation", {})
+        new = cfg.identity()
+        diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+        if diff:
+            lines = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{out_dir} already holds a dataset generated with other settings ({lines}); "
+                             "use another --out directory or the same settings to resume")
+        return
+    _write_json_atomic(out_dir / META_NAME, {"format": "lfdeep-neuron simulation dataset",
+                                              "format_version": FORMAT_VERSION, "generation": cfg.identity(),
+                                              "status": "in progress", "records": []})
+
+
+def _log_timing(out_dir: Path, entries) -> None:
+    with open(out_dir / TIMING_LOG, "a") as fh:
+        for e in entries:
+            fh.write(json.dumps(e, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# drivers: worker processes, MPI ranks
+# --------------------------------------------------------------------------------------------------
+
+_WORKER_SIM: Simulator | None = None
+
+
+def _worker_init(cfg_dict: dict) -> None:
+    global _WORKER_SIM
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    _WORKER_SIM = Simulator(GenerationConfig(**cfg_dict))
+
+
+def _worker_run(index: int) -> dict:
+    return _WORKER_SIM.run_and_write(index)
+
+
+def _pending(cfg: GenerationConfig, indices) -> list[int]:
+    todo = []
+    for i in indices:
+        p = record_path(cfg.out_dir, i)
+        if p.exists() and record_is_complete(p, cfg, i):
+            continue
+        todo.append(i)
+    return todo
+
+
+def _progress(total: int, done: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=desc, unit="sim", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"received signal {signum}")
+
+
+def _run_workers(cfg: GenerationConfig, todo: list[int], workers: int, bar) -> None:
+    import multiprocessing as mp
+
+    out_dir = Path(cfg.out_dir)
+    if workers <= 1:
+        sim = Simulator(cfg)
+        for i in todo:
+            _log_timing(out_dir, [sim.run_and_write(i)])
+            bar.update(1)
+        return
+    ctx = mp.get_context("spawn")
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    pool = ctx.Pool(processes=min(workers, len(todo)), initializer=_worker_init, initargs=(asdict(cfg),))
+    try:
+        for timing in pool.imap_unordered(_worker_run, todo, chunksize=1):
+            _log_timing(out_dir, [timing])
+            bar.update(1)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        signal.signal(signal.SIGTERM, old)
+
+
+def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool = True) -> dict:
+    """Generate (or complete) a dataset; return the final ``meta.json`` content (None on MPI ranks > 0).
+
+    Parameters
+    ----------
+    cfg : GenerationConfig
+    workers : int, optional
+        Worker processes when not under MPI (default: the number of CPU cores). Under ``mpiexec`` each
+        rank simulates its share in-process and ``workers`` is ignored.
+    progress : bool
+        Show a tqdm bar (rank 0 only under MPI).
+    """
+    from lfdeep_neuron.parallel import launched_under_mpi
+
+    out_dir = Path(cfg.out_dir)
+    indices = list(range(cfg.n_sims))
+    if launched_under_mpi():
+        from lfdeep_neuron.parallel import parallel_context
+
+        pc = parallel_context()
+        rank, size = int(pc.id()), int(pc.nhost())
+        problem = None
+        if rank == 0:
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                _check_or_start_meta(cfg)
+            except (OSError, ValueError) as exc:
+                problem = exc
+        if pc.allreduce(1.0 if problem is not None else 0.0, 1) > 0:  # every rank stops together
+            raise problem if problem is not None else ValueError("rank 0 refused the output directory")
+        mine = indices[rank::size]
+        _clean_temporaries(out_dir, set(mine))
+        todo = _pending(cfg, mine)
+        with _progress(len(mine), len(mine) - len(todo), f"rank 0/{size}", progress and rank == 0) as bar:
+            if todo:
+                sim = Simulator(cfg)
+                for i in todo:
+                    _log_timing(out_dir, [sim.run_and_write(i)])
+                    bar.update(1)
+        pc.barrier()
+        meta = None
+        if rank == 0:
+            meta = _summarise(cfg)
+            _write_json_atomic(out_dir / META_NAME, meta)
+        pc.barrier()
+        return meta
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_or_start_meta(cfg)
+    _clean_temporaries(out_dir)
+    todo = _pending(cfg, indices)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
+    with _progress(len(indices), len(indices) - len(todo), "simulations", progress) as bar:
+        if todo:
+            _run_workers(cfg, todo, workers, bar)
+    meta = _summarise(cfg)
+    _write_json_atomic(out_dir / META_NAME, meta)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY"),
+                   help="Hay cell morphology (cell1.asc); default $LFDEEP_HAY_MORPHOLOGY")
+    p.add_argument("--out", required=True, help="dataset directory (created; resumed if it exists)")
+    p.add_argument("--n-sims", type=int, required=True, help="number of simulations")
+    p.add_argument("--duration-ms", type=int, default=6000, help="length of each simulation (ms)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; simulation i uses sim_seed(seed, i)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: CPU cores; ignored under mpiexec, where ranks share the work)")
+    p.add_argument("--integrator", choices=("cvode", "fixed"), default="cvode",
+                   help="cvode (atol 1e-3, as the published data) or fixed dt")
+    p.add_argument("--dt-ms", type=float, default=0.025, help="time step of the fixed-dt integrator (ms)")
+    p.add_argument("--voltage-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage type of v_1ms (float16 adds <= 0.031 mV quantisation error)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    if not args.morphology:
+        print("generate: --morphology (or $LFDEEP_HAY_MORPHOLOGY) is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = GenerationConfig(morphology=str(Path(args.morphology).resolve()), out_dir=args.out,
+                               n_sims=args.n_sims, duration_ms=args.duration_ms, seed=args.seed,
+                               integrator=args.integrator, dt_ms=args.dt_ms, voltage_dtype=args.voltage_dtype)
+        meta = generate(cfg, workers=args.workers, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"generate: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Terminated):
+        print("generate: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    if meta is not None:
+        t = meta["totals"]
+        print(f"{args.out}: {t['n_records']} simulations, {t['simulated_s']:.1f} simulated s, "
+              f"{t['soma_spikes']} somatic spikes, {t['bytes'] / 1e6:.1f} MB "
+              f"({t['bytes_per_simulated_s'] / 1e6:.2f} MB per simulated s)")
+    return 0

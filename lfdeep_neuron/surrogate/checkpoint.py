@@ -1,0 +1,320 @@
+"""Surrogate checkpoints: one ``torch.save`` dict with everything needed to use a model on its own.
+
+Contents (DESIGN.md, "Surrogate model contract")::
+
+    format        "lfdeep-neuron-surrogate"        version   1
+    arch          "mh" | "mmoe" | "mmoeex"          config    SurrogateConfig as a dict
+    state_dict    network weights (CPU)             normalization  {"v_mean", "v_std", "v_rest" [S] mV,
+                                                                    ("imem_mean", "imem_std" [S] nA)}
+    segments      segment table (keys of a record's segments/ group)
+    synapses      channel table (keys of a record's synapses/ group)
+    dt_ms         surrogate step (ms)               provenance  data, NEURON version, code, training
+    metrics       measured accuracy (free-form dict of numbers)
+    (train_state) optimizer / step / RNG, only in the ``CKPT.last`` files written during training
+
+Tables are stored as tensors (numeric columns) and lists of str (string columns), so the file loads with
+``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+
+:func:`load_surrogate` checks all of it and raises a :class:`CheckpointError` subclass naming what is
+wrong: :class:`CorruptCheckpointError` (unreadable, truncated, not a surrogate checkpoint, missing keys),
+:class:`ArchitectureError` (unknown arch, weights that do not fit the arch/config),
+:class:`SegmentMismatchError` (segment counts or names disagree), :class:`ChannelMismatchError`,
+:class:`NormalizationError` (missing or malformed normalisation).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lfdeep_neuron.surrogate.mtl import ARCHS, Surrogate, SurrogateConfig
+
+__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_surrogate", "CheckpointError",
+           "CorruptCheckpointError", "ArchitectureError", "SegmentMismatchError", "ChannelMismatchError",
+           "NormalizationError", "atomic_torch_save"]
+
+FORMAT = "lfdeep-neuron-surrogate"
+VERSION = 1
+REQUIRED_KEYS = ("arch", "config", "state_dict", "normalization", "segments", "synapses", "dt_ms")
+
+
+class CheckpointError(ValueError):
+    """A surrogate checkpoint cannot be used; the message names the file and the problem."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Unreadable, truncated, or not an lfdeep-neuron surrogate checkpoint."""
+
+
+class ArchitectureError(CheckpointError):
+    """Unknown architecture, or weights that do not fit the stated architecture/configuration."""
+
+
+class SegmentMismatchError(CheckpointError):
+    """Segment counts or names disagree (config, weights, segment table, normalisation, expected cell)."""
+
+
+class ChannelMismatchError(CheckpointError):
+    """Input channel count disagrees between the config and the channel table."""
+
+
+class NormalizationError(CheckpointError):
+    """Normalisation missing, incomplete or invalid."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain, weights_only-loadable payloads
+# ---------------------------------------------------------------------------------------------------------
+def _table_to_storable(table) -> dict:
+    out = {}
+    for k, v in dict(table).items():
+        a = np.asarray(v)
+        if a.dtype.kind in "US":
+            out[k] = [x.decode() if isinstance(x, bytes) else str(x) for x in a.reshape(-1).tolist()]
+        elif a.dtype.kind == "O":
+            out[k] = [str(x) for x in a.reshape(-1).tolist()]
+        else:
+            out[k] = torch.from_numpy(np.ascontiguousarray(a).copy())
+    return out
+
+
+def _table_from_storable(table) -> dict:
+    return {k: (v.numpy() if isinstance(v, torch.Tensor) else np.array(v, dtype=str)) for k, v in table.items()}
+
+
+def _plain(obj):
+    """Numbers, strings, lists, dicts, tensors only (numpy scalars/arrays converted)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.dtype.kind in "USO" else torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    for t in (bool, int, float, str):   # also downcasts subclasses (e.g. torch's TorchVersion str)
+        if isinstance(obj, t):
+            return t(obj)
+    return str(obj)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def checkpoint_payload(model: Surrogate, *, segments, synapses, normalization=None, dt_ms: float = 1.0,
+                       provenance=None, metrics=None) -> dict:
+    """The checkpoint dict (see the module docstring) for ``model``."""
+    if model.arch not in ARCHS:
+        raise ValueError(f"model has unknown arch {model.arch!r}")
+    norm = model.normalization() if normalization is None else normalization
+    norm = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32).reshape(-1).clone() for k, v in norm.items()}
+    raw = model.module if hasattr(model, "module") else model
+    return {
+        "format": FORMAT, "version": VERSION,
+        "arch": raw.arch, "config": raw.config.to_dict(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()},
+        "normalization": norm,
+        "segments": _table_to_storable(segments), "synapses": _table_to_storable(synapses),
+        "dt_ms": float(dt_ms),
+        "provenance": _plain(provenance or {}), "metrics": _plain(metrics or {}),
+    }
+
+
+def save_checkpoint(path, model: Surrogate, *, segments, synapses, normalization=None, dt_ms: float = 1.0,
+                    provenance=None, metrics=None, extra: dict | None = None) -> Path:
+    """Write a surrogate checkpoint atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+    model : Surrogate
+    segments, synapses : dict of array-like
+        Segment and channel tables (keys of a record's ``segments/`` and ``synapses/`` groups).
+    normalization : dict, optional
+        ``v_mean``, ``v_std``, ``v_rest`` [S] (mV) (+ ``imem_mean``, ``imem_std`` [S] nA); default: the model's.
+    dt_ms : float
+        Surrogate step (ms).
+    provenance, metrics : dict, optional
+        Free-form (numbers, strings, lists, dicts); e.g. data set, NEURON version, measured RMSE.
+    extra : dict, optional
+        More top-level keys (the trainer stores ``train_state`` here).
+    """
+    payload = checkpoint_payload(model, segments=segments, synapses=synapses, normalization=normalization,
+                                 dt_ms=dt_ms, provenance=provenance, metrics=metrics)
+    if extra:
+        payload.update(extra)
+    atomic_torch_save(payload, path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------------------
+def load_checkpoint(path, map_location=None) -> dict:
+    """Read a checkpoint dict (no validation beyond "is this one of ours"); see :func:`load_surrogate`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"surrogate checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except Exception as err:  # zip/pickle/EOF errors all mean the same thing to the user
+        raise CorruptCheckpointError(
+            f"{path} is not a readable torch checkpoint (corrupt or truncated file?): "
+            f"{type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        what = f"a dict with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CorruptCheckpointError(f"{path} is not an lfdeep-neuron surrogate checkpoint "
+                                     f"(expected format {FORMAT!r}; found {what})")
+    if ckpt.get("version", 0) > VERSION:
+        raise CorruptCheckpointError(f"{path} has checkpoint version {ckpt['version']}; this code reads "
+                                     f"up to {VERSION}: update lfdeep-neuron")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        if "normalization" in missing and len(missing) == 1:
+            raise NormalizationError(f"{path} has no normalization (per-segment v_mean / v_std): the model's "
+                                     "z-scored outputs cannot be converted to mV")
+        raise CorruptCheckpointError(f"{path} lacks required keys {missing}")
+    return ckpt
+
+
+def _state_segments(state_dict: dict, imem_tasks: bool):
+    """Segments implied by the tower weights: n_tasks = S + 1 (+ S with imem tasks)."""
+    b2 = state_dict.get("towers.b2")
+    if b2 is None:
+        return None
+    n_tasks = int(b2.shape[0])
+    return (n_tasks - 1) // 2 if imem_tasks else n_tasks - 1
+
+
+def _expected_names(expected):
+    """``expected_segments`` -> (count, names or None)."""
+    if isinstance(expected, (int, np.integer)):
+        return int(expected), None
+    if isinstance(expected, dict):
+        names = expected.get("name")
+        if names is None:
+            raise TypeError("expected_segments as a dict must be a segment table with a 'name' column")
+        names = [x.decode() if isinstance(x, bytes) else str(x) for x in np.asarray(names).tolist()]
+        return len(names), names
+    names = [x.decode() if isinstance(x, bytes) else str(x) for x in list(expected)]
+    return len(names), names
+
+
+def validate_checkpoint(ckpt: dict, path="checkpoint", expected_segments=None) -> SurrogateConfig:
+    """Check a checkpoint dict; return its :class:`SurrogateConfig`. Raises :class:`CheckpointError`s."""
+    arch = ckpt["arch"]
+    if arch not in ARCHS:
+        raise ArchitectureError(f"{path}: unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    try:
+        cfg = SurrogateConfig(**ckpt["config"])
+    except (TypeError, ValueError) as err:
+        raise ArchitectureError(f"{path}: invalid config for arch {arch!r}: {err}") from err
+
+    # Segment counts from every place that has one.
+    counts = {"config n_segments": cfg.n_segments}
+    s_state = _state_segments(ckpt["state_dict"], cfg.imem_tasks)
+    if s_state is not None:
+        counts["weights (towers)"] = s_state
+    seg_names = ckpt["segments"].get("name")
+    if seg_names is None:
+        raise SegmentMismatchError(f"{path}: the segment table has no 'name' column")
+    counts["segment table"] = len(seg_names)
+    for k, v in ckpt["normalization"].items():
+        counts[f"normalization {k}"] = int(torch.as_tensor(v).numel())
+    if expected_segments is not None:
+        n_exp, names_exp = _expected_names(expected_segments)
+        counts["expected"] = n_exp
+    if len(set(counts.values())) != 1:
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise SegmentMismatchError(f"{path}: segment counts disagree ({detail})")
+    if expected_segments is not None and names_exp is not None:
+        names = [str(x) for x in seg_names]
+        bad = [i for i, (a, b) in enumerate(zip(names, names_exp)) if a != b]
+        if bad:
+            i = bad[0]
+            raise SegmentMismatchError(f"{path}: segment order differs from the expected cell at {len(bad)} "
+                                       f"positions; first at index {i}: checkpoint {names[i]!r}, "
+                                       f"expected {names_exp[i]!r}")
+
+    syn_idx = ckpt["synapses"].get("syn_idx")
+    n_syn = None if syn_idx is None else len(syn_idx)
+    if n_syn is not None and n_syn != cfg.n_channels:
+        raise ChannelMismatchError(f"{path}: config has {cfg.n_channels} input channels but the channel table "
+                                   f"has {n_syn} rows")
+
+    norm = ckpt["normalization"]
+    need = ["v_mean", "v_std"] + (["imem_mean", "imem_std"] if cfg.imem_tasks else [])
+    lacking = [k for k in need if k not in norm]
+    if lacking:
+        raise NormalizationError(f"{path}: normalization lacks {lacking} (has {sorted(norm)})")
+    for k, v in norm.items():
+        t = torch.as_tensor(v)
+        if not torch.isfinite(t).all():
+            raise NormalizationError(f"{path}: normalization {k} contains non-finite values")
+        if k.endswith("_std") and (t <= 0).any():
+            raise NormalizationError(f"{path}: normalization {k} has non-positive entries")
+
+    dt = ckpt["dt_ms"]
+    if not isinstance(dt, (int, float)) or not dt > 0:
+        raise CheckpointError(f"{path}: dt_ms must be a positive number, got {dt!r}")
+    return cfg
+
+
+def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate:
+    """Load, validate and build a surrogate in eval mode.
+
+    Parameters
+    ----------
+    path : str or Path
+    map_location : optional
+        Device for the model (default CPU).
+    expected_segments : int, segment table (dict with ``name``) or list of names, optional
+        The cell the model will stand in for: its segment count (and order, when names are given) must match.
+
+    Returns
+    -------
+    Surrogate
+        In eval mode, with ``model.meta`` = dict(segments, synapses, dt_ms, provenance, metrics, path, ...).
+    """
+    ckpt = load_checkpoint(path, map_location=None)
+    cfg = validate_checkpoint(ckpt, path, expected_segments)
+    model = ARCHS[ckpt["arch"]](cfg)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ArchitectureError(f"{path}: the weights do not fit arch {ckpt['arch']!r} with its config "
+                                f"(wrong arch label or edited config?): {err}") from err
+    norm = ckpt["normalization"]
+    model.set_normalization(norm["v_mean"], norm["v_std"], norm.get("v_rest"), norm.get("imem_mean"),
+                            norm.get("imem_std"))
+    model.meta = {
+        "segments": _table_from_storable(ckpt["segments"]),
+        "synapses": _table_from_storable(ckpt["synapses"]),
+        "dt_ms": float(ckpt["dt_ms"]), "provenance": ckpt.get("provenance", {}),
+        "metrics": ckpt.get("metrics", {}), "path": str(path), "arch": ckpt["arch"],
+        "config": ckpt["config"],
+    }
+    if map_location is not None:
+        model.to(map_location)
+    return model.eval()

@@ -1,0 +1,464 @@
+"""Multitask surrogates of a neuron: MH, MMoE and MMoEEx (Verhellen et al. 2024), all tasks batched.
+
+One model predicts, every 1 ms step, the membrane potential of every segment of the cell and the somatic
+spike logit (and optionally the bin-mean membrane current of every segment, for the LFP). Each of those
+quantities is a *task* with its own tower; task order is ``[v_0 .. v_{S-1}, spike, (imem_0 .. imem_{S-1})]``.
+
+Architectures
+-------------
+``MH`` (hard parameter sharing)
+    one TCN trunk shared by all tasks -> per-task tower.
+``MMoE`` (multi-gate mixture of experts)
+    E TCN experts (run as one grouped TCN); a small *compressor* TCN reads the same input and feeds one
+    softmax gate per task (so gate parameters do not grow with the 1920-wide input); each task's tower reads
+    its gate-weighted mixture of the experts.
+``MMoEEx`` (MMoE with exclusivity)
+    as MMoE, but a fixed random mask removes a subset of experts from each task's gate (probability
+    ``exclusivity`` per task-expert pair, at least one expert kept per task); masked gate entries are exactly 0.
+
+Towers are ``Linear(C, H) -> ELU -> Linear(H, 1)`` per task, stored as stacked weights ``[n_tasks, C, H]``
+and applied with batched matrix products over tasks (addmm / baddbmm / bmm); the gates of all tasks are one
+matmul and the expert mixture one bmm. There is no Python loop over tasks or experts.
+
+Units and conventions (input and output)
+----------------------------------------
+``x [B, n_inputs, T]``, column t = step t (1 ms, inputs in (t-1, t] ms):
+
+* rows ``0 .. n_channels-1``: synaptic channels, raw (sum of NetCon weights per step, weight 1 = one
+  reference synapse activation); the model applies ``sign(x) * log1p(|x|)`` itself;
+* rows ``n_channels ..`` (when ``config.feedback``): the voltage of every segment at the *previous* step
+  t-1, z-scored with the model's own normalisation (``model.to_z(v_mV)``).
+
+``model(x)`` returns a :class:`Prediction`, a 2-tuple ``(v_z [B, S, T], spike_logit [B, T])``: ``v_z`` is the
+z-scored voltage at step t (``model.to_mV(v_z)`` gives mV: point samples, like ``v_1ms``); ``spike_logit`` is
+the logit of "the soma spikes in (t-1, t]". With ``config.imem_tasks`` the tuple also carries ``.imem``
+(z-scored bin-mean membrane currents, ``model.imem_to_nA``). The normalisation lives in buffers
+(``v_mean``, ``v_std``, ``v_rest`` in mV, ``imem_mean``, ``imem_std`` in nA) set by
+:meth:`Surrogate.set_normalization`, and is saved by :mod:`~lfdeep_neuron.surrogate.checkpoint` (not in
+``state_dict``).
+
+Example
+-------
+>>> model = MMoE.from_config("tiny", n_segments=5, n_channels=8)
+>>> v_z, spike_logit = model(torch.zeros(2, model.n_inputs, 50))
+>>> st = model.streamer(n_cells=3)                     # one-step inference, see stream.py
+>>> v_t, s_t = st.step(torch.zeros(3, model.n_channels))
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lfdeep_neuron.surrogate.tcn import TCN
+
+__all__ = ["SurrogateConfig", "CONFIGS", "Prediction", "Surrogate", "MH", "MMoE", "MMoEEx", "ARCHS",
+           "build_model"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configurations
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SurrogateConfig:
+    """Everything that defines the network's shape (saved in checkpoints)."""
+    n_channels: int = 1278           # synaptic input channels (Hay: 639 excitatory + 639 inhibitory)
+    n_segments: int = 642            # S: voltage tasks (every segment, canonical order)
+    feedback: bool = True            # inputs include the z-scored voltages of all segments at t-1
+    residual: bool = False           # voltage towers predict the change from t-1 (needs feedback). Measured on
+                                     # the synthetic cell: better teacher-forced, but closed loop diverged
+                                     # (with and without --rollout 2): for experiments only
+    imem_tasks: bool = False         # extra tasks: bin-mean membrane current of every segment
+    channels: tuple = (32, 16, 8)    # TCN channels per block (per expert)
+    kernel: int = 10                 # taps per causal convolution
+    dilations: tuple | None = None   # per block; default 1, 2, 4, ...
+    dropout: float = 0.2
+    last_activation: str = "sigmoid"  # activation of the last TCN block ("relu" = plain TCN)
+    n_experts: int = 5               # MMoE / MMoEEx
+    compressor: tuple = (16, 8)      # compressor TCN channels (MMoE / MMoEEx gates)
+    tower_soft: int = 10             # tower width for MMoE / MMoEEx
+    tower_hard: int = 25             # tower width for MH
+    exclusivity: float = 0.3         # MMoEEx: probability that a task-expert gate entry is masked
+    mask_seed: int = 0               # MMoEEx: seed of the fixed random mask
+
+    def __post_init__(self):
+        def ints(v):   # a single int (e.g. from "--set compressor=8") or a sequence
+            return (int(v),) if isinstance(v, (int, float)) else tuple(int(c) for c in v)
+
+        self.channels, self.compressor = ints(self.channels), ints(self.compressor)
+        if self.dilations is not None:
+            self.dilations = ints(self.dilations)
+        if len(self.dilations or self.channels) != len(self.channels):
+            raise ValueError(f"{len(self.dilations)} dilations for {len(self.channels)} TCN blocks")
+        if self.n_segments < 1 or self.n_channels < 1:
+            raise ValueError(f"n_segments and n_channels must be >= 1, got {self.n_segments}, {self.n_channels}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must be a non-empty list of positive ints, got {self.channels}")
+        if self.residual and not self.feedback:
+            raise ValueError("residual=True needs feedback=True (the change is taken from the fed-back voltage)")
+        if not 0.0 <= self.exclusivity < 1.0:
+            raise ValueError(f"exclusivity must be in [0, 1), got {self.exclusivity}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+#: Named configurations: overrides of :class:`SurrogateConfig`. Sizes default to the Hay cell.
+#: Parameters with Hay sizes (1920 inputs, 643 tasks) -- MH / MMoE (= MMoEEx), receptive field:
+#: paper 858k / 3.92M, 127 ms;  fast 480k / 1.44M, 127 ms;  wide 1.55M / 7.56M, 211 ms.
+CONFIGS: dict[str, dict] = {
+    # Verhellen et al. 2024: TCN [32, 16, 8], kernel 10, dropout 0.2, 5 experts, towers 10 / 25 ELU units;
+    # dilations 1, 2, 4 give a receptive field of 127 ms (>= the paper's 100 ms history).
+    "paper": dict(),
+    # For tests and development on synthetic data (any n_segments / n_channels).
+    "tiny": dict(channels=(8, 4), kernel=3, dropout=0.0, n_experts=3, compressor=(4,),
+                 tower_soft=4, tower_hard=6, n_segments=6, n_channels=10),
+    # Same receptive field as "paper" (127 ms) with fewer taps: kernel 4, dilations 1, 2, 6, 12 (4 blocks);
+    # the 1920-wide input is multiplied by 4 taps instead of 10 (cheaper first layer, smaller state).
+    "fast": dict(channels=(32, 16, 16, 8), kernel=4, dilations=(1, 2, 6, 12), n_experts=4, compressor=(8,)),
+    # Wider and deeper experts, for when data are plentiful.
+    "wide": dict(channels=(64, 32, 16, 16), kernel=8, dilations=(1, 2, 4, 8), n_experts=6, compressor=(16, 8),
+                 tower_soft=16, tower_hard=32),
+}
+
+
+def make_config(name: str = "paper", **overrides) -> SurrogateConfig:
+    """The named configuration with ``overrides`` applied (unknown keys are an error)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
+    known = {f.name for f in dataclasses.fields(SurrogateConfig)}
+    bad = set(overrides) - known
+    if bad:
+        raise ValueError(f"unknown config keys {sorted(bad)}; known: {sorted(known)}")
+    return SurrogateConfig(**{**CONFIGS[name], **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+class Prediction(tuple):
+    """``(v, spike_logit)``; ``.imem`` holds the membrane-current tasks (None unless the model has them).
+
+    A plain 2-tuple for unpacking (``v, s = model(x)``), with named access ``.v``, ``.spike_logit``, ``.imem``.
+    """
+
+    def __new__(cls, v, spike_logit, imem=None):
+        self = super().__new__(cls, (v, spike_logit))
+        self.imem = imem
+        return self
+
+    @property
+    def v(self):
+        return self[0]
+
+    @property
+    def spike_logit(self):
+        return self[1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared machinery
+# ---------------------------------------------------------------------------------------------------------
+class Towers(nn.Module):
+    """One ``Linear(C, H) -> ELU -> Linear(H, 1)`` tower per task, all applied at once.
+
+    ``forward(h)`` takes rows of features, either shared by all tasks ``[R, C]`` (MH) or per task
+    ``[R, n_tasks, C]`` (MMoE), and returns ``[R, n_tasks]``. R = batch x time rows.
+    """
+
+    def __init__(self, n_tasks: int, c_in: int, width: int):
+        super().__init__()
+        bound1, bound2 = 1 / math.sqrt(c_in), 1 / math.sqrt(width)  # nn.Linear's default init range
+        self.w1 = nn.Parameter(torch.empty(n_tasks, c_in, width).uniform_(-bound1, bound1))
+        self.b1 = nn.Parameter(torch.empty(n_tasks, width).uniform_(-bound1, bound1))
+        self.w2 = nn.Parameter(torch.empty(n_tasks, width).uniform_(-bound2, bound2))
+        self.b2 = nn.Parameter(torch.zeros(n_tasks))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, c, width = self.w1.shape
+        if h.dim() == 2:   # shared features [R, C]: one GEMM for all towers
+            z = torch.addmm(self.b1.reshape(-1), h, self.w1.permute(1, 0, 2).reshape(c, n * width))
+            z = F.elu(z).view(h.shape[0], n, width).transpose(0, 1)            # [n, R, H]
+        else:              # per-task features [R, n, C]: one batched GEMM over tasks
+            z = F.elu(torch.baddbmm(self.b1[:, None], h.transpose(0, 1), self.w1))  # [n, R, H]
+        return (torch.bmm(z, self.w2[:, :, None])[..., 0] + self.b2[:, None]).t()  # [R, n]
+
+
+def _rows(h: torch.Tensor) -> torch.Tensor:
+    """``[B, C, T] -> [B*T, C]`` (row b*T + t)."""
+    return h.transpose(1, 2).reshape(-1, h.shape[1])
+
+
+class Surrogate(nn.Module):
+    """Common part of MH / MMoE / MMoEEx: sizes, normalisation, input transform, output split, streaming.
+
+    Subclasses define ``_tcns()`` (the TCNs that read the input, in order) and ``_heads(*feature_rows)``
+    mapping their output rows to task outputs ``[R, n_tasks]``.
+    """
+
+    arch: str = ""
+
+    def __init__(self, config: SurrogateConfig):
+        super().__init__()
+        self.config = config
+        S = config.n_segments
+        self.n_segments = S
+        self.n_channels = config.n_channels
+        self.n_inputs = config.n_channels + (S if config.feedback else 0)
+        self.n_tasks = S + 1 + (S if config.imem_tasks else 0)
+        # Normalisation (mV, nA): not in state_dict; checkpoints store it explicitly.
+        self.register_buffer("v_mean", torch.zeros(S), persistent=False)
+        self.register_buffer("v_std", torch.ones(S), persistent=False)
+        self.register_buffer("v_rest", torch.zeros(S), persistent=False)
+        self.register_buffer("imem_mean", torch.zeros(S), persistent=False)
+        self.register_buffer("imem_std", torch.ones(S), persistent=False)
+        self.meta: dict = {}
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, name: str = "paper", **overrides) -> "Surrogate":
+        """Build ``cls`` with the named configuration (see :data:`CONFIGS`) and keyword overrides."""
+        return cls(make_config(name, **overrides))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def receptive_field(self) -> int:
+        """Input steps (ms) that influence one output step."""
+        return max(t.receptive_field for t in self._tcns())
+
+    # -- normalisation --------------------------------------------------------------------------------
+    def set_normalization(self, v_mean, v_std, v_rest=None, imem_mean=None, imem_std=None,
+                          min_std: float = 1e-3) -> None:
+        """Set the per-segment normalisation (mV; imem in nA). ``v_rest`` (mV) is the default initial
+        feedback of a closed-loop run (default ``v_mean``). Standard deviations are floored at ``min_std``."""
+        def put(name, value, floor=None):
+            t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+            if t.numel() != self.n_segments:
+                raise ValueError(f"{name} has {t.numel()} entries; the model has {self.n_segments} segments")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} contains non-finite values")
+            if floor is not None:
+                t = t.clamp_min(floor)
+            getattr(self, name).copy_(t)
+
+        put("v_mean", v_mean)
+        put("v_std", v_std, min_std)
+        put("v_rest", v_mean if v_rest is None else v_rest)
+        if imem_mean is not None:
+            put("imem_mean", imem_mean)
+        if imem_std is not None:
+            put("imem_std", imem_std, min_std)
+
+    def normalization(self) -> dict:
+        """The normalisation buffers as a dict of CPU tensors (what checkpoints store)."""
+        keys = ["v_mean", "v_std", "v_rest"] + (["imem_mean", "imem_std"] if self.config.imem_tasks else [])
+        return {k: getattr(self, k).detach().cpu().clone() for k in keys}
+
+    @staticmethod
+    def _seg_view(buf: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # [B, S, T] -> S on dim 1; [N, S] or [S] -> S last.
+        return buf[:, None] if like.dim() == 3 else buf
+
+    def to_mV(self, v_z: torch.Tensor) -> torch.Tensor:
+        """z-scored voltages -> mV. Shapes ``[B, S, T]``, ``[N, S]`` or ``[S]``."""
+        return v_z * self._seg_view(self.v_std, v_z) + self._seg_view(self.v_mean, v_z)
+
+    def to_z(self, v_mV: torch.Tensor) -> torch.Tensor:
+        """mV -> z-scored voltages. Shapes ``[B, S, T]``, ``[N, S]`` or ``[S]``."""
+        return (v_mV - self._seg_view(self.v_mean, v_mV)) / self._seg_view(self.v_std, v_mV)
+
+    def imem_to_nA(self, imem_z: torch.Tensor) -> torch.Tensor:
+        return imem_z * self._seg_view(self.imem_std, imem_z) + self._seg_view(self.imem_mean, imem_z)
+
+    def imem_to_z(self, imem_nA: torch.Tensor) -> torch.Tensor:
+        return (imem_nA - self._seg_view(self.imem_mean, imem_nA)) / self._seg_view(self.imem_std, imem_nA)
+
+    # -- forward ----------------------------------------------------------------------------------------
+    def make_inputs(self, x_syn: torch.Tensor, v_prev_mV: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced model input ``[B, n_inputs, T]``.
+
+        Parameters
+        ----------
+        x_syn : Tensor [B, n_channels, T]
+            Raw synaptic channels; column t = inputs in (t-1, t] ms.
+        v_prev_mV : Tensor [B, S, T]
+            Feedback in mV: column t holds the voltages at step t-1 (required when ``config.feedback``).
+        """
+        if not self.config.feedback:
+            return x_syn
+        if v_prev_mV is None:
+            raise ValueError("this model takes feedback voltages: pass v_prev_mV [B, S, T]")
+        return torch.cat([x_syn, self.to_z(v_prev_mV)], dim=1)
+
+    @staticmethod
+    def syn_transform(syn: torch.Tensor) -> torch.Tensor:
+        """What the network sees of raw synaptic channel values: ``sign(x) log1p(|x|)`` (0 stays 0)."""
+        return torch.sign(syn) * torch.log1p(syn.abs())
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Input transform on the synaptic rows (channel dim 1)."""
+        c = self.n_channels
+        syn = self.syn_transform(x[:, :c])
+        return syn if x.shape[1] == c else torch.cat([syn, x[:, c:]], dim=1)
+
+    def _check_input(self, x: torch.Tensor, what: str) -> None:
+        if x.shape[1] != self.n_inputs:
+            fb = f" + {self.n_segments} feedback voltages" if self.config.feedback else ""
+            raise ValueError(f"{what} has {x.shape[1]} input channels; the model expects {self.n_inputs} "
+                             f"({self.n_channels} synaptic{fb}); shape {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor, all_tasks: bool = False):
+        """Full-sequence pass.
+
+        Parameters
+        ----------
+        x : Tensor [B, n_inputs, T]
+            See the module docstring for units.
+        all_tasks : bool
+            Return the raw task tensor ``[B, n_tasks, T]`` instead of a :class:`Prediction` (for training).
+        """
+        if x.dim() != 3:
+            raise ValueError(f"x must be [B, n_inputs, T], got shape {tuple(x.shape)}")
+        self._check_input(x, "x")
+        B, _, T = x.shape
+        x = self._prepare(x)
+        y = self._heads(*(_rows(tcn(x)) for tcn in self._tcns()))       # [B*T, n_tasks]
+        y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
+        y = self._add_residual(y, x)
+        return y if all_tasks else self.split_tasks(y)
+
+    def _add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """With ``config.residual``: voltage outputs = fed-back voltage (z) + tower output. Tasks / inputs on
+        dim 1: ``[B, n_tasks, T]`` with ``[B, n_inputs, T]``, or ``[N, n_tasks]`` with ``[N, n_inputs]``."""
+        if not self.config.residual:
+            return y
+        S, C = self.n_segments, self.n_channels
+        return torch.cat([y[:, :S] + x[:, C:C + S], y[:, S:]], dim=1)
+
+    def split_tasks(self, y: torch.Tensor) -> Prediction:
+        """Task tensor ``[B, n_tasks, T]`` or ``[N, n_tasks]`` -> :class:`Prediction` (z-scored)."""
+        S = self.n_segments
+        v, spike = y[:, :S], y[:, S]
+        imem = y[:, S + 1:] if self.config.imem_tasks else None
+        return Prediction(v, spike, imem)
+
+    # -- streaming --------------------------------------------------------------------------------------
+    def streamer(self, n_cells: int, device=None, feedback: bool = True, output: str = "z", v0_mV=None,
+                 dtype=None):
+        """One-step inference for ``n_cells`` cells; see :class:`lfdeep_neuron.surrogate.stream.Streamer`."""
+        from lfdeep_neuron.surrogate.stream import Streamer
+        return Streamer(self, n_cells, device=device, feedback=feedback, output=output, v0_mV=v0_mV,
+                        dtype=dtype)
+
+    def _step_tasks(self, streams, u: torch.Tensor, t: int) -> torch.Tensor:
+        """One step of all tasks from input column ``u [N, n_inputs]`` (already transformed): ``[N, n_tasks]``."""
+        return self._add_residual(self._heads(*(s.step(u, t) for s in streams)), u)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"arch={self.arch}, S={c.n_segments}, inputs={self.n_inputs}, tasks={self.n_tasks}, "
+                f"receptive_field={self.receptive_field} steps")
+
+
+class MH(Surrogate):
+    """Hard parameter sharing: one TCN trunk, one tower (width ``tower_hard``) per task."""
+
+    arch = "mh"
+
+    def __init__(self, config: SurrogateConfig):
+        super().__init__(config)
+        c = config
+        self.trunk = TCN(self.n_inputs, c.channels, c.kernel, c.dropout, dilations=c.dilations,
+                         last_activation=c.last_activation)
+        self.towers = Towers(self.n_tasks, c.channels[-1], c.tower_hard)
+
+    def _tcns(self):
+        return (self.trunk,)
+
+    def _heads(self, trunk: torch.Tensor) -> torch.Tensor:
+        return self.towers(trunk)                                          # [R, C] -> [R, n_tasks]
+
+
+class MMoE(Surrogate):
+    """Multi-gate mixture of experts: E TCN experts, a compressor TCN, one softmax gate and tower per task."""
+
+    arch = "mmoe"
+
+    def __init__(self, config: SurrogateConfig):
+        super().__init__(config)
+        c = config
+        E, C = c.n_experts, c.channels[-1]
+        self.experts = TCN(self.n_inputs, c.channels, c.kernel, c.dropout, n_groups=E, dilations=c.dilations,
+                           last_activation=c.last_activation)
+        comp_dil = None if c.dilations is None else c.dilations[:len(c.compressor)]
+        self.compressor = TCN(self.n_inputs, c.compressor, c.kernel, c.dropout, dilations=comp_dil,
+                              last_activation=c.last_activation)
+        K = c.compressor[-1]
+        # gate logits of row r: comp[r] @ gate_w, viewed [E, n_tasks] (experts first: softmax over a
+        # leading dim is much faster on CPU than over a trailing dim of 5)
+        self.gate_w = nn.Parameter(torch.empty(K, E * self.n_tasks).uniform_(-1 / math.sqrt(K), 1 / math.sqrt(K)))
+        self.gate_b = nn.Parameter(torch.zeros(E, self.n_tasks))
+        self.towers = Towers(self.n_tasks, C, c.tower_soft)
+        self.n_experts, self.expert_width = E, C
+
+    def _tcns(self):
+        return (self.experts, self.compressor)
+
+    def gates(self, comp: torch.Tensor) -> torch.Tensor:
+        """Compressor rows ``[R, K]`` -> gate weights ``[R, E, n_tasks]`` (softmax over experts, dim 1)."""
+        logits = torch.addmm(self.gate_b.reshape(-1), comp, self.gate_w).view(-1, self.n_experts, self.n_tasks)
+        return torch.softmax(self._mask_logits(logits), dim=1)
+
+    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def _heads(self, experts: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+        f = experts.view(-1, self.n_experts, self.expert_width)             # [R, E, C]
+        mix = torch.bmm(self.gates(comp).transpose(1, 2), f)               # [R, n_tasks, C]
+        return self.towers(mix)
+
+
+class MMoEEx(MMoE):
+    """MMoE with exclusivity: a fixed random subset of (task, expert) gate entries is removed.
+
+    ``mask [n_tasks, E]`` (a buffer, saved in ``state_dict``) is drawn once from ``config.mask_seed``: each
+    entry is dropped with probability ``config.exclusivity``; a task left with no expert keeps one at random.
+    Dropped entries get logit -inf, so their gate weight is exactly 0 and the others renormalise.
+    """
+
+    arch = "mmoeex"
+
+    def __init__(self, config: SurrogateConfig):
+        super().__init__(config)
+        g = torch.Generator().manual_seed(config.mask_seed)
+        keep = torch.rand(self.n_tasks, self.n_experts, generator=g) >= config.exclusivity
+        rescue = torch.randint(self.n_experts, (self.n_tasks,), generator=g)
+        empty = ~keep.any(dim=1)
+        keep[empty, rescue[empty]] = True
+        self.register_buffer("mask", keep)
+
+    def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill(~self.mask.t(), float("-inf"))          # logits [R, E, n_tasks]
+
+
+ARCHS: dict[str, type[Surrogate]] = {"mh": MH, "mmoe": MMoE, "mmoeex": MMoEEx}
+
+
+def build_model(arch: str, config: str | SurrogateConfig | dict = "paper", **overrides) -> Surrogate:
+    """``build_model("mmoe", "paper", n_segments=8)``; ``config`` may be a name, a config or a dict."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if isinstance(config, SurrogateConfig):
+        cfg = dataclasses.replace(config, **overrides)
+    elif isinstance(config, dict):
+        cfg = SurrogateConfig(**{**config, **overrides})
+    else:
+        cfg = make_config(config, **overrides)
+    return ARCHS[arch](cfg)

@@ -1,0 +1,178 @@
+"""One-step (streaming) inference: advance many surrogate cells by 1 ms at a time.
+
+>>> st = model.streamer(n_cells=1000)               # on the model's device; output z-scored
+>>> for t in range(T):
+...     v_t, spike_logit_t = st.step(x_syn[:, :, t])  # x_syn [1000, 1278, T]: closed loop
+>>> st.state_bytes_per_cell()
+
+Semantics
+---------
+A :class:`Streamer` holds, per cell, the causal state of every convolution (rings of partial sums, see
+:mod:`~lfdeep_neuron.surrogate.tcn`) and the last predicted voltages. A step costs the same whatever the
+history length. Starting from :meth:`Streamer.reset`, stepping through columns ``x[:, :, 0..T-1]`` gives
+exactly the columns of the full-sequence pass ``model(x)`` in eval mode (to float round-off): the full pass
+pads each convolution with zeros on the left, the streamer starts from zero state.
+
+``step(x_t)`` accepts
+
+* ``x_t [n_cells, n_channels]`` (synaptic channels only): **closed loop**. The streamer appends its own
+  previous voltage prediction as the feedback input. For the first step after a reset the feedback is the
+  initial voltage ``v0_mV`` given to the constructor or to :meth:`~Streamer.reset`, by default the model's
+  ``v_rest`` buffer (set at training time from the data: the state at t = 0 of the training simulations
+  when the dataset provides it, else the per-segment mean voltage).
+* ``x_t [n_cells, n_inputs]`` (synaptic channels + z-scored feedback): **teacher-forced**, used as given.
+
+and returns a :class:`~lfdeep_neuron.surrogate.mtl.Prediction` ``(v_t [n_cells, S], spike_logit_t
+[n_cells])`` (plus ``.imem`` for models with membrane-current tasks), ``v_t`` z-scored or in mV
+(``output``). Inputs are raw synaptic channel values, as for the model (see :mod:`.mtl`).
+
+The streamer works on a frozen copy of the model (eval mode): create it after training.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from lfdeep_neuron.surrogate.mtl import Prediction, Surrogate
+
+__all__ = ["Streamer", "closed_loop"]
+
+
+class Streamer:
+    """Stateful one-step inference for ``n_cells`` cells; see the module docstring.
+
+    Parameters
+    ----------
+    model : Surrogate
+    n_cells : int
+    device : torch.device or str, optional
+        Default: the model's device.
+    feedback : bool
+        Feed the previous prediction back when ``step`` gets synaptic channels only. Ignored (False) for
+        models trained without feedback.
+    output : {"z", "mV"}
+        Units of the returned voltages (and ``imem``: z-scored or nA).
+    v0_mV : array-like [S] or [n_cells, S], optional
+        Initial voltage used as the first feedback; default ``model.v_rest``.
+    dtype : torch.dtype, optional
+        Computation dtype (default: the model's); e.g. ``torch.float16`` on a GPU.
+    """
+
+    def __init__(self, model: Surrogate, n_cells: int, device=None, feedback: bool = True, output: str = "z",
+                 v0_mV=None, dtype=None):
+        if output not in ("z", "mV"):
+            raise ValueError(f"output must be 'z' or 'mV', got {output!r}")
+        # State made of normal tensors even when created under torch.inference_mode(), so that the
+        # streamer can be stepped and reset both inside and outside inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            self._build(model, n_cells, device, feedback, output, v0_mV, dtype)
+
+    def _build(self, model, n_cells, device, feedback, output, v0_mV, dtype) -> None:
+        if int(n_cells) < 1:
+            raise ValueError(f"n_cells must be >= 1, got {n_cells}")
+        p = next(model.parameters())
+        self.device = p.device if device is None else torch.device(device)
+        self.dtype = p.dtype if dtype is None else dtype
+        self.model = copy.deepcopy(model).eval().to(device=self.device, dtype=self.dtype).requires_grad_(False)
+        self.n_cells = int(n_cells)
+        self.feedback = bool(feedback and model.config.feedback)
+        self.output = output
+        self.n_segments, self.n_channels, self.n_inputs = model.n_segments, model.n_channels, model.n_inputs
+        with torch.no_grad():
+            self.streams = [tcn.stream(self.n_cells, self.device, self.dtype) for tcn in self.model._tcns()]
+        self.fb = torch.zeros(self.n_cells, self.n_segments, device=self.device, dtype=self.dtype)
+        self.t = 0
+        self.reset(v0_mV)
+
+    def reset(self, v0_mV=None, cells=None) -> None:
+        """Forget the history and set the initial feedback voltage.
+
+        Parameters
+        ----------
+        v0_mV : array-like [S], [n_cells, S] or [len(cells), S], optional
+            Voltage (mV) at the step before the next one; default ``model.v_rest``.
+        cells : index tensor / list, optional
+            Reset only these cells (default all).
+        """
+        m = self.model
+        idx = slice(None) if cells is None else torch.as_tensor(cells, device=self.device, dtype=torch.long)
+        v0 = m.v_rest if v0_mV is None else torch.as_tensor(v0_mV, device=self.device, dtype=self.dtype)
+        if v0.shape[-1] != self.n_segments or v0.dim() > 2:
+            raise ValueError(f"v0_mV must be [S] or [cells, S] with S = {self.n_segments}, got {tuple(v0.shape)}")
+        with torch.no_grad():
+            for s in self.streams:
+                s.reset(None if cells is None else idx)
+            self.fb[idx] = m.to_z(v0)
+        if cells is None:
+            self.t = 0
+
+    def state_bytes_per_cell(self) -> int:
+        """Bytes of causal state per cell (convolution rings + feedback voltages)."""
+        return sum(s.state_bytes_per_cell() for s in self.streams) + self.fb[0].numel() * self.fb.element_size()
+
+    @torch.no_grad()
+    def step(self, x_t) -> Prediction:
+        """Advance all cells by one step; see the module docstring for ``x_t`` and the outputs."""
+        m = self.model
+        x_t = torch.as_tensor(x_t, device=self.device, dtype=self.dtype)
+        if x_t.dim() != 2 or x_t.shape[0] != self.n_cells:
+            raise ValueError(f"x_t must be [n_cells={self.n_cells}, channels], got {tuple(x_t.shape)}")
+        if x_t.shape[1] == self.n_inputs:
+            u = m._prepare(x_t)
+        elif self.feedback and x_t.shape[1] == self.n_channels:
+            u = torch.cat([m.syn_transform(x_t), self.fb], dim=1)
+        else:
+            closed = f" or {self.n_channels} (synaptic only, closed loop)" if self.feedback else ""
+            raise ValueError(f"x_t has {x_t.shape[1]} channels; expected {self.n_inputs} (teacher-forced){closed}")
+        y = m._step_tasks(self.streams, u, self.t)   # [n_cells, n_tasks]
+        self.t += 1
+        pred = m.split_tasks(y)
+        self.fb.copy_(pred.v)
+        if self.output == "z":
+            return pred
+        imem = None if pred.imem is None else m.imem_to_nA(pred.imem)
+        return Prediction(m.to_mV(pred.v), pred.spike_logit, imem)
+
+
+@torch.no_grad()
+def closed_loop(model: Surrogate, x_syn: torch.Tensor, v0_mV=None, output: str = "mV", device=None,
+                progress: bool = False) -> Prediction:
+    """Closed-loop (autoregressive) run of whole sequences with a :class:`Streamer`.
+
+    Parameters
+    ----------
+    model : Surrogate
+    x_syn : Tensor [B, n_channels, T]
+        Raw synaptic channels per 1 ms step.
+    v0_mV : Tensor [S] or [B, S], optional
+        Voltage at the step before column 0 (default ``model.v_rest``).
+    output : {"z", "mV"}
+    device : optional
+        Where to run (default: the model's device).
+    progress : bool
+        Show a tqdm bar over time steps.
+
+    Returns
+    -------
+    Prediction
+        ``v [B, S, T]``, ``spike_logit [B, T]`` (and ``imem [B, S, T]`` when the model has it).
+    """
+    B, C, T = x_syn.shape
+    st = Streamer(model, B, device=device, feedback=True, output=output, v0_mV=v0_mV)
+    if not st.feedback:
+        raise ValueError("closed_loop needs a model trained with feedback inputs (config.feedback)")
+    x_syn = x_syn.to(st.device, st.dtype)
+    v = torch.empty(T, B, model.n_segments, device=st.device, dtype=st.dtype)
+    s = torch.empty(T, B, device=st.device, dtype=st.dtype)
+    imem = torch.empty_like(v) if model.config.imem_tasks else None
+    steps = range(T)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="closed loop", unit="ms")
+    for t in steps:
+        out = st.step(x_syn[:, :, t])
+        v[t], s[t] = out
+        if imem is not None:
+            imem[t] = out.imem
+    return Prediction(v.permute(1, 2, 0), s.t(), None if imem is None else imem.permute(1, 2, 0))

@@ -1,0 +1,182 @@
+"""SimulationDataset: alignment of bins, shapes, splits, statistics, spike balance, bad files.
+
+Records here are synthetic (written with records.write_record) so that every expected number is known;
+tests/test_generate.py reads a real generated dataset.
+"""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from lfdeep_neuron.data.dataset import SimulationDataset, bin_events, spike_indicator
+from lfdeep_neuron.data.records import RecordFormatError, write_record
+from lfdeep_neuron.data.simulate import assign_splits
+
+torch.set_num_threads(1)
+S, C = 7, 1278
+
+
+def _record(path, index, T=100, spikes=(), events=None, rng=None):
+    rng = rng or np.random.default_rng(index)
+    segments = {"name": np.array(["soma[0]"] + [f"dend[{i}]" for i in range(S - 1)]),
+                "x": np.full(S, 0.5), "length_um": np.full(S, 10.0)}
+    synapses = {"syn_idx": np.arange(C, dtype=np.int32), "seg_idx": np.arange(C, dtype=np.int32) % S,
+                "type": (np.arange(C) >= C // 2).astype(np.int8)}
+    v = (-70 + 3 * index + rng.normal(size=(S, T))).astype(np.float32)
+    imem = rng.normal(scale=0.01, size=(S, T)).astype(np.float32)
+    if events is None:
+        n = 300
+        events = (rng.integers(0, C, n).astype(np.int32), np.sort(rng.uniform(0, T - 1, n)))
+    traces = {"v_1ms": v, "t_1ms": np.arange(T, dtype=np.float64), "imem_mean_1ms": imem,
+              "soma_spike_times_ms": np.asarray(spikes, dtype=np.float64)}
+    write_record(path, segments=segments, synapses=synapses, traces=traces, inputs=events,
+                 inputs_effective=events, attrs={"protocol": "synthetic", "sim_index": index})
+    return v, imem, events
+
+
+@pytest.fixture
+def synthetic_dir(tmp_path):
+    d = tmp_path / "ds"
+    data = {}
+    for i in range(10):
+        spikes = [10.2, 57.0] if i % 2 == 0 else []
+        data[i] = _record(d / f"sim_{i:06d}.h5", i, spikes=spikes)
+    return d, data
+
+
+def test_bin_and_spike_alignment():
+    syn = np.array([5, 5, 5, 5, 9])
+    t = np.array([0.0, 2.5, 3.0, 3.0001, 99.0])
+    x = bin_events(syn, t, 10, 0, 100)
+    assert x[5, 0] == 1 and x[5, 3] == 2 and x[5, 4] == 1 and x[9, 99] == 1 and x.sum() == 5
+    # a window starting at 3: bin 0 of the window is absolute bin 3 = (2, 3] ms
+    xw = bin_events(syn, t, 10, 3, 2, weights=[1, 1, 0.5, 0.25, 1])
+    assert xw[5].tolist() == [1.5, 0.25] and xw.sum() == 1.75
+    s = spike_indicator([10.2, 11.0, 57.0], 0, 100)
+    assert np.flatnonzero(s).tolist() == [11, 57]
+
+
+def test_items_match_records(tmp_path):
+    d = tmp_path / "one"
+    ev = (np.array([0, 3, 3, 700, 1277], dtype=np.int32), np.array([0.0, 4.0, 4.5, 4.5, 99.0]))
+    v, imem, _ = _record(d / "sim_000000.h5", 0, T=100, spikes=[30.5], events=ev)
+    ds = SimulationDataset(d / "sim_000000.h5", split=None)
+    item = ds[0]
+    assert set(item) == {"x_syn", "v", "imem", "spike", "sim_index", "t0_ms"}
+    assert item["x_syn"].shape == (C, 100) and item["v"].shape == (S, 100) and item["spike"].shape == (100,)
+    assert item["x_syn"].dtype == item["v"].dtype == item["imem"].dtype == item["spike"].dtype == torch.float32
+    x = item["x_syn"].numpy()
+    assert x[0, 0] == 1 and x[3, 4] == 1 and x[3, 5] == 1 and x[700, 5] == 1 and x[1277, 99] == 1
+    assert x.sum() == 5
+    np.testing.assert_array_equal(item["v"].numpy(), v)
+    np.testing.assert_array_equal(item["imem"].numpy(), imem)
+    assert np.flatnonzero(item["spike"].numpy()).tolist() == [31]
+    # windows: starts 0, 20, 40, 60 for W = 30, stride 20
+    win = SimulationDataset(d, split=None, window_ms=30, stride_ms=20)
+    assert len(win) == 4
+    it = win[1]
+    assert int(it["t0_ms"]) == 20 and it["v"].shape == (S, 30)
+    np.testing.assert_array_equal(it["v"].numpy(), v[:, 20:50])
+    assert np.flatnonzero(it["spike"].numpy()).tolist() == [11]
+    it0 = win[0]
+    assert it0["x_syn"][3].numpy().nonzero()[0].tolist() == [4, 5]
+    assert win.segments["name"][0] == "soma[0]" and win.synapses["syn_idx"].shape == (C,)
+
+
+def test_splits_by_simulation(synthetic_dir):
+    d, _ = synthetic_dir
+    parts = {s: SimulationDataset(d, split=s) for s in ("train", "val", "test")}
+    sims = {s: {int(r.index) for r in ds.records} for s, ds in parts.items()}
+    assert sims["train"] and sims["val"] and sims["test"]
+    assert not (sims["train"] & sims["val"]) and not (sims["train"] & sims["test"]) and not (sims["val"] & sims["test"])
+    assert sims["train"] | sims["val"] | sims["test"] == set(range(10))
+    assert sims == {k: set(v) for k, v in assign_splits(range(10), 0).items()}
+    # growing the dataset never moves an existing simulation
+    big = assign_splits(range(1000), 0)
+    where = {i: k for k, v in big.items() for i in v}
+    assert all(where[i] == k for k, v in assign_splits(range(100), 0).items() for i in v)
+    assert 0.05 < len(big["val"]) / 1000 < 0.15 and 0.05 < len(big["test"]) / 1000 < 0.15
+
+
+def test_stats_over_train_split_cached(synthetic_dir):
+    d, data = synthetic_dir
+    ds = SimulationDataset(d, split="val", window_ms=50)
+    st = ds.stats
+    train = assign_splits(range(10), 0)["train"]
+    v = np.concatenate([data[i][0] for i in train], axis=1).astype(np.float64)
+    im = np.concatenate([data[i][1] for i in train], axis=1).astype(np.float64)
+    np.testing.assert_allclose(st["v_mean"], v.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(st["v_std"], v.std(1), rtol=1e-5)
+    np.testing.assert_allclose(st["imem_mean"], im.mean(1), atol=1e-8)
+    np.testing.assert_allclose(st["imem_std"], im.std(1), rtol=1e-5)
+    counts = np.zeros(C)
+    for i in train:
+        np.add.at(counts, data[i][2][0], 1)
+    np.testing.assert_allclose(st["x_rate"], counts / (100 * len(train)), rtol=1e-6)
+    assert st["v_mean"].shape == (S,) and st["x_rate"].shape == (C,)
+    np.testing.assert_allclose(st["v0"], np.mean([data[i][0][:, 0] for i in train], axis=0), rtol=1e-6)
+    assert ds.provenance["split"] == "val" and ds.provenance["n_sims"] == len(ds.records)
+    cache = d / "stats.npz"
+    assert cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    again = SimulationDataset(d, split="train").stats
+    assert cache.stat().st_mtime_ns == mtime
+    for k in st:
+        np.testing.assert_array_equal(again[k], st[k])
+
+
+def test_spike_balance_and_loader(synthetic_dir):
+    d, _ = synthetic_dir
+    ds = SimulationDataset(d, split="train", window_ms=20, stride_ms=10, spike_balance=1 / 3, seed=4)
+    n = len(ds)
+    assert n == len(ds.records) * 9
+    assert ds.spiking_fraction == pytest.approx(round(n / 3) / n)
+    items = [ds[k] for k in range(n)]
+    n_spiking = sum(int(it["spike"].sum() > 0) for it in items)
+    assert n_spiking == round(n / 3)
+    first = [(int(ds[k]["sim_index"]), int(ds[k]["t0_ms"])) for k in range(n)]
+    ds.set_epoch(1)
+    assert [(int(ds[k]["sim_index"]), int(ds[k]["t0_ms"])) for k in range(n)] != first
+    assert ds.spiking_fraction == pytest.approx(round(n / 3) / n)
+    ds.set_epoch(0)
+    assert [(int(ds[k]["sim_index"]), int(ds[k]["t0_ms"])) for k in range(n)] == first
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)
+    batch = next(iter(loader))
+    assert batch["x_syn"].shape == (4, C, 20) and batch["v"].shape == (4, S, 20) and batch["spike"].shape == (4, 20)
+    # worker processes started by spawn (the dataset is pickled; its open files are not)
+    spawned = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False, num_workers=1,
+                                          multiprocessing_context="spawn")
+    again = next(iter(spawned))
+    for k in ("x_syn", "v", "imem", "spike", "sim_index", "t0_ms"):
+        assert torch.equal(again[k], batch[k])
+    plain = SimulationDataset(d, split="train", window_ms=20, stride_ms=10)
+    assert plain.spiking_fraction < 1 / 3
+
+
+def test_foreign_and_malformed_files(synthetic_dir, tmp_path):
+    d, _ = synthetic_dir
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["images"] = np.zeros((2, 2))
+    with pytest.raises(RecordFormatError, match=r"foreign\.h5.*missing group '/segments'.*missing dataset '/v_1ms'"):
+        SimulationDataset(foreign, split=None)
+    # a record without membrane currents: named, and readable when imem is not asked for
+    bad = tmp_path / "noimem" / "sim_000000.h5"
+    _record(bad, 0)
+    with h5py.File(bad, "a") as f:
+        del f["imem_mean_1ms"]
+    with pytest.raises(RecordFormatError, match=r"sim_000000\.h5.*missing dataset '/imem_mean_1ms'"):
+        SimulationDataset(bad, split=None)
+    assert SimulationDataset(bad, split=None, fields=("x_syn", "v", "spike"))[0]["v"].shape == (S, 100)
+    # a foreign file dropped into a dataset directory is reported, not skipped
+    (d / "zz_notes.h5").write_bytes(foreign.read_bytes())
+    with pytest.raises(RecordFormatError, match=r"zz_notes\.h5"):
+        SimulationDataset(d, split=None)
+    with pytest.raises(ValueError, match="window_ms"):
+        SimulationDataset(bad, split=None, window_ms=500, fields=("v",))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no simulation records"):
+        SimulationDataset(empty)

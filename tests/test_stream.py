@@ -1,0 +1,159 @@
+"""Streaming (one step at a time) equals the full-sequence pass, teacher-forced and closed loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfdeep_neuron.surrogate.mtl import MH, MMoE, MMoEEx
+from lfdeep_neuron.surrogate.stream import Streamer, closed_loop
+
+torch.set_num_threads(1)
+ARCH_CLASSES = [MH, MMoE, MMoEEx]
+TOL = dict(rtol=1e-5, atol=2e-5)
+
+
+def _model(cls, **over):
+    torch.manual_seed(1)
+    # dilations 1, 3 with kernel 3: rings of 3 and 7 slots, wrapped many times over T = 60 steps
+    cfg = dict(kernel=3, dilations=(1, 3), dropout=0.2, **over)
+    m = cls.from_config("tiny", **cfg)
+    m.set_normalization(torch.linspace(-70, -55, m.n_segments), torch.linspace(1, 6, m.n_segments),
+                        v_rest=torch.full((m.n_segments,), -71.0),
+                        imem_mean=torch.zeros(m.n_segments), imem_std=torch.full((m.n_segments,), 0.5))
+    return m.eval()
+
+
+def _stream(st: Streamer, x: torch.Tensor):
+    """Step through x [B, C, T]; outputs stacked to [B, S, T], [B, T] (and imem)."""
+    outs = [st.step(x[:, :, t]) for t in range(x.shape[2])]
+    v = torch.stack([o[0] for o in outs], dim=-1)
+    s = torch.stack([o[1] for o in outs], dim=-1)
+    imem = torch.stack([o.imem for o in outs], dim=-1) if outs[0].imem is not None else None
+    return v, s, imem
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+@pytest.mark.parametrize("over", [{}, {"imem_tasks": True, "residual": True}])
+def test_teacher_forced_streaming_equals_full_pass(cls, over):
+    m = _model(cls, **over)
+    B, T = 4, 60
+    x = torch.rand(B, m.n_inputs, T) * 2
+    with torch.no_grad():
+        full = m(x)
+    st = m.streamer(B)
+    v, s, imem = _stream(st, x)
+    torch.testing.assert_close(v, full.v, **TOL)
+    torch.testing.assert_close(s, full.spike_logit, **TOL)
+    if over:
+        torch.testing.assert_close(imem, full.imem, **TOL)
+    assert (full.v.std() > 0.05) and (s.std() > 1e-3)               # outputs are not trivially constant
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+def test_closed_loop_streaming_equals_full_pass_fed_its_own_outputs(cls):
+    m = _model(cls)
+    B, T = 3, 50
+    x_syn = torch.rand(B, m.n_channels, T) * 2
+    v0 = torch.randn(B, m.n_segments) - 65
+    out = closed_loop(m, x_syn, v0_mV=v0, output="z")
+    assert out.v.shape == (B, m.n_segments, T) and out.spike_logit.shape == (B, T)
+    # feedback of column t = own prediction of step t-1; of column 0 = the initial voltage
+    fb = torch.cat([m.to_z(v0)[:, :, None], out.v[:, :, :-1]], dim=-1)
+    with torch.no_grad():
+        full = m(torch.cat([x_syn, fb], dim=1))
+    torch.testing.assert_close(out.v, full.v, **TOL)
+    torch.testing.assert_close(out.spike_logit, full.spike_logit, **TOL)
+    # the default initial voltage is the model's v_rest
+    out_rest = closed_loop(m, x_syn, output="mV")
+    fb_rest = torch.cat([m.to_z(m.v_rest).expand(B, -1)[:, :, None], m.to_z(out_rest.v)[:, :, :-1]], dim=-1)
+    with torch.no_grad():
+        full_rest = m(torch.cat([x_syn, fb_rest], dim=1))
+    torch.testing.assert_close(out_rest.v, m.to_mV(full_rest.v), rtol=1e-5, atol=1e-4)
+
+
+def test_mV_output_and_switching_between_modes():
+    m = _model(MMoE)
+    B, T = 2, 30
+    x = torch.rand(B, m.n_inputs, T)
+    v_z, s_z, _ = _stream(m.streamer(B, output="z"), x)
+    v_mV, s_mV, _ = _stream(m.streamer(B, output="mV"), x)
+    torch.testing.assert_close(v_mV, m.to_mV(v_z), rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(s_mV, s_z)
+    # teacher-forced for 10 steps, then closed loop: the feedback continues from the last prediction
+    st = m.streamer(B)
+    first, _, _ = _stream(st, x[:, :, :10])
+    rest, _, _ = _stream(st, x[:, :m.n_channels, 10:])
+    fb = torch.cat([x[:, m.n_channels:, :10], first[:, :, -1:], rest[:, :, :-1]], dim=-1)
+    with torch.no_grad():
+        full = m(torch.cat([x[:, :m.n_channels], fb], dim=1))
+    torch.testing.assert_close(torch.cat([first, rest], -1), full.v, **TOL)
+
+
+def test_reset_all_and_some_cells():
+    m = _model(MMoEEx)
+    B, T = 3, 25
+    x = torch.rand(B, m.n_channels, T)
+    st = m.streamer(B)
+    a, _, _ = _stream(st, x)
+    st.reset()
+    b, _, _ = _stream(st, x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)               # a reset forgets everything
+    # reset only cell 1 half-way: cell 1 restarts from scratch, cells 0 and 2 carry on
+    st.reset()
+    h1, _, _ = _stream(st, x[:, :, :12])
+    st.reset(cells=[1])
+    h2, _, _ = _stream(st, x[:, :, 12:])
+    fresh, _, _ = _stream(m.streamer(1), x[1:2, :, 12:])
+    torch.testing.assert_close(h2[1:2], fresh, **TOL)
+    torch.testing.assert_close(torch.cat([h1, h2], -1)[[0, 2]], a[[0, 2]], **TOL)
+
+
+def test_state_is_constant_size_and_small():
+    m = MMoE.from_config("paper").eval()
+    st = m.streamer(2)
+    before = st.state_bytes_per_cell()
+    shapes = [c.acc.shape for s in st.streams for blk in s.states for c in blk if c.acc is not None]
+    for _ in range(300):                                             # > 2x the receptive field
+        st.step(torch.zeros(2, m.n_channels))
+    assert st.state_bytes_per_cell() == before
+    assert [c.acc.shape for s in st.streams for blk in s.states for c in blk if c.acc is not None] == shapes
+    assert before < 1_000_000                                        # DESIGN target: <= 1 MB per cell
+    # the first layer keeps partial sums of its 5 x 32 outputs, not its 1920-wide input history
+    first = st.streams[0].states[0][0]
+    assert first.acc.shape == (2, 10, 5 * 32)
+
+
+def test_step_input_errors():
+    m = _model(MH)
+    st = m.streamer(2)
+    with pytest.raises(ValueError, match=r"x_t has 7 channels; expected 16 \(teacher-forced\) or 10"):
+        st.step(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"x_t must be \[n_cells=2, channels\]"):
+        st.step(torch.zeros(3, 10))
+    with pytest.raises(ValueError, match="output must be 'z' or 'mV'"):
+        m.streamer(2, output="volts")
+    with pytest.raises(ValueError, match=r"v0_mV must be \[S\] or \[cells, S\] with S = 6"):
+        st.reset(v0_mV=torch.zeros(5))
+    no_fb = MH.from_config("tiny", feedback=False).eval()
+    st2 = no_fb.streamer(2)
+    assert not st2.feedback and st2.step(torch.zeros(2, 10))[0].shape == (2, 6)
+    with pytest.raises(ValueError, match="closed_loop needs a model trained with feedback"):
+        closed_loop(no_fb, torch.zeros(1, 10, 4))
+
+
+def test_streamer_made_in_inference_mode_steps_anywhere():
+    """The co-simulation engine builds and steps streamers under torch.inference_mode()."""
+    m = _model(MMoE)
+    x = torch.rand(3, m.n_channels)
+    ref = m.streamer(3)
+    expected = [ref.step(x)[0] for _ in range(6)]
+    with torch.inference_mode():
+        st = m.streamer(3)
+        got = [st.step(x)[0] for _ in range(3)]
+    got += [st.step(x)[0] for _ in range(2)]                         # outside inference mode
+    st.reset(cells=[0])
+    st.reset()
+    with torch.inference_mode():
+        got.append(st.step(x)[0])
+    for a, b in zip(got, expected[:5] + expected[:1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1,0 +1,158 @@
+"""MH / MMoE / MMoEEx: shapes, batched towers and gates against per-task references, causality,
+exclusivity masks, configs, and that each architecture can fit a small synthetic sequence."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfdeep_neuron.surrogate.mtl import CONFIGS, MH, MMoE, MMoEEx, build_model, make_config
+from lfdeep_neuron.surrogate.synthetic import SyntheticDataset
+from lfdeep_neuron.surrogate.train import base_task_weights, prepare_batch, task_losses
+
+torch.set_num_threads(1)
+ARCH_CLASSES = [MH, MMoE, MMoEEx]
+
+
+def _model(cls, **over):
+    torch.manual_seed(0)
+    m = cls.from_config("tiny", **over)
+    m.set_normalization(torch.linspace(-70, -60, m.n_segments), torch.linspace(1, 3, m.n_segments))
+    return m.eval()
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+def test_paper_config_sizes_and_output_shapes(cls):
+    m = cls.from_config("paper")
+    assert (m.n_channels, m.n_segments, m.n_inputs, m.n_tasks) == (1278, 642, 1278 + 642, 643)
+    assert m.receptive_field == 1 + 2 * 9 * (1 + 2 + 4)       # kernel 10, dilations 1, 2, 4: 127 ms >= 100 ms
+    assert m.arch == {"MH": "mh", "MMoE": "mmoe", "MMoEEx": "mmoeex"}[cls.__name__]
+    tower = m.towers.w1.shape
+    assert tower == (643, 8, 25 if cls is MH else 10)
+    if cls is not MH:
+        assert m.n_experts == 5 and m.gate_w.shape == (8, 5 * 643)   # gates read the 8-wide compressor only
+    v, s = m.eval()(torch.rand(1, m.n_inputs, 7))
+    assert v.shape == (1, 642, 7) and s.shape == (1, 7)
+
+
+def test_parameter_counts_of_named_configs():
+    counts = {(name, cls.arch): cls.from_config(name).num_parameters()
+              for name in CONFIGS for cls in ARCH_CLASSES}
+    # exclusivity only masks gates: MMoEEx has exactly MMoE's parameters
+    for name in CONFIGS:
+        assert counts[(name, "mmoe")] == counts[(name, "mmoeex")]
+    # the first layer dominates: experts x (1920 inputs x 32 channels x 10 taps) for the paper MMoE
+    assert counts[("paper", "mmoe")] > 5 * 1920 * 32 * 10
+    assert counts[("paper", "mh")] < counts[("paper", "mmoe")]
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="unknown config 'huge'"):
+        make_config("huge")
+    with pytest.raises(ValueError, match=r"unknown config keys \['chanels'\]"):
+        MMoE.from_config("tiny", chanels=(4,))
+    with pytest.raises(ValueError, match="unknown arch 'moe'"):
+        build_model("moe", "tiny")
+    with pytest.raises(ValueError, match="3 dilations for 2 TCN blocks"):
+        make_config("tiny", dilations=(1, 2, 4))
+    with pytest.raises(ValueError, match="residual=True needs feedback=True"):
+        make_config("tiny", residual=True, feedback=False)
+    m = _model(MH)
+    with pytest.raises(ValueError, match=r"has 10 input channels; the model expects 16 \(10 synaptic \+ 6 feedback"):
+        m(torch.zeros(1, 10, 5))
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+def test_towers_and_gates_match_per_task_reference(cls):
+    """The batched towers / gates / mixture equal a straightforward loop over tasks and experts."""
+    m = _model(cls)
+    x = torch.rand(2, m.n_inputs, 9)
+    with torch.no_grad():
+        y = m(x, all_tasks=True)                                      # [B, n_tasks, T]
+        xp = m._prepare(x)
+        ref = torch.empty_like(y)
+        tw = m.towers
+        if cls is MH:
+            h = m.trunk(xp)                                           # [B, C, T]
+            feats = [h] * m.n_tasks
+        else:
+            f = m.experts(xp).view(2, m.n_experts, m.expert_width, 9)  # [B, E, C, T]
+            comp = m.compressor(xp)                                   # [B, K, T]
+            feats = []
+            for n in range(m.n_tasks):
+                logits = torch.einsum("bkt,ke->bet", comp, m.gate_w.view(-1, m.n_experts, m.n_tasks)[:, :, n])
+                logits = logits + m.gate_b[:, n][None, :, None]
+                if cls is MMoEEx:
+                    logits[:, ~m.mask[n]] = float("-inf")
+                g = torch.softmax(logits, dim=1)                      # [B, E, T]
+                feats.append(sum(g[:, e, None] * f[:, e] for e in range(m.n_experts)))
+        for n in range(m.n_tasks):
+            z = F.elu(torch.einsum("bct,ch->bht", feats[n], tw.w1[n]) + tw.b1[n][None, :, None])
+            ref[:, n] = torch.einsum("bht,h->bt", z, tw.w2[n]) + tw.b2[n]
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mmoeex_exclusivity_mask():
+    m = MMoEEx.from_config("paper", exclusivity=0.3, mask_seed=3)
+    mask = m.mask
+    assert mask.shape == (643, 5) and mask.any(dim=1).all()          # every task keeps an expert
+    frac_dropped = 1 - mask.float().mean().item()
+    assert 0.25 < frac_dropped < 0.35
+    assert torch.equal(mask, MMoEEx.from_config("paper", exclusivity=0.3, mask_seed=3).mask)
+    assert not torch.equal(mask, MMoEEx.from_config("paper", exclusivity=0.3, mask_seed=4).mask)
+    g = m.gates(torch.rand(4, m.compressor.c_out))                    # [R, E, n_tasks]
+    assert torch.all(g.transpose(1, 2)[:, ~mask] == 0)               # masked entries are exactly zero
+    torch.testing.assert_close(g.sum(dim=1), torch.ones(4, 643))
+    full = MMoEEx.from_config("tiny", exclusivity=0.0)
+    assert full.mask.all()
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+def test_causal_with_receptive_field(cls):
+    m = _model(cls, kernel=3, dilations=(1, 3))
+    R = m.receptive_field
+    assert R == 1 + 2 * 2 * (1 + 3)
+    T, t = 40, 30
+    x = torch.rand(1, m.n_inputs, T)
+    with torch.no_grad():
+        base = m(x, all_tasks=True)
+        late = x.clone(); late[..., t + 1:] += 1.0                   # the future
+        inside = x.clone(); inside[..., t - R + 1] += 1.0             # oldest step still seen at t
+        outside = x.clone(); outside[..., t - R] += 1.0               # just beyond the receptive field
+        y_late, y_in, y_out = (m(z, all_tasks=True) for z in (late, inside, outside))
+    assert torch.equal(y_late[..., :t + 1], base[..., :t + 1])
+    assert (y_in[..., t] - base[..., t]).abs().max() > 1e-6        # (deterministic: unchanged inputs give equal bits)
+    assert torch.equal(y_out[..., t], base[..., t])
+
+
+def test_units_and_prediction_tuple():
+    m = _model(MMoE, imem_tasks=True, residual=True)
+    v_mV = torch.randn(2, m.n_segments, 5) * 4 - 65
+    torch.testing.assert_close(m.to_mV(m.to_z(v_mV)), v_mV)
+    torch.testing.assert_close(m.to_z(v_mV)[:, :, 0], m.to_z(v_mV[:, :, 0]))   # [B,S,T] and [N,S] agree
+    out = m(m.make_inputs(torch.rand(2, m.n_channels, 5), v_mV))
+    v, s = out
+    assert v.shape == (2, m.n_segments, 5) and s.shape == (2, 5)
+    assert out.imem.shape == (2, m.n_segments, 5) and out.v is v and out.spike_logit is s
+    with pytest.raises(ValueError, match="pass v_prev_mV"):
+        m.make_inputs(torch.rand(2, m.n_channels, 5))
+
+
+@pytest.mark.parametrize("arch", ["mh", "mmoe", "mmoeex"])
+def test_each_architecture_overfits_a_small_sequence(arch):
+    ds = SyntheticDataset(None, "train", window_ms=200, stride_ms=200, n_segments=6, n_sims=2, duration_ms=400)
+    batch = {k: torch.stack([ds[i][k] for i in range(2)]) for k in ds[0]}
+    torch.manual_seed(0)
+    m = build_model(arch, "tiny", n_segments=6, n_channels=10)
+    m.set_normalization(ds.stats["v_mean"], ds.stats["v_std"], ds.stats["v0"])
+    x, tgt = prepare_batch(m, batch, "cpu")
+    w = base_task_weights(m, spike_weight=1.0, imem_weight=1.0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    history = []
+    for _ in range(300):
+        loss = (w * task_losses(m, m(x, all_tasks=True), tgt)).sum()
+        history.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert history[0] / min(history[-10:]) >= 10.0, (history[0], history[-10:])

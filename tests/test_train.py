@@ -1,0 +1,160 @@
+"""Training: the CLI end to end on synthetic data, loss pieces, and resumption after interruption."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfdeep_neuron.cli import main as cli_main
+from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, load_surrogate
+from lfdeep_neuron.surrogate.mtl import MMoE
+from lfdeep_neuron.surrogate.train import lbtw_weights, parse_args, train, with_own_feedback
+
+torch.set_num_threads(1)
+DATA = "synthetic:segments=5,sims=4,duration=600"
+
+
+def _args(out, *extra):
+    return parse_args(["--data", DATA, "--arch", "mmoeex", "--config", "tiny", "--out", str(out),
+                       "--batch", "4", "--window-ms", "100", "--no-progress", *extra])
+
+
+def test_cli_trains_and_writes_checkpoint_log_and_state(tmp_path):
+    out = tmp_path / "mh.pt"
+    rc = cli_main(["train", "--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
+                   "--steps", "150", "--batch", "4", "--window-ms", "100", "--lr", "3e-3", "--eval-every", "50",
+                   "--val-windows", "4", "--no-progress"])
+    assert rc == 0
+    model = load_surrogate(out, expected_segments=5)
+    assert model.arch == "mh" and model.n_segments == 5 and model.n_channels == 8
+    meta = model.meta
+    assert meta["provenance"]["data"] == DATA and meta["provenance"]["steps"] == 150
+    assert meta["provenance"]["versions"]["torch"] == torch.__version__
+    assert list(meta["segments"]["name"][:2]) == ["soma[0]", "dend[0]"]
+    for k in ("val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl"):
+        assert 0 < meta["metrics"][k] < 50
+    # normalisation comes from the training data (v0 of the synthetic cell: rest at -70 mV)
+    torch.testing.assert_close(model.v_rest, torch.full((5,), -70.0))
+    with open(tmp_path / "mh.pt.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
+    assert rows[-1]["val_rmse_mV_cl"] and rows[4]["val_rmse_mV_tf"] and not rows[0]["val_rmse_mV_tf"]
+    first, end = (sum(float(r["loss_v"]) for r in rs) / 3 for rs in (rows[:3], rows[-3:]))
+    assert end < 0.6 * first                                           # it learns
+    assert load_checkpoint(tmp_path / "mh.pt.last")["train_state"]["step"] == 150
+    # a second run with the same --out has nothing left to do
+    summary = train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
+                                "--steps", "150", "--batch", "4", "--window-ms", "100", "--lr", "3e-3",
+                                "--no-progress"]))
+    assert summary["steps_done"] == 150 and summary["resumed_from"] == 150
+
+
+def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
+    # dropout, LBTW, the rollout loss and feedback noise all draw on state that must survive the restart
+    extra = ["--steps", "12", "--save-every", "4", "--eval-every", "0", "--val-windows", "2", "--lbtw-alpha", "0.5",
+             "--rollout", "2", "--rollout-p", "0.7", "--fb-noise", "0.05", "--set", "dropout=0.1", "--imem"]
+    whole = train(_args(tmp_path / "a.pt", *extra))
+    assert whole["steps_done"] == 12
+    part = train(_args(tmp_path / "b.pt", *extra, "--stop-after", "5"))
+    assert part["steps_done"] == 5 and not (tmp_path / "b.pt").exists()
+    assert load_checkpoint(tmp_path / "b.pt.last")["train_state"]["step"] == 5
+    rest = train(_args(tmp_path / "b.pt", *extra))
+    assert rest["resumed_from"] == 5 and rest["steps_done"] == 12
+    model = load_surrogate(tmp_path / "b.pt")
+    assert model.config.imem_tasks and model.n_tasks == 2 * 5 + 1 and model.config.dropout == 0.1
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    with open(tmp_path / "b.pt.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [5, 10, 12]                                        # no duplicated rows after resuming
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(_args(tmp_path / "c.pt", "--steps", "3", "--stop-after", "2", "--eval-every", "0"))
+    with pytest.raises(CheckpointError, match="was written for arch 'mmoeex'.*pass --restart"):
+        train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(tmp_path / "c.pt"),
+                          "--steps", "3", "--batch", "4", "--window-ms", "100", "--no-progress"]))
+    summary = train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out",
+                                str(tmp_path / "c.pt"), "--steps", "3", "--batch", "4", "--window-ms", "100",
+                                "--no-progress", "--restart", "--val-windows", "2"]))
+    assert summary["resumed_from"] == 0 and summary["steps_done"] == 3
+
+
+def test_killed_process_resumes_from_its_last_checkpoint(tmp_path):
+    """A real interruption: SIGKILL the training process after its first save, then run it again."""
+    out = tmp_path / "k.pt"
+    cmd = [sys.executable, "-m", "lfdeep_neuron.cli", "train", "--data", DATA, "--arch", "mh", "--config", "tiny",
+           "--out", str(out), "--steps", "3000", "--batch", "4", "--window-ms", "100", "--save-every", "25",
+           "--eval-every", "0", "--val-windows", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    last = Path(str(out) + ".last")
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), proc.stdout.read().decode() if proc.poll() is not None else "no checkpoint in 120 s"
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = load_checkpoint(last)["train_state"]["step"]               # whole file despite the kill
+    assert saved % 25 == 0 and 25 <= saved < 3000
+    res = subprocess.run(cmd[:cmd.index("--steps") + 1] + [str(saved + 10)] + cmd[cmd.index("--steps") + 2:],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming at step {saved}" in res.stdout
+    assert load_checkpoint(out)["provenance"]["steps"] == saved + 10
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun not installed next to this python")
+def test_torchrun_two_cpu_processes(tmp_path):
+    """DistributedDataParallel path (gloo on CPU): two processes train one model."""
+    out = tmp_path / "ddp.pt"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lfdeep_neuron.cli", "train", "--data", DATA,
+           "--arch", "mmoe", "--config", "tiny", "--out", str(out), "--steps", "6", "--batch", "2",
+           "--window-ms", "100", "--save-every", "3", "--eval-every", "0", "--val-windows", "2", "--no-progress"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout
+    ckpt = load_checkpoint(Path(str(out) + ".last"))
+    assert ckpt["train_state"]["step"] == 6 and len(ckpt["train_state"]["rng_cpu"]) == 2
+    assert load_surrogate(out).n_segments == 5
+
+
+def test_lbtw_weights():
+    base = torch.tensor([0.25, 0.25, 0.5])
+    losses = torch.tensor([1.0, 0.5, 2.0])
+    initial = torch.tensor([1.0, 1.0, 1.0])
+    w = lbtw_weights(base, losses, initial, alpha=1.0)
+    torch.testing.assert_close(w.sum(), base.sum())
+    ratio = w / base
+    torch.testing.assert_close(ratio / ratio[0], torch.tensor([1.0, 0.5, 2.0]))   # (L / L0) ** alpha
+    assert torch.equal(lbtw_weights(base, losses, initial, alpha=0.0), base)
+
+
+def test_own_feedback_shifts_predictions_by_one_step():
+    m = MMoE.from_config("tiny", n_segments=3, n_channels=4)
+    x = torch.arange(2 * 7 * 5, dtype=torch.float32).view(2, 7, 5)
+    pred = -torch.rand(2, 3, 5)
+    y = with_own_feedback(m, x, pred, p=1.0)
+    assert torch.equal(y[:, :4], x[:, :4])                            # synaptic rows untouched
+    assert torch.equal(y[:, 4:, 0], x[:, 4:, 0])                      # first step: true feedback
+    assert torch.equal(y[:, 4:, 1:], pred[..., :-1])                  # then the previous prediction
+    torch.manual_seed(0)
+    mixed = with_own_feedback(m, x, pred, p=0.5)[:, 4:, 1:]
+    own = (mixed == pred[..., :-1]).all(dim=1)
+    true = (mixed == x[:, 4:, 1:]).all(dim=1)
+    assert torch.all(own ^ true) and 0 < own.float().mean() < 1
