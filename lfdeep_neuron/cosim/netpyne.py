@@ -1,0 +1,707 @@
+"""NetPyNE glue: deep-surrogate (and detailed) Hay L5PCs as ordinary NetPyNE cell types.
+
+A NetPyNE spec keeps its usual idioms; one line picks the cell implementation::
+
+    from lfdeep_neuron.cosim.netpyne import (surrogate_cell_params, hay_cell_params,
+                                             add_syn_mechs, record_surrogate_lfp, surrogate_lfp)
+    netParams.cellParams['L5PC'] = surrogate_cell_params('models/best.pt')    # deep surrogate
+    # netParams.cellParams['L5PC'] = hay_cell_params('cell1.asc')           # detailed HayL5PC
+    add_syn_mechs(netParams)                          # 'exc' (AMPA+NMDA) and 'inh' (GABA_A)
+    netParams.popParams['L5'] = {'cellType': 'L5PC', 'numCells': 20, 'yRange': [900, 1000]}
+    netParams.connParams['bg->L5'] = {'preConds': {'pop': 'bg'}, 'postConds': {'pop': 'L5'},
+                                      'sec': 'apic[36]', 'loc': 0.5, 'synMech': 'exc',
+                                      'weight': 1.0, 'delay': 1.0}
+    simConfig.recordTraces = {'V_soma': {'sec': 'soma', 'loc': 0.5, 'var': 'v'}}
+    record_surrogate_lfp(simConfig)                   # laminar probe through the column
+    sim.createSimulateAnalyze(netParams, simConfig)
+    lfp = surrogate_lfp()                             # rank 0: {'t_ms', 'lfp_mV' [E, T], 'electrodes_um'}
+
+How it works
+------------
+NetPyNE builds ``h.<cellModel>()`` point cells but ignores ``sec``/``loc`` for them, so a
+surrogate is instead a :class:`SurrogateCompartCell`: a ``CompartCell`` whose ``secs``/``secLists``
+are the Hay cell's (names ``soma``, ``dend[i]``, ``apic[i]``, ``axon[i]``; lists ``somatic``,
+``basal``, ``apical``, ``dendritic``, ``axonal``, ``all``) but which creates no NEURON section:
+only one :class:`~lfdeep_neuron.cosim.cell.SurrogateL5PC` (one ``SurrogateCell`` artificial cell)
+in the process's :class:`~lfdeep_neuron.cosim.engine.SurrogateEngine`. Every (sec, loc, synMech)
+NetPyNE resolves for a connection becomes that cell's input channel in the NetCon's
+``weight[1]`` (excitatory or inhibitory from the synMech); ``weight`` is in units of the reference
+synapse (1 = one training-data activation) and delays from surrogates should be >= 1 ms (the
+engine's timing rule). :class:`HayCompartCell` is the same spec backed by a real
+:class:`~lfdeep_neuron.hay.HayL5PC`, whose own synapse of the segment serves each (sec, loc,
+synMech), so the two are addressed and weighted identically and can be swapped by one line.
+Importing this module makes NetPyNE pick these classes for cellParams whose ``cellModel`` is
+``'SurrogateL5PC'`` or ``'HayL5PC'`` (a wrapper around ``Pop._resolveCellClass``).
+
+Unknown section names, sections without synaptic channel (soma, axon) and synMechs that are
+neither excitatory nor inhibitory raise ``ValueError`` (NetPyNE itself would silently move such a
+connection to the soma or drop it).
+
+Recording: ``simConfig.recordTraces`` entries with ``'var': 'v'`` and a ``sec``/``loc`` of the
+cell record the surrogate's voltage of that segment into the usual ``simData[key]['cell_<gid>']``
+vectors (samples at ``recordStep``, linear between the surrogate's 1-ms point samples, NaN after
+the last surrogate step, which is at ``duration - 1`` ms for integer durations), so NetPyNE's
+``plotTraces`` and ``plotRaster`` work unchanged.
+
+LFP: :func:`record_surrogate_lfp` asks for the extracellular potential of the surrogate
+populations at chosen electrodes; it is accumulated every surrogate step on the engine's device
+(:class:`~lfdeep_neuron.lfp.PopulationLFP`: one product for all local cells, each placed and
+rotated as in the network), kept per rank in ``simData['surrogateLFP']['node<rank>']`` and summed
+over ranks by :func:`surrogate_lfp` after NetPyNE's gather. (NetPyNE's own ``recordLFP`` skips
+cells without sections; it still works for :class:`HayCompartCell` populations.)
+
+Placement: a cell at NetPyNE position (x, y, z) µm has its soma centre there; the morphology keeps
+its file orientation (Hay cell: apical dendrite along +y), turned about y when
+``netParams.rotateCellsRandomly`` is set, by NetPyNE's angle and in NetPyNE's sense.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from lfdeep_neuron.cosim.cell import KIND_TYPES, SurrogateL5PC, section_name
+
+__all__ = ["surrogate_cell_params", "hay_cell_params", "add_syn_mechs", "record_surrogate_lfp",
+           "surrogate_lfp", "SurrogateCompartCell", "HayCompartCell", "register_model", "install",
+           "SYN_MECHS"]
+
+#: ``mod`` names of synMechs and the surrogate channel type they map to (0 exc, 1 inh).
+MOD_TYPES = {"AmpaNmdaSyn": 0, "GabaASyn": 1}
+
+#: synMechParams registered by :func:`add_syn_mechs`: our synapses with the Hay reference parameters.
+SYN_MECHS = {
+    "exc": "AmpaNmdaSyn", "AMPA_NMDA": "AmpaNmdaSyn",
+    "inh": "GabaASyn", "GABAA": "GabaASyn",
+}
+
+_MODELS: dict = {}                # registered model objects (and loaded checkpoints) by key
+_MODEL_KEYS = itertools.count()
+_LAPLACIANS: dict = {}            # morphology path -> AxialLaplacian (once per process)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec helpers
+# ---------------------------------------------------------------------------------------------
+
+def _sec_key(name: str) -> str:
+    """NetPyNE section label of a canonical section name (``'soma[0]'`` -> ``'soma'``)."""
+    return "soma" if name == "soma[0]" else name
+
+
+def _canonical(label: str) -> str:
+    return section_name(label)
+
+
+def _secs_from_table(table) -> tuple[dict, dict]:
+    """cellParams ``secs`` and ``secLists`` from a segment table (canonical order).
+
+    ``geom`` holds ``L`` (µm, sum of segment lengths), ``nseg``, ``diam`` (µm, mean) and, where the
+    table has 3-D points, ``pt3d`` (segment end points as in the file); ``topol`` the parent section
+    and its x (1 if the parent segment is the last of a non-root section, else its centre). The
+    structure is for NetPyNE's bookkeeping (sections, lists, lengths); the cells are built elsewhere.
+    """
+    names = np.asarray(table["name"]).astype(str)
+    x = np.asarray(table["x"], np.float64)
+    parent = np.asarray(table["parent_seg"], np.int64)
+    length = np.asarray(table["length_um"], np.float64)
+    diam = np.asarray(table["diam_um"], np.float64)
+    start = np.asarray(table["xyz_start"], np.float64)
+    end = np.asarray(table["xyz_end"], np.float64)
+    order = list(dict.fromkeys(names))
+    segs = {n: np.flatnonzero(names == n) for n in order}
+    secs, lists = {}, {k: [] for k in ("somatic", "basal", "apical", "dendritic", "axonal", "all")}
+    for n in order:
+        idx = segs[n][np.argsort(x[segs[n]])]
+        geom = {"L": float(length[idx].sum()), "nseg": int(len(idx)), "diam": float(diam[idx].mean())}
+        if np.isfinite(start[idx]).all() and np.isfinite(end[idx]).all():
+            pts = np.vstack([start[idx[:1]], end[idx]])
+            d = np.concatenate([diam[idx[:1]], diam[idx]])
+            geom["pt3d"] = [[float(a), float(b), float(c), float(dd)] for (a, b, c), dd in zip(pts, d)]
+        p = int(parent[idx[0]])
+        if p < 0:
+            topol = {}
+        else:
+            pname = names[p]
+            last = segs[pname][np.argmax(x[segs[pname]])] == p
+            root = parent[segs[pname]].min() < 0
+            topol = {"parentSec": _sec_key(pname), "parentX": 1.0 if (last and not root) else float(x[p]),
+                     "childX": 0.0}
+        key = _sec_key(n)
+        secs[key] = {"geom": geom, "topol": topol}
+        kind = n.split("[")[0]
+        lists["all"].append(key)
+        lists[{"soma": "somatic", "dend": "basal", "apic": "apical", "axon": "axonal"}[kind]].append(key)
+        if kind in ("dend", "apic"):
+            lists["dendritic"].append(key)
+    secs["soma"]["threshold"] = 0.0          # HayL5PC's spike: soma(0.5) crossing 0 mV
+    return secs, {k: v for k, v in lists.items() if v}
+
+
+def register_model(model, key: str | None = None) -> str:
+    """Register a surrogate object under a key that cellParams can name (returns the key).
+
+    Keys default to ``'model:<n>'`` in registration order, which is the same on every MPI rank as
+    long as every rank runs the same script.
+    """
+    if not hasattr(model, "streamer"):
+        raise TypeError(f"model must be a streaming surrogate (with .streamer), got {type(model).__name__}")
+    key = key or f"model:{next(_MODEL_KEYS)}"
+    _MODELS[key] = model
+    return key
+
+
+def _model(spec):
+    """The model object named by cellParams' ``surrogate['model']`` (path or registered key)."""
+    if spec in _MODELS:
+        return _MODELS[spec]
+    if str(spec).startswith("model:"):
+        raise ValueError(f"surrogate model {spec!r} is not registered in this process: call "
+                         "surrogate_cell_params(model) (or register_model) in every rank's script")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"surrogate checkpoint {str(path)!r} not found")
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+    model = load_surrogate(path)
+    _MODELS[str(spec)] = model
+    return model
+
+
+def surrogate_cell_params(model, *, spike_threshold: float = 0.0, device=None, dtype: str | None = None,
+                          feedback: bool = True) -> dict:
+    """cellParams rule of a deep-surrogate Hay L5PC (``cellModel: 'SurrogateL5PC'``).
+
+    Parameters
+    ----------
+    model : str, Path or surrogate object
+        A checkpoint (loaded once per process) or a model object (registered under a key; see
+        :func:`register_model`).
+    spike_threshold : float
+        Spike-logit threshold of the engine (0 = probability 1/2).
+    device : str, optional
+        Torch device of the engine (default CUDA if available, else CPU).
+    dtype : {'float32', 'float64'}, optional
+        Engine dtype; 'float64' makes results independent of the split over ranks to round-off.
+    feedback : bool
+        Closed-loop stepping (the trained regime).
+    """
+    if isinstance(model, (str, Path)):
+        key = str(Path(model).resolve())
+        obj = _model(key)
+    else:
+        key = next((k for k, m in _MODELS.items() if m is model), None) or register_model(model)
+        obj = model
+    if dtype not in (None, "float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    table = (getattr(obj, "meta", None) or {}).get("segments")
+    if table is None:
+        raise ValueError("the surrogate carries no segment table (model.meta['segments']); load it with "
+                         "load_surrogate or set model.meta = dict(segments=..., synapses=..., dt_ms=...)")
+    secs, lists = _secs_from_table(table)
+    return {"cellModel": "SurrogateL5PC", "secs": secs, "secLists": lists,
+            "surrogate": {"model": key, "spike_threshold": float(spike_threshold),
+                          "device": None if device is None else str(device), "dtype": dtype,
+                          "feedback": bool(feedback)}}
+
+
+def hay_cell_params(morphology) -> dict:
+    """cellParams rule of the detailed Hay L5PC (``cellModel: 'HayL5PC'``), same sections as the surrogate.
+
+    Each cell is a :class:`~lfdeep_neuron.hay.HayL5PC` built from ``morphology`` (the biophysics are
+    HayL5PC's, not re-expressed as NetPyNE mechs). Set ``simConfig.hParams['v_init'] = -76`` (mV)
+    as for HayL5PC.
+    """
+    from lfdeep_neuron.hay import HayL5PC
+
+    path = Path(morphology)
+    if not path.is_file():
+        raise FileNotFoundError(f"Hay morphology {str(path)!r} not found")
+    cell = HayL5PC(path, synapses=False)
+    table = cell.segment_table()
+    del cell
+    secs, lists = _secs_from_table(table)
+    return {"cellModel": "HayL5PC", "secs": secs, "secLists": lists, "hay": {"morphology": str(path.resolve())}}
+
+
+def add_syn_mechs(netParams) -> dict:
+    """Register the synMechs ``'exc'``/``'AMPA_NMDA'`` (AmpaNmdaSyn) and ``'inh'``/``'GABAA'`` (GabaASyn).
+
+    Their parameters are HayL5PC's synapses (weight 1 = one reference activation). Existing entries
+    with these labels are left alone. Returns ``netParams.synMechParams``.
+    """
+    from lfdeep_neuron.hay.cell import EXC_PARAMS, INH_PARAMS
+
+    params = {"AmpaNmdaSyn": EXC_PARAMS, "GabaASyn": INH_PARAMS}
+    for label, mod in SYN_MECHS.items():
+        if label not in netParams.synMechParams:
+            netParams.synMechParams[label] = {"mod": mod, **params[mod]}
+    return netParams.synMechParams
+
+
+def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float = 0.3,
+                         method: str = "linesource", pops=None, morphology=None, laplacian=None,
+                         device=None) -> dict:
+    """Ask for the LFP of surrogate populations (sets ``simConfig.recordSurrogateLFP``).
+
+    Parameters
+    ----------
+    electrodes_um : array [E, 3], optional
+        Contact positions (µm, network coordinates). Default: a 16-contact laminar probe along y,
+        100 µm apart from y = -300 µm, through the centre (sizeX/2, sizeZ/2) of the network.
+    sigma_S_per_m, method : conductivity and LFPykit model ('linesource' or 'pointsource').
+    pops : list of str, optional
+        Populations to include (default: every surrogate population).
+    morphology : path, optional
+        Hay morphology used once per process to build the axial Laplacian (needs NEURON, ~1 s);
+        default ``$LFDEEP_HAY_MORPHOLOGY`` or ``../shared/hay/cell1.asc`` next to the repository.
+    laplacian : path, optional
+        An ``.npz`` written by ``AxialLaplacian.save`` instead of building it.
+    device : torch device for the LFP sums (default: the engine's).
+    """
+    if method not in ("linesource", "pointsource"):
+        raise ValueError(f"method must be 'linesource' or 'pointsource', got {method!r}")
+    spec = {"electrodes_um": None if electrodes_um is None else np.asarray(electrodes_um, float).tolist(),
+            "sigma_S_per_m": float(sigma_S_per_m), "method": method,
+            "pops": None if pops is None else list(pops),
+            "morphology": None if morphology is None else str(morphology),
+            "laplacian": None if laplacian is None else str(laplacian),
+            "device": None if device is None else str(device)}
+    if spec["electrodes_um"] is not None:
+        arr = np.asarray(spec["electrodes_um"])
+        if arr.ndim != 2 or arr.shape[1] != 3 or len(arr) == 0:
+            raise ValueError(f"electrodes_um must be [E, 3] µm with E >= 1, got shape {arr.shape}")
+    simConfig.recordSurrogateLFP = spec
+    return spec
+
+
+def surrogate_lfp(sim=None) -> dict | None:
+    """The surrogate populations' LFP after ``sim.gatherData()`` (on rank 0; None elsewhere).
+
+    Returns ``{'t_ms' [T], 'lfp_mV' [E, T], 'electrodes_um' [E, 3]}``: the per-rank sums of
+    ``allSimData['surrogateLFP']`` added up (samples at the surrogate steps, t = 0, 1, ... ms).
+    """
+    if sim is None:
+        from netpyne import sim
+    data = getattr(sim, "allSimData", None)
+    if data is None or getattr(sim, "rank", 0) != 0:
+        return None
+    if "surrogateLFP" not in data:
+        raise ValueError("no surrogate LFP in sim.allSimData: call record_surrogate_lfp(simConfig) before "
+                         "creating the network, and gather the data (sim.createSimulateAnalyze does)")
+    d = data["surrogateLFP"]
+    parts = [np.asarray(v, np.float64) for k, v in d.items() if str(k).startswith("node")]
+    return {"t_ms": np.asarray(d["t_ms"], np.float64), "lfp_mV": np.sum(parts, axis=0).T,
+            "electrodes_um": np.asarray(d["electrodes_um"], np.float64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell classes
+# ---------------------------------------------------------------------------------------------
+
+def _kind_of_syn_mech(label) -> int:
+    """0 (excitatory) or 1 (inhibitory) for a synMech label, from its ``mod`` or its label."""
+    from netpyne import sim
+
+    if isinstance(label, (list, tuple)):
+        raise ValueError(f"synMech {label!r}: give one synMech per connection")
+    params = sim.net.params.synMechParams
+    if label is None:
+        raise ValueError("connection without 'synMech': surrogate L5PC connections need 'exc' or 'inh' "
+                         "(add_syn_mechs(netParams) registers them)")
+    if label not in params:
+        raise ValueError(f"unknown synMech {label!r}: not in netParams.synMechParams "
+                         f"({sorted(params)}); add_syn_mechs(netParams) registers 'exc' and 'inh'")
+    mod = params[label].get("mod")
+    if mod in MOD_TYPES:
+        return MOD_TYPES[mod]
+    key = str(label).strip().lower()
+    if key in KIND_TYPES:
+        return KIND_TYPES[key]
+    raise ValueError(f"synMech {label!r} (mod {mod!r}) is neither excitatory nor inhibitory for an L5PC: "
+                     f"use mod AmpaNmdaSyn or GabaASyn (add_syn_mechs) or a label in {sorted(KIND_TYPES)}")
+
+
+def _placement(cell, centre_um):
+    """(position_um, rotation) of HayL5PC's convention putting the soma centre at the cell's x, y, z."""
+    from netpyne import sim
+
+    p = np.array([cell.tags.get(c, 0.0) for c in "xyz"], np.float64)
+    rot = None
+    if sim.net.params.rotateCellsRandomly:
+        rot = (0.0, -float(cell.randRotationAngle), 0.0)   # NetPyNE turns x, z by +angle (= Ry(-angle))
+    return p - np.asarray(centre_um, np.float64), rot
+
+
+def _net_store() -> dict:
+    """Per-network state of this module (sinks), kept on ``sim.net``."""
+    from netpyne import sim
+
+    store = getattr(sim.net, "lfdeepNetpyne", None)
+    if store is None:
+        store = {"traces": {}, "lfp": {}}
+        sim.net.lfdeepNetpyne = store
+    return store
+
+
+class _L5PCCell:
+    """What both cell classes share: strict (sec, loc, synMech) checks on connections."""
+
+    _private = ()
+
+    def _check_sections(self, params):
+        sec = params.get("sec")
+        if sec is None:
+            raise ValueError(f"connection to {self._what()} without 'sec': name a dendritic section "
+                             "('apic[36]', 'dend[3]') or a secList ('apical', 'basal', 'dendritic')")
+        labels = sec if isinstance(sec, (list, tuple)) else [sec]
+        known = set(self.secs) | set(self.secLists)
+        bad = [s for s in labels if s not in known]
+        if bad:
+            raise ValueError(f"unknown section(s) {bad} on {self._what()}: sections are 'soma', "
+                             f"'dend[0..]', 'apic[0..]', 'axon[0|1]'; secLists {sorted(self.secLists)}")
+
+    def _what(self):
+        return f"{type(self).__name__} gid={self.gid}"
+
+    def addConn(self, params, netStimParams=None):
+        from netpyne import sim
+
+        if params.get("gapJunction") or params.get("pointer"):
+            raise ValueError(f"{self._what()}: pointer/gap-junction connections are not supported")
+        self._check_sections(params)
+        if not params.get("synMech") and sim.net.params.synMechParams:
+            params["synMech"] = next(iter(sim.net.params.synMechParams))   # NetPyNE's default
+        _kind_of_syn_mech(params.get("synMech"))
+        n0 = len(self.conns)
+        super().addConn(params, netStimParams)
+        self._after_conns(self.conns[n0:])
+
+    def _after_conns(self, conns):
+        pass
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in self._private:
+            state.pop(name, None)
+        return state
+
+
+def _import_netpyne_cell():
+    from netpyne.cell.compartCell import CompartCell
+
+    return CompartCell
+
+
+CompartCell = _import_netpyne_cell()
+
+
+class SurrogateCompartCell(_L5PCCell, CompartCell):
+    """A NetPyNE cell backed by a :class:`SurrogateL5PC` (see the module doc)."""
+
+    _private = ("surrogate", "engine")
+
+    def createNEURONObj(self, prop, propLabel=None):
+        opts = dict(prop.get("surrogate") or {})
+        if "model" not in opts:
+            raise ValueError(f"cellParams {propLabel!r}: no 'surrogate' options; build the rule with "
+                             "surrogate_cell_params(model)")
+        self.engine = _engine(opts)
+        centre = np.asarray(self.engine.segments["xyz_mid"], np.float64)[0]
+        pos, rot = _placement(self, centre)
+        self.surrogate = SurrogateL5PC(engine=self.engine, position_um=pos, rotation=rot)
+        _setup_lfp_sink(self.engine)
+
+    def associateGid(self, threshold=None):
+        from netpyne import sim
+
+        if sim.cfg.createNEURONObj:
+            self.surrogate.register_gid(self.gid, sim.pc)
+        sim.net.gid2lid[self.gid] = len(sim.net.gid2lid)
+
+    def addSynMechNEURONObj(self, synMech, synMechLabel, synMechParams, sec, loc, preLoc=None):
+        synMech["hObj"] = self.surrogate.target          # every channel enters the artificial cell
+
+    def _channel(self, sec, loc, syn_mech) -> int:
+        return self.surrogate.synapse(_canonical(sec), loc, _kind_of_syn_mech(syn_mech)).channel
+
+    def _after_conns(self, conns):
+        for conn in conns:
+            nc = conn.get("hObj")
+            if nc is None or "sec" not in conn:
+                continue
+            ch = self._channel(conn["sec"], conn["loc"], conn["synMech"])
+            nc.weight[1] = float(ch)
+            conn["channel"] = ch
+
+    def addStim(self, params):
+        if params.get("type", "NetStim") != "NetStim":
+            raise ValueError(f"{self._what()}: only NetStim sources can target a surrogate "
+                             f"(got stim type {params.get('type')!r})")
+        return super().addStim(params)
+
+    def recordTraces(self):
+        from netpyne import sim
+
+        for key, params in sim.cfg.recordTraces.items():
+            if "conds" in params and not self.checkConditions(params["conds"]):
+                continue
+            var = params.get("var")
+            if var != "v" or any(k in params for k in ("mech", "synMech", "stim", "pointp")):
+                warnings.warn(f"recordTraces[{key!r}]: a surrogate L5PC records only section voltages "
+                              "('var': 'v'); skipped", stacklevel=2)
+                continue
+            sec = params.get("sec", "soma")
+            if sec not in self.secs:
+                raise ValueError(f"recordTraces[{key!r}]: unknown section {sec!r} on {self._what()}")
+            seg = self.engine.channel_map.segment(_canonical(sec), float(params.get("loc", 0.5)))
+            _trace_sink(self.engine).add(key, self, seg)
+
+
+class HayCompartCell(_L5PCCell, CompartCell):
+    """A NetPyNE cell backed by a detailed :class:`~lfdeep_neuron.hay.HayL5PC` (see the module doc)."""
+
+    _private = ("hay", "_sec_names")
+
+    def createNEURONObj(self, prop, propLabel=None):
+        from lfdeep_neuron.hay import HayL5PC
+
+        morph = (prop.get("hay") or {}).get("morphology")
+        if morph is None:
+            raise ValueError(f"cellParams {propLabel!r}: no Hay morphology; build it with hay_cell_params(path)")
+        cell = HayL5PC(morph, synapses=True)              # placed after: needs the file's soma centre
+        pos, rot = _placement(self, cell.soma_centre_file_um)
+        cell.set_placement(pos, rot)
+        self.hay = cell
+        self._sec_names = {}
+        for key in self.secs:
+            self.secs[key]["hObj"] = cell.section(_canonical(key))
+            self._sec_names[str(id(self.secs[key]))] = key
+
+    def addSynMechNEURONObj(self, synMech, synMechLabel, synMechParams, sec, loc, preLoc=None):
+        name = self._sec_names.get(str(id(sec)))
+        if name is None:
+            raise ValueError(f"{self._what()}: synapse on an unknown section")
+        kind = ("exc", "inh")[_kind_of_syn_mech(synMechLabel)]
+        synMech["hObj"] = self.hay.synapse(_canonical(name), float(loc), kind)   # the segment's synapse
+
+
+def _engine(opts):
+    import torch
+
+    from lfdeep_neuron.cosim.engine import SurrogateEngine
+
+    model = _model(opts["model"])
+    dtype = {None: None, "float32": torch.float32, "float64": torch.float64}[opts.get("dtype")]
+    eng = SurrogateEngine.get(model, device=opts.get("device"), spike_threshold=opts.get("spike_threshold", 0.0),
+                              feedback=opts.get("feedback", True), dtype=dtype)
+    want = float(opts.get("spike_threshold", 0.0))
+    if eng.spike_threshold != want or eng.dtype != dtype:
+        raise ValueError(f"two cellParams use the same surrogate with different options (spike_threshold "
+                         f"{eng.spike_threshold} vs {want}, dtype {eng.dtype} vs {dtype}): one engine per model")
+    return eng
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step sinks (called by the engine like its Recordings: _reset at finitialize, _append per step)
+# ---------------------------------------------------------------------------------------------
+
+def _attach(engine, sink):
+    engine._recordings.append(weakref.ref(sink))
+
+
+class _TraceSink:
+    """Writes surrogate voltages into NetPyNE's ``simData[key]['cell_<gid>']`` Vectors during the run."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.items = {}                  # (key, gid) -> (cell, segment)
+        self._views = []
+
+    def add(self, key, cell, seg):
+        self.items[(key, cell.gid)] = (cell, int(seg))
+
+    def _reset(self):
+        import torch
+        from neuron import h
+        from netpyne import sim
+
+        step = float(sim.cfg.recordStep) if sim.cfg.recordStep != "adaptive" else 0.1
+        self.record_step = step
+        self.n = int(round(float(sim.cfg.duration) / step)) + 1
+        self._views, rows, segs = [], [], []
+        self._vectors = []
+        for (key, gid), (cell, seg) in self.items.items():
+            vec = h.Vector(self.n)
+            vec.fill(np.nan)
+            sim.simData[key][f"cell_{gid}"] = vec
+            self._vectors.append(vec)                     # never resized: the views stay valid
+            self._views.append(vec.as_numpy())
+            rows.append(cell.surrogate.index)
+            segs.append(seg)
+        dev = self.engine.device
+        self._rows = torch.as_tensor(rows, dtype=torch.long, device=dev)
+        self._segs = torch.as_tensor(segs, dtype=torch.long, device=dev)
+        self._prev = None
+        self._next = 0
+
+    def _append_inputs(self, rows):
+        pass
+
+    def _append(self, k, v, logit):
+        if not self._views:
+            return
+        vals = v[self._rows, self._segs].double().cpu().numpy()
+        t_k = self.engine.step_time(k)
+        j1 = min(int(np.floor(t_k / self.record_step + 1e-9)), self.n - 1)
+        j0 = self._next
+        if j1 >= j0:
+            if self._prev is None:
+                block = np.repeat(vals[:, None], j1 - j0 + 1, axis=1)
+            else:
+                w = (np.arange(j0, j1 + 1) * self.record_step - (t_k - self.engine.step_ms)) / self.engine.step_ms
+                block = self._prev[:, None] + (vals - self._prev)[:, None] * w[None, :]
+            for view, row in zip(self._views, block):      # one slice per recorded trace
+                view[j0:j1 + 1] = row
+            self._next = j1 + 1
+        self._prev = vals
+
+
+def _trace_sink(engine) -> _TraceSink:
+    store = _net_store()["traces"]
+    sink = store.get(id(engine))
+    if sink is None or sink.engine is not engine:
+        sink = store[id(engine)] = _TraceSink(engine)
+        _attach(engine, sink)
+    return sink
+
+
+class _LFPSink:
+    """Accumulates ``phi = sum_c K_c v_c`` of this rank's surrogate cells every step (mV)."""
+
+    def __init__(self, engine, spec, laplacian):
+        self.engine, self.spec, self.laplacian = engine, spec, laplacian
+
+    def _electrodes(self):
+        from netpyne import sim
+
+        from lfdeep_neuron.lfp import ElectrodeArray, laminar_probe
+
+        if self.spec["electrodes_um"] is not None:
+            return ElectrodeArray(np.asarray(self.spec["electrodes_um"]), sigma_S_per_m=self.spec["sigma_S_per_m"])
+        p = sim.net.params
+        return laminar_probe(x_um=p.sizeX / 2.0, z_um=p.sizeZ / 2.0, sigma_S_per_m=self.spec["sigma_S_per_m"])
+
+    def _reset(self):
+        import torch
+        from netpyne import sim
+
+        from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
+
+        pops = self.spec["pops"]
+        cells = [c for c in sim.net.cells if isinstance(c, SurrogateCompartCell) and c.engine is self.engine
+                 and (pops is None or c.tags.get("pop") in pops)]
+        self.electrodes = self._electrodes()
+        e = self.electrodes.n_electrodes
+        step = self.engine.step_ms
+        n_steps = int(np.floor((float(sim.cfg.duration) - float(sim.cfg.dt) / 4.0) / step + 1e-9)) + 1
+        self.phi = np.zeros((max(n_steps, 0), e))
+        self.pop = None
+        if cells:
+            geoms = [SegmentGeometry.from_table(c.surrogate.segment_table()) for c in cells]
+            device = self.spec["device"] or self.engine.device
+            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes, self.laplacian,
+                                                     method=self.spec["method"], device=device)
+            self._rows = torch.as_tensor([c.surrogate.index for c in cells], dtype=torch.long,
+                                         device=self.engine.device)
+        entry = sim.simData.setdefault("surrogateLFP", {})
+        entry[f"node{sim.rank}"] = self.phi
+        entry["t_ms"] = self.engine.step_time(0) + step * np.arange(len(self.phi))
+        entry["electrodes_um"] = self.electrodes.xyz_um.tolist()
+
+    def _append_inputs(self, rows):
+        pass
+
+    def _append(self, k, v, logit):
+        if self.pop is None or k >= len(self.phi):
+            return
+        self.phi[k] = self.pop.step(v.index_select(0, self._rows)).cpu().numpy()
+
+
+def _default_morphology():
+    import os
+
+    env = os.environ.get("LFDEEP_HAY_MORPHOLOGY")
+    cand = [Path(env)] if env else []
+    cand.append(Path(__file__).resolve().parents[2].parent / "shared" / "hay" / "cell1.asc")
+    return next((c for c in cand if c.is_file()), None)
+
+
+def _laplacian(spec):
+    from lfdeep_neuron.lfp import AxialLaplacian
+
+    if spec.get("laplacian"):
+        return AxialLaplacian.load(spec["laplacian"])
+    morph = spec.get("morphology") or _default_morphology()
+    if morph is None:
+        raise ValueError("surrogate LFP needs the axial Laplacian of the Hay cell: pass morphology= (cell1.asc) "
+                         "or laplacian= (.npz of AxialLaplacian.save) to record_surrogate_lfp, or set "
+                         "$LFDEEP_HAY_MORPHOLOGY")
+    key = str(Path(morph).resolve())
+    if key not in _LAPLACIANS:
+        from lfdeep_neuron.hay import HayL5PC
+
+        cell = HayL5PC(key, synapses=False)
+        _LAPLACIANS[key] = AxialLaplacian.from_cell(cell)
+        del cell
+    return _LAPLACIANS[key]
+
+
+def _setup_lfp_sink(engine):
+    from netpyne import sim
+
+    spec = getattr(sim.cfg, "recordSurrogateLFP", None)
+    if not spec:
+        return
+    store = _net_store()["lfp"]
+    sink = store.get(id(engine))
+    if sink is None or sink.engine is not engine:
+        lap = _laplacian(spec)
+        if lap.n_segments != len(engine.segments["name"]):
+            raise ValueError(f"the Laplacian has {lap.n_segments} segments, the surrogate {len(engine.segments['name'])}")
+        sink = store[id(engine)] = _LFPSink(engine, spec, lap)
+        _attach(engine, sink)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hook into NetPyNE's choice of cell class
+# ---------------------------------------------------------------------------------------------
+
+CELL_CLASSES = {"SurrogateL5PC": SurrogateCompartCell, "HayL5PC": HayCompartCell}
+
+
+def install():
+    """Make NetPyNE create our cell classes for ``cellModel`` 'SurrogateL5PC' / 'HayL5PC' (idempotent)."""
+    from netpyne.network.pop import Pop
+
+    if getattr(Pop._resolveCellClass, "_lfdeep", False):
+        return
+    original = Pop._resolveCellClass
+
+    def _resolveCellClass(self):
+        from netpyne import sim
+
+        cls, rule = original(self)
+        model = self.tags.get("cellModel")
+        if model is None and self.tags.get("cellType"):
+            model = sim.net.params.cellParams.get(self.tags["cellType"], {}).get("cellModel")
+        return CELL_CLASSES.get(model, cls), rule
+
+    _resolveCellClass._lfdeep = True
+    Pop._resolveCellClass = _resolveCellClass
+
+
+install()

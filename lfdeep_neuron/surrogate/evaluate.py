@@ -1,0 +1,442 @@
+"""Score a surrogate on held-out simulations: ``lfdeep-neuron evaluate``.
+
+    lfdeep-neuron evaluate --model models/mmoe.pt --data /data/hay_v1 [--split test] [--out eval/] [--max-sims 8]
+
+For every simulation of the split (whole simulations, not windows), with v[:, 0] (t = 0) as the initial state:
+
+* **teacher-forced** (the paper's metric): one full pass with the true voltages of step k-1 as feedback
+  -> voltages at k = 1 .. T-1;
+* **closed loop** (what co-simulation does): the streamer fed its own predictions
+  (:func:`lfdeep_neuron.surrogate.stream.closed_loop`), from the true state at t = 0.
+
+Reported (``OUT/summary.json``; ``OUT/per_segment.csv``; figures ``OUT/*.png``):
+
+* voltage RMSE (mV, point samples ``v_1ms``) per segment, per anatomical group
+  (:func:`~.metrics.segment_groups`: soma, basal, apical trunk, oblique, tuft, axon) and over all segments,
+  pooled over simulations (segments weighted equally), teacher-forced and closed loop; per simulation;
+* somatic spikes: AUC of the per-step spike logit against the per-bin spike indicator; with a threshold
+  calibrated on the validation split (maximum pooled Γ, :func:`~.metrics.calibrate_threshold`; or
+  ``--spike-threshold``): spike counts, count error, coincidence factor Γ (±2 ms, Kistler et al. 1997);
+  a predicted spike of step k is placed at k - 0.5 ms (:data:`~.metrics.SPIKE_OFFSET_MS`);
+* MMoE / MMoEEx: the experts' pairwise distance matrix on the first test simulation (teacher-forced inputs),
+  its mean, determinant and permanent (:func:`~.metrics.diversity_metrics`);
+* ``metrics_for_checkpoint``: flat numbers (``spike_threshold_logit`` included) that ``--update-checkpoint``
+  merges into the checkpoint's ``metrics`` (the co-simulation and ``rollout`` read the threshold there).
+
+Figures: ``heatmaps.png`` (segments x time: NEURON, closed-loop surrogate, error; the paper's Fig. 1B/C),
+``group_errors.png`` (per-segment RMSE by group, box + points, teacher-forced and closed loop),
+``soma_trace.png`` (somatic voltage, NEURON vs surrogate, with spikes; spike logit and threshold).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lfdeep_neuron.surrogate.metrics import (GROUPS, calibrate_threshold, diversity_metrics, group_labels,
+                                             pooled_spike_metrics, rmse_by_group, segment_groups, spike_auc,
+                                             spikes_from_logits, sq_err_per_segment)
+
+__all__ = ["configure_parser", "run", "evaluate", "simulate_split", "expert_outputs", "write_figures",
+           "update_checkpoint_metrics"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="surrogate checkpoint (.pt)")
+    p.add_argument("--data", required=True, help="dataset directory (records + meta.json)")
+    p.add_argument("--split", default="test", help="split to score (train, val, test)")
+    p.add_argument("--val-split", default="val", help="split used to calibrate the spike threshold ('none': skip)")
+    p.add_argument("--out", default=None, help="output directory (default: CKPT stem + '_eval' next to the model)")
+    p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split")
+    p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations")
+    p.add_argument("--spike-threshold", type=float, default=None, help="use this logit threshold (no calibration)")
+    p.add_argument("--window-ms", type=float, default=2.0, help="coincidence window ±Δ for Γ (ms)")
+    p.add_argument("--batch", type=int, default=2, help="simulations per batch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--update-checkpoint", action="store_true",
+                   help="merge metrics_for_checkpoint (incl. spike_threshold_logit) into the checkpoint's metrics")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lfdeep_neuron.data.dataset import SimulationDataset
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, args.threads))
+    model = load_surrogate(args.model, map_location=args.device)
+    fields = ("x_syn", "v", "spike")
+    test_ds = SimulationDataset(args.data, split=args.split, window_ms=None, fields=fields)
+    val_ds = None
+    if args.spike_threshold is None and args.val_split.lower() != "none":
+        try:
+            val_ds = SimulationDataset(args.data, split=args.val_split, window_ms=None, fields=fields)
+        except ValueError as err:   # an empty split: no calibration
+            print(f"no spike-threshold calibration: {err}")
+    out = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "_eval")
+    summary, arrays = evaluate(model, test_ds, val_ds, max_sims=args.max_sims, max_val_sims=args.max_val_sims,
+                               device=args.device, batch=args.batch, spike_threshold=args.spike_threshold,
+                               window_ms=args.window_ms, progress=not args.no_progress)
+    write_outputs(out, summary, arrays, figures=not args.no_figures)
+    if args.update_checkpoint:
+        update_checkpoint_metrics(args.model, summary["metrics_for_checkpoint"])
+    _print_summary(summary, out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the model over whole simulations
+# ---------------------------------------------------------------------------------------------------------
+def _batches(ds, n_sims: int, batch: int):
+    """Consecutive simulations of equal length, up to ``batch`` at a time: (positions, stacked item dict)."""
+    pos = list(range(n_sims))
+    i = 0
+    while i < len(pos):
+        T = ds.records[pos[i]].n_steps
+        group = [pos[i]]
+        while len(group) < batch and i + len(group) < len(pos) and ds.records[pos[i + len(group)]].n_steps == T:
+            group.append(pos[i + len(group)])
+        items = [ds[p] for p in group]
+        yield group, {k: torch.stack([it[k] for it in items]) for k in ("x_syn", "v", "spike")}
+        i += len(group)
+
+
+@torch.no_grad()
+def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teacher_forced: bool = True,
+                   progress: bool = False, on_batch=None) -> list[dict]:
+    """Run the model over whole simulations of a :class:`SimulationDataset` (``window_ms=None``).
+
+    Returns one dict per simulation: ``index`` (simulation index), ``T``, ``spike_times_ms`` (NEURON),
+    ``spike`` [T-1] indicator of steps 1..T-1, ``logit_cl`` [T-1], ``sse_cl`` [S] (squared error sums, mV²),
+    and with ``teacher_forced`` ``logit_tf``, ``sse_tf``. ``on_batch(positions, batch, v_tf, v_cl, logits)``
+    is called for every batch (e.g. to keep traces for figures).
+    """
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    if ds.window_ms is not None:
+        raise ValueError("simulate_split needs whole simulations: a SimulationDataset with window_ms=None")
+    model = model.eval().to(device)
+    n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=f"evaluate {ds.split}", unit="sim")
+    out = []
+    for positions, b in _batches(ds, n, batch):
+        x = b["x_syn"].to(device)
+        v = b["v"].to(device)
+        v_true = v[..., 1:]
+        cl = closed_loop(model, x[..., 1:], v0_mV=v[..., 0], output="mV", device=device)
+        v_cl = cl.v.float()
+        sse_cl = [sq_err_per_segment(v_cl[i].cpu().numpy(), v_true[i].cpu().numpy())[0] for i in range(len(positions))]
+        v_tf = logit_tf = None
+        if teacher_forced:
+            tf = model(model.make_inputs(x[..., 1:], v[..., :-1]))
+            v_tf, logit_tf = model.to_mV(tf.v).float(), tf.spike_logit.float()
+        for i, p in enumerate(positions):
+            r = ds.records[p]
+            d = {"index": int(r.index), "T": int(r.n_steps), "spike_times_ms": np.asarray(r.spike_times_ms),
+                 "spike": b["spike"][i, 1:].numpy(), "logit_cl": cl.spike_logit[i].float().cpu().numpy(),
+                 "sse_cl": sse_cl[i]}
+            if teacher_forced:
+                d["logit_tf"] = logit_tf[i].cpu().numpy()
+                d["sse_tf"] = sq_err_per_segment(v_tf[i].cpu().numpy(), v_true[i].cpu().numpy())[0]
+            out.append(d)
+        if on_batch is not None:
+            on_batch(positions, b, v_tf, v_cl, (logit_tf, cl.spike_logit))
+        if bar is not None:
+            bar.update(len(positions))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@torch.no_grad()
+def expert_outputs(model, x: torch.Tensor) -> torch.Tensor | None:
+    """Outputs of the experts of an MMoE / MMoEEx on a model input ``x [B, n_inputs, T]``: ``[E, B, C, T]``.
+
+    None for models without experts (MH)."""
+    if not hasattr(model, "experts") or not hasattr(model, "n_experts"):
+        return None
+    f = model.experts(model._prepare(x))                           # [B, E*C, T], expert-major channels
+    B, _, T = f.shape
+    return f.view(B, model.n_experts, model.expert_width, T).transpose(0, 1)
+
+
+def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, device="cpu", batch: int = 2,
+             spike_threshold: float | None = None, window_ms: float = 2.0, progress: bool = False,
+             figure_sim: int = 0) -> tuple[dict, dict]:
+    """Score ``model`` on whole simulations of ``test_ds``; calibrate the spike threshold on ``val_ds``.
+
+    Parameters
+    ----------
+    model : Surrogate
+        With normalisation (e.g. from :func:`~lfdeep_neuron.surrogate.checkpoint.load_surrogate`).
+    test_ds, val_ds : SimulationDataset
+        ``window_ms=None``, fields ``x_syn``, ``v``, ``spike``. ``val_ds`` None: threshold = ``spike_threshold``,
+        else the checkpoint's ``metrics['spike_threshold_logit']``, else 0.
+    spike_threshold : float, optional
+        Fixed logit threshold (skips calibration).
+
+    Returns
+    -------
+    (summary, arrays)
+        ``summary``: JSON-ready dict (see the module docstring). ``arrays``: per-segment RMSE, group labels and
+        the traces of simulation ``figure_sim`` for :func:`write_figures`.
+    """
+    t0 = time.time()
+    segs = test_ds.segments
+    names = [str(n) for n in segs["name"]]
+    groups = segment_groups(segs)
+    labels = group_labels(segs)
+
+    # -- spike threshold ------------------------------------------------------------------------------
+    calibration = None
+    if spike_threshold is not None:
+        thr, thr_source = float(spike_threshold), "given"
+    elif val_ds is not None:
+        val = simulate_split(model, val_ds, max_val_sims, device, batch, teacher_forced=False, progress=progress)
+        calibration = calibrate_threshold([r["logit_cl"] for r in val], [r["spike_times_ms"] for r in val],
+                                          [r["T"] for r in val], window_ms, first_step=1)
+        calibration["sim_indices"] = [r["index"] for r in val]
+        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, max Γ)"
+    else:
+        from lfdeep_neuron.surrogate.rollout import default_threshold
+        thr, thr_source = default_threshold(model), "checkpoint metrics (or 0)"
+
+    # -- test simulations -----------------------------------------------------------------------------
+    keep = {}
+
+    def on_batch(positions, b, v_tf, v_cl, logits):
+        if figure_sim in positions and not keep:
+            i = positions.index(figure_sim)
+            keep.update(v_true=b["v"][i].numpy(), v_cl=v_cl[i].cpu().numpy(), v_tf=v_tf[i].cpu().numpy(),
+                        logit_cl=logits[1][i].float().cpu().numpy(), logit_tf=logits[0][i].cpu().numpy())
+            x_tf = model.make_inputs(b["x_syn"][i:i + 1, :, 1:].to(device), b["v"][i:i + 1, :, :-1].to(device))
+            f = expert_outputs(model, x_tf)
+            keep["experts"] = None if f is None else f.cpu().numpy()
+
+    sims = simulate_split(model, test_ds, max_sims, device, batch, teacher_forced=True, progress=progress,
+                          on_batch=on_batch)
+    n_per_seg = sum(r["T"] - 1 for r in sims)
+    mse_tf = sum(r["sse_tf"] for r in sims) / n_per_seg
+    mse_cl = sum(r["sse_cl"] for r in sims) / n_per_seg
+    rmse_tf = rmse_by_group(mse_tf, groups)
+    rmse_cl = rmse_by_group(mse_cl, groups)
+
+    true_trains = [r["spike_times_ms"] for r in sims]
+    durations = [r["T"] for r in sims]
+    spikes = {"threshold_logit": thr, "threshold_source": thr_source, "calibration": calibration,
+              "time_rule": "step k above threshold -> spike at k - 0.5 ms", "window_ms": window_ms}
+    for mode in ("tf", "cl"):
+        lg = [r[f"logit_{mode}"] for r in sims]
+        spikes[f"auc_{mode}"] = spike_auc(np.concatenate(lg), np.concatenate([r["spike"] for r in sims]))
+        pred = [spikes_from_logits(l, thr, first_step=1) for l in lg]
+        spikes["closed_loop" if mode == "cl" else "teacher_forced"] = pooled_spike_metrics(
+            pred, true_trains, durations, window_ms)
+
+    experts = diversity_metrics(keep["experts"]) if keep.get("experts") is not None else None
+    cfg = model.config.to_dict()
+    meta = getattr(model, "meta", {}) or {}
+    cl_sp = spikes["closed_loop"]
+    flat = {
+        "test_rmse_mV_tf": rmse_tf["all"], "test_rmse_mV_cl": rmse_cl["all"],
+        **{f"test_{g}_rmse_mV_tf": rmse_tf[g] for g in GROUPS if g in rmse_tf},
+        **{f"test_{g}_rmse_mV_cl": rmse_cl[g] for g in GROUPS if g in rmse_cl},
+        "spike_threshold_logit": thr, "spike_auc_tf": spikes["auc_tf"], "spike_auc_cl": spikes["auc_cl"],
+        "spike_gamma_cl": cl_sp["gamma"], "spike_count_error_rel_cl": cl_sp["count_error_rel"],
+        "spike_gamma_tf": spikes["teacher_forced"]["gamma"],
+        "test_sims": [r["index"] for r in sims], "test_simulated_ms": int(sum(durations)),
+    }
+    if experts is not None:
+        flat.update({"expert_diversity_mean": experts["mean"], "expert_diversity_det": experts["determinant"],
+                     "expert_diversity_perm": experts["permanent"]})
+    summary = {
+        "model": {"path": meta.get("path"), "arch": getattr(model, "arch", None), "config": cfg,
+                  "parameters": int(model.num_parameters()), "receptive_field_ms": int(model.receptive_field)},
+        "data": {"root": str(getattr(test_ds, "root", "")), "split": test_ds.split, "n_sims": len(sims),
+                 "sim_indices": [r["index"] for r in sims], "durations_ms": durations,
+                 "n_segments": len(names), "group_sizes": {g: int(len(i)) for g, i in groups.items()}},
+        "voltage": {
+            "unit": "mV (RMSE of point samples v_1ms, steps 1..T-1, segments weighted equally)",
+            "teacher_forced": rmse_tf, "closed_loop": rmse_cl,
+            "per_sim_rmse_mV_tf": [float(np.sqrt(r["sse_tf"].mean() / (r["T"] - 1))) for r in sims],
+            "per_sim_rmse_mV_cl": [float(np.sqrt(r["sse_cl"].mean() / (r["T"] - 1))) for r in sims],
+        },
+        "spikes": spikes,
+        "experts": experts,
+        "metrics_for_checkpoint": flat,
+        "wall_s": time.time() - t0,
+    }
+    arrays = {"names": np.array(names), "groups": labels, "rmse_tf": np.sqrt(mse_tf), "rmse_cl": np.sqrt(mse_cl),
+              "threshold": thr, "figure_sim": sims[figure_sim]["index"] if figure_sim < len(sims) else None,
+              "spike_times_ms": true_trains[figure_sim] if figure_sim < len(sims) else None, **keep}
+    return summary, arrays
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+def _json_ready(obj):
+    """NaN/inf -> None, numpy -> Python (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_ready(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_outputs(out, summary: dict, arrays: dict, figures: bool = True) -> Path:
+    """``summary.json``, ``per_segment.csv`` and (``figures``) the PNGs into directory ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(_json_ready(summary), indent=1) + "\n")
+    with open(out / "per_segment.csv", "w") as fh:
+        fh.write("segment,name,group,rmse_mV_tf,rmse_mV_cl\n")
+        for i, (n, g, a, b) in enumerate(zip(arrays["names"], arrays["groups"], arrays["rmse_tf"], arrays["rmse_cl"])):
+            fh.write(f"{i},{n},{g},{a:.6g},{b:.6g}\n")
+    if figures:
+        write_figures(out, summary, arrays)
+    return out
+
+
+def write_figures(out, summary: dict, arrays: dict) -> list[Path]:
+    """heatmaps.png, group_errors.png, soma_trace.png (see the module docstring)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = []
+    sim = arrays.get("figure_sim")
+    arch = summary["model"]["arch"]
+
+    # per-group errors: box + jittered points per group, teacher-forced and closed loop side by side
+    present = [g for g in GROUPS if np.any(arrays["groups"] == g)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rng = np.random.default_rng(0)
+    for j, (key, color, label) in enumerate((("rmse_tf", "tab:blue", "teacher-forced"),
+                                             ("rmse_cl", "tab:red", "closed loop"))):
+        data = [arrays[key][arrays["groups"] == g] for g in present]
+        pos = np.arange(len(present)) * 3 + j
+        ax.boxplot(data, positions=pos, widths=0.8, showfliers=False,
+                   medianprops=dict(color=color), boxprops=dict(color=color), whiskerprops=dict(color=color),
+                   capprops=dict(color=color))
+        for p, d in zip(pos, data):
+            ax.scatter(p + rng.uniform(-0.3, 0.3, d.size), d, s=4, color=color, alpha=0.4,
+                       label=label if p == pos[0] else None)
+    ax.set_xticks(np.arange(len(present)) * 3 + 0.5)
+    ax.set_xticklabels([f"{g}\n(n={int(np.sum(arrays['groups'] == g))})" for g in present])
+    ax.set_ylabel("RMSE per segment (mV)")
+    ax.set_title(f"{arch}: voltage error by group ({summary['data']['n_sims']} {summary['data']['split']} sims)")
+    ax.legend(loc="upper left", markerscale=3)
+    fig.tight_layout()
+    paths.append(out / "group_errors.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    if "v_true" not in arrays:
+        return paths
+    v_true = arrays["v_true"][:, 1:]
+    v_cl = arrays["v_cl"]
+    t = np.arange(1, v_true.shape[1] + 1)
+
+    # heatmaps: segments x time
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    lo, hi = np.percentile(v_true, [0.5, 99.5])
+    extent = (t[0] - 0.5, t[-1] + 0.5, v_true.shape[0] - 0.5, -0.5)
+    for ax, data, title in ((axes[0], v_true, "NEURON (ground truth)"), (axes[1], v_cl, "surrogate, closed loop")):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
+        ax.set_title(f"{title}: simulation {sim}")
+        ax.set_ylabel("segment")
+        fig.colorbar(im, ax=ax, label="mV")
+    err = np.abs(v_cl - v_true)
+    im = axes[2].imshow(err, aspect="auto", cmap="magma", vmin=0, vmax=max(np.percentile(err, 99.5), 1e-6),
+                        extent=extent, interpolation="nearest")
+    axes[2].set_title("|error| (mV)")
+    axes[2].set_ylabel("segment")
+    axes[2].set_xlabel("time (ms)")
+    fig.colorbar(im, ax=axes[2], label="mV")
+    # section-type boundaries (soma | basal | apical | axon), labelled on the left
+    kind = np.array([str(n).split("[")[0] for n in arrays["names"]])
+    kind = np.where(kind == "dend", "basal", kind)
+    edges = np.r_[0, np.flatnonzero(kind[1:] != kind[:-1]) + 1, kind.size]
+    for ax in axes:
+        for b in edges[1:-1]:
+            ax.axhline(b - 0.5, color="w", lw=0.6, alpha=0.8)
+        for a, b in zip(edges[:-1], edges[1:]):
+            if b - a > 20:
+                ax.text(t[0] + 0.01 * (t[-1] - t[0]), (a + b) / 2, kind[a], color="w", fontsize=7, va="center")
+    fig.tight_layout()
+    paths.append(out / "heatmaps.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # soma trace with spikes + spike logit
+    thr = arrays["threshold"]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True, gridspec_kw=dict(height_ratios=(3, 1.3)))
+    a1.plot(t, v_true[0], color="k", lw=1.0, label="NEURON")
+    a1.plot(t, arrays["v_tf"][0], color="tab:blue", lw=0.8, alpha=0.8, label="surrogate, teacher-forced")
+    a1.plot(t, v_cl[0], color="tab:red", lw=0.8, alpha=0.9, label="surrogate, closed loop")
+    top = max(np.max(v_true[0]), np.max(v_cl[0])) + 5
+    st = np.asarray(arrays.get("spike_times_ms", []))
+    a1.plot(st, np.full(st.size, top + 4), "|", color="k", ms=10, mew=1.5, label="NEURON spikes")
+    sp = spikes_from_logits(arrays["logit_cl"], thr, first_step=1)
+    a1.plot(sp, np.full(sp.size, top), "|", color="tab:red", ms=10, mew=1.5, label="predicted spikes (closed loop)")
+    a1.set_ylabel("soma v (mV)")
+    a1.set_title(f"{arch}: soma, simulation {sim}")
+    a1.legend(loc="upper left", fontsize=7, ncol=3)
+    a2.plot(t, arrays["logit_tf"], color="tab:blue", lw=0.7, label="teacher-forced")
+    a2.plot(t, arrays["logit_cl"], color="tab:red", lw=0.7, label="closed loop")
+    a2.axhline(thr, color="gray", ls="--", lw=0.8, label=f"threshold {thr:.2f}")
+    a2.set_ylabel("spike logit")
+    a2.set_xlabel("time (ms)")
+    a2.legend(loc="upper left", fontsize=7, ncol=3)
+    fig.tight_layout()
+    paths.append(out / "soma_trace.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def update_checkpoint_metrics(path, metrics: dict) -> None:
+    """Merge ``metrics`` into the checkpoint's ``metrics`` dict (atomic rewrite; NaN stored as None)."""
+    from lfdeep_neuron.surrogate.checkpoint import atomic_torch_save, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    ckpt["metrics"] = {**(ckpt.get("metrics") or {}), **_json_ready(metrics)}
+    atomic_torch_save(ckpt, path)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    v, s = summary["voltage"], summary["spikes"]
+    print(f"{summary['model']['arch']} on {summary['data']['n_sims']} {summary['data']['split']} simulations "
+          f"({sum(summary['data']['durations_ms'])} ms):")
+    print(f"  {'group':<14}{'teacher-forced':>16}{'closed loop':>14}   (RMSE, mV)")
+    for g in ("all",) + GROUPS:
+        if g in v["teacher_forced"]:
+            print(f"  {g:<14}{v['teacher_forced'][g]:>16.3f}{v['closed_loop'][g]:>14.3f}")
+    cl = s["closed_loop"]
+    print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f}; threshold {s['threshold_logit']:.3g} "
+          f"({s['threshold_source']}); closed loop Γ {cl['gamma']:.3f}, {cl['n_pred']} predicted vs "
+          f"{cl['n_true']} true")
+    e = summary.get("experts")
+    if e:
+        print(f"  experts: mean distance {e['mean']:.3f}, det {e['determinant']:.3g}, perm {e['permanent']:.3g}")
+    print(f"  wrote {out}/summary.json, per_segment.csv, figures")

@@ -1,0 +1,315 @@
+"""Evaluation metrics, ``lfdeep-neuron evaluate`` and ``lfdeep-neuron rollout``.
+
+Metric functions are checked on hand-computable cases. ``evaluate`` and ``rollout`` run end to end on
+data cut from the Hay reference record (642 segments, real NEURON traces) with an untrained 'tiny' MMoE at
+Hay size whose normalisation comes from the data; every reported number checked here is recomputed
+independently (direct model calls, direct RMSE) rather than compared with a stored value.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lfdeep_neuron.surrogate import metrics as M
+
+N_CH = 1278
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metric functions
+# ---------------------------------------------------------------------------------------------------------
+def test_coincidence_factor_hand_cases():
+    rng = np.random.default_rng(0)
+    train = np.sort(rng.uniform(0, 2000, 30))
+    train = train[np.diff(np.r_[-100, train]) > 10]           # ISIs > 10 ms: a 5-ms shift cannot re-match
+    assert M.coincidence_factor(train, train, 2000) == pytest.approx(1.0, abs=1e-12)
+    shifted = M.coincidence_factor(train + 5.0, train, 2000)
+    nu = train.size / 2000
+    assert shifted == pytest.approx(-2 * nu * 2 / (1 - 2 * nu * 2), abs=1e-12)   # no coincidence at all
+    assert abs(shifted) < 0.07
+    # 2 of 3 within +-2 ms (52.5 is 2.5 ms off): (2 - 2 nu D N) / (N) / (1 - 2 nu D)
+    g = M.coincidence_factor([11.0, 52.5, 90.0], [10.0, 50.0, 90.0], 1000, 2.0)
+    assert g == pytest.approx((2 - 2 * 0.003 * 2 * 3) / 3 / (1 - 2 * 0.003 * 2))
+    assert M.match_spikes([10.0, 10.5], [10.0]) == 1            # one-to-one
+    assert M.match_spikes([8.0, 12.0], [10.0, 10.1]) == 2
+    assert math.isnan(M.coincidence_factor([], [], 100))
+    assert M.coincidence_factor([], [5.0], 100) == pytest.approx(0.0)
+
+
+def test_spike_auc_and_logit_spikes():
+    assert M.spike_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert M.spike_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert M.spike_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert M.spike_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
+    assert math.isnan(M.spike_auc([1, 2], [0, 0]))
+    logits = np.array([-5, -5, 3, -5, 0.2, 4.0])
+    t = M.spikes_from_logits(logits, 0.0, first_step=1)         # steps 3, 5, 6
+    np.testing.assert_allclose(t, [2.5, 4.5, 5.5])
+    np.testing.assert_array_equal(np.ceil(t), [3, 5, 6])       # ceil gives the step back (dataset binning)
+
+
+def test_calibrate_threshold_finds_the_separating_logit():
+    T = 500
+    true = [np.array([100.3, 250.9, 400.0]), np.array([77.2])]
+    rng = np.random.default_rng(1)
+    logits = []
+    for tr in true:
+        lg = rng.normal(-6, 1, T - 1)                           # steps 1..T-1
+        lg[np.ceil(tr).astype(int) - 1] = 2.0 + rng.uniform(0, 1, tr.size)
+        lg[[30, 31]] = 1.0                                      # a decoy below the spikes
+        logits.append(lg)
+    cal = M.calibrate_threshold(logits, true, [T, T], first_step=1)
+    assert cal["gamma"] == pytest.approx(1.0, abs=0.01)
+    assert 1.0 < cal["threshold"] < 2.0 and cal["n_pred"] == 4
+    # brute force over a grid never beats it
+    for thr in np.linspace(-8, 4, 61):
+        pred = [M.spikes_from_logits(l, thr, first_step=1) for l in logits]
+        assert M.pooled_spike_metrics(pred, true, [T, T])["gamma"] <= cal["gamma"] + 1e-12
+
+
+def test_rmse_by_group_and_per_segment():
+    true = np.zeros((4, 10))
+    pred = np.zeros((4, 10))
+    pred[0] = 3.0
+    pred[2, :5] = 2.0                                          # MSE 2
+    rm = M.rmse_per_segment(pred, true)
+    np.testing.assert_allclose(rm, [3.0, 0.0, np.sqrt(2.0), 0.0])
+    g = M.rmse_by_group(rm ** 2, {"soma": np.array([0]), "basal": np.array([1, 2]), "axon": np.array([], int)})
+    assert g["soma"] == pytest.approx(3.0) and g["basal"] == pytest.approx(1.0)
+    assert g["all"] == pytest.approx(np.sqrt((9 + 2) / 4)) and "axon" not in g
+    sse, n = M.sq_err_per_segment(np.stack([pred, pred]), np.stack([true, true]))
+    assert n == 20 and sse[0] == pytest.approx(180.0)
+
+
+def test_permanent_and_diversity():
+    assert M.permanent(np.ones((4, 4))) == pytest.approx(24.0)
+    assert M.permanent([[1.0, 2.0], [3.0, 4.0]]) == pytest.approx(1 * 4 + 2 * 3)
+    a = np.random.default_rng(2).normal(size=(5, 5))
+    brute = sum(np.prod([a[i, p[i]] for i in range(5)]) for p in itertools.permutations(range(5)))
+    assert M.permanent(a) == pytest.approx(brute, rel=1e-10)
+    # experts: three identical and one different -> distances known
+    f = np.zeros((3, 7, 11))
+    f[2] = 2.0
+    d = M.diversity_metrics(f)
+    np.testing.assert_allclose(d["distance"], [[0, 0, 2], [0, 0, 2], [2, 2, 0]])
+    assert d["mean"] == pytest.approx(4 / 6) and d["mean_raw"] == pytest.approx(8 / 6)
+    Dn = np.array([[0, 0, 1], [0, 0, 1], [1, 1, 0.0]])
+    assert d["determinant"] == pytest.approx(np.linalg.det(Dn)) and d["permanent"] == pytest.approx(0.0)
+    assert M.diversity_metrics(np.zeros((2, 3)))["mean"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hay reference based
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+    from lfdeep_neuron.data.records import read_record
+
+    return read_record(reference_dir / "synaptic_seed1.h5", require=("segments", "synapses", "input_effective"))
+
+
+def test_segment_groups_of_the_hay_cell(reference):
+    seg = reference["segments"]
+    g = M.segment_groups(seg)
+    assert sum(len(v) for v in g.values()) == 642 and len(np.unique(np.concatenate(list(g.values())))) == 642
+    assert g["soma"].tolist() == [0] and g["axon"].tolist() == [640, 641]
+    assert len(g["basal"]) == 262
+    assert len(g["apical_trunk"]) + len(g["oblique"]) + len(g["tuft"]) == 377
+    d = seg["dist_from_soma_um"]
+    names = seg["name"]
+    trunk_secs = {n.split("(")[0] for n in names[g["apical_trunk"]]}
+    assert {"apic[0]", "apic[36]"} <= trunk_secs and "apic[37]" not in trunk_secs
+    assert 550 < d[g["apical_trunk"]].max() < 700                 # the main bifurcation of cell1
+    assert d[g["tuft"]].min() >= d[g["apical_trunk"]].max() - 1e-9
+    assert d[g["oblique"]].min() < 200                           # obliques branch off the proximal trunk
+    assert set(names[g["tuft"]]) >= {"apic[37]", "apic[50]"}
+
+
+def _tiny_model(rec, seed=3):
+    from lfdeep_neuron.surrogate.mtl import MMoE
+
+    torch.manual_seed(seed)
+    model = MMoE.from_config("tiny", n_segments=642, n_channels=N_CH)
+    v = rec["v_1ms"].astype(np.float64)
+    model.set_normalization(v.mean(1), v.std(1), v_rest=v[:, 0])
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(reference, tmp_path_factory):
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, _tiny_model(reference), segments=reference["segments"], synapses=reference["synapses"],
+                    provenance={"data": "reference (test)"}, metrics={"note": "untrained"})
+    return path
+
+
+def _closed_loop_direct(model, rec, T):
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    syn, t = rec["input_effective"]["syn_idx"], rec["input_effective"]["t_ms"]
+    x = np.zeros((N_CH, T), np.float32)
+    k = np.ceil(t).astype(int)
+    keep = k < T
+    np.add.at(x, (syn[keep], k[keep]), 1.0)
+    pred = closed_loop(model, torch.from_numpy(x[None, :, 1:]), v0_mV=model.v_rest[None], output="mV")
+    return x, pred.v[0].numpy(), pred.spike_logit[0].numpy()
+
+
+def test_rollout_record_matches_streamer_and_reader(reference, reference_dir, checkpoint, tmp_path):
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.data.records import read_record
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+    torch.set_num_threads(1)
+    T = 800
+    model = load_surrogate(checkpoint)
+    x, v_direct, logit_direct = _closed_loop_direct(model, reference, T)
+    thr = float(np.quantile(logit_direct, 0.99))
+    out = tmp_path / "sur.h5"
+    assert main(["rollout", "--model", str(checkpoint), "--inputs", str(reference_dir / "synaptic_seed1.h5"),
+                 "--out", str(out), "--duration-ms", str(T), "--spike-threshold", repr(thr), "--no-progress"]) == 0
+
+    # the same reader as NEURON's records, with the same requirements as a generated record
+    rec = read_record(out, require=("segments", "synapses", "input", "input_effective", "v_1ms",
+                                    "soma_spike_times_ms", "@protocol", "@duration_ms"))
+    assert rec["v_1ms"].shape == (642, T) and rec["v_1ms"].dtype == np.float32
+    np.testing.assert_array_equal(rec["segments"]["name"], reference["segments"]["name"])
+    np.testing.assert_array_equal(rec["input_effective"]["t_ms"], reference["input_effective"]["t_ms"])
+    np.testing.assert_array_equal(rec["synapses"]["dead"], reference["synapses"]["dead"])
+    assert rec.attrs["protocol"] == "synaptic_beniaguev" and rec.attrs["simulator"] == "lfdeep-neuron surrogate"
+    np.testing.assert_allclose(rec["v_1ms"][:, 0], reference["v_1ms"][:, 0], atol=1e-5)   # v_rest = v(0)
+    np.testing.assert_allclose(rec["v_1ms"][:, 1:], v_direct, atol=1e-5, rtol=0)
+    assert np.ptp(rec["v_1ms"][0]) > 1e-2                           # the trace moves
+    np.testing.assert_allclose(rec["spike_logit_1ms"][1:], logit_direct, atol=1e-5)
+    steps = np.flatnonzero(logit_direct > thr) + 1
+    assert steps.size >= 3
+    np.testing.assert_allclose(rec["soma_spike_times_ms"], steps - 0.5)
+
+    # the same scoring code on both records
+    rm = M.rmse_per_segment(rec["v_1ms"][:, 1:], reference["v_1ms"][:, 1:T])
+    np.testing.assert_allclose(rm, np.sqrt(((v_direct - reference["v_1ms"][:, 1:T]) ** 2).mean(1)), rtol=1e-4)
+
+
+def test_rollout_from_raw_input_drops_dead_synapses(reference, checkpoint, tmp_path):
+    from lfdeep_neuron.data.records import RecordFormatError, read_record, write_record
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.rollout import rollout_file
+
+    torch.set_num_threads(1)
+    model = load_surrogate(checkpoint)
+    T = 300
+    assert reference["synapses"]["dead"].any()
+    assert reference["input"]["t_ms"].size > reference["input_effective"]["t_ms"].size
+    raw = tmp_path / "inputs_only.h5"
+    write_record(raw, segments=reference["segments"], synapses=reference["synapses"], traces={},
+                 attrs={"protocol": "synaptic_beniaguev", "duration_ms": float(T)}, inputs=reference["input"])
+    a = read_record(rollout_file(model, raw, tmp_path / "a.h5", spike_threshold=0.0))
+    assert a.attrs["events_used"] == "input minus dead synapses" and a.n_steps == T
+    _, v_direct, _ = _closed_loop_direct(model, reference, T)
+    np.testing.assert_allclose(a["v_1ms"][:, 1:], v_direct, atol=1e-5)
+
+    empty = tmp_path / "no_events.h5"
+    write_record(empty, segments=reference["segments"], traces={}, attrs={"duration_ms": 100.0})
+    with pytest.raises(RecordFormatError, match="no /input event group"):
+        rollout_file(model, empty, tmp_path / "b.h5")
+    bad = tmp_path / "bad_segments.h5"
+    seg = {k: v[:10] for k, v in reference["segments"].items()}
+    write_record(bad, segments=seg, traces={}, attrs={"duration_ms": 100.0}, inputs=reference["input"])
+    with pytest.raises(RecordFormatError, match="10 segments; the model predicts 642"):
+        rollout_file(model, bad, tmp_path / "c.h5")
+
+
+@pytest.fixture(scope="module")
+def small_dataset(reference, tmp_path_factory):
+    """Windows of the reference as records of a dataset directory: train 2, val 1, test 2 (both spikes in test
+    and in val)."""
+    from lfdeep_neuron.data.records import write_record
+
+    root = tmp_path_factory.mktemp("ds")
+    cuts = {0: (0, 600), 1: (600, 1200), 2: (1150, 1750), 3: (1000, 1600), 4: (1800, 2300)}
+    splits = {"train": [0, 1], "val": [2], "test": [3, 4]}
+    ev = reference["input_effective"]
+    spikes = reference["soma_spike_times_ms"]
+    records = []
+    for i, (a, b) in cuts.items():
+        keep = (ev["t_ms"] > a) & (ev["t_ms"] < b)
+        sp = spikes[(spikes > a) & (spikes < b)] - a
+        name = f"sim_{i:06d}.h5"
+        write_record(root / name, segments=reference["segments"], synapses=reference["synapses"],
+                     traces={"v_1ms": reference["v_1ms"][:, a:b], "t_1ms": np.arange(b - a, dtype=float),
+                             "soma_spike_times_ms": sp},
+                     attrs={"protocol": "synaptic_beniaguev", "duration_ms": float(b - a), "complete": np.int8(1)},
+                     inputs_effective={"syn_idx": ev["syn_idx"][keep], "t_ms": ev["t_ms"][keep] - a})
+        records.append({"index": i, "file": name})
+    (root / "meta.json").write_text(json.dumps({"records": records, "splits": splits}))
+    return root, cuts, splits
+
+
+def test_evaluate_end_to_end(reference, checkpoint, small_dataset, tmp_path):
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    torch.set_num_threads(1)
+    root, cuts, splits = small_dataset
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(checkpoint), "--data", str(root), "--out", str(out),
+                 "--update-checkpoint", "--no-progress"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for png in ("heatmaps.png", "group_errors.png", "soma_trace.png"):
+        assert (out / png).stat().st_size > 10_000
+    assert s["data"]["sim_indices"] == splits["test"]
+
+    # recompute the voltage errors directly
+    model = load_surrogate(checkpoint)
+    mse_tf = np.zeros(642)
+    mse_cl = np.zeros(642)
+    n = 0
+    logits, labels = [], []
+    ev = reference["input_effective"]
+    for i in splits["test"]:
+        a, b = cuts[i]
+        T = b - a
+        keep = (ev["t_ms"] > a) & (ev["t_ms"] < b)
+        x = np.zeros((N_CH, T), np.float32)
+        np.add.at(x, (ev["syn_idx"][keep], np.ceil(ev["t_ms"][keep] - a).astype(int)), 1.0)
+        v = reference["v_1ms"][:, a:b].astype(np.float32)
+        xt, vt = torch.from_numpy(x[None]), torch.from_numpy(v[None])
+        with torch.no_grad():
+            tf = model(model.make_inputs(xt[..., 1:], vt[..., :-1]))
+            cl = closed_loop(model, xt[..., 1:], v0_mV=vt[..., 0], output="mV")
+        mse_tf += ((model.to_mV(tf.v)[0].numpy() - v[:, 1:]) ** 2).sum(1)
+        mse_cl += ((cl.v[0].numpy() - v[:, 1:]) ** 2).sum(1)
+        n += T - 1
+        logits.append(cl.spike_logit[0].numpy())
+        lab = np.zeros(T - 1)
+        sp = reference["soma_spike_times_ms"]
+        lab[np.ceil(sp[(sp > a) & (sp < b)] - a).astype(int) - 1] = 1
+        labels.append(lab)
+    vt_ = s["voltage"]
+    assert vt_["teacher_forced"]["all"] == pytest.approx(np.sqrt((mse_tf / n).mean()), rel=1e-4)
+    assert vt_["closed_loop"]["all"] == pytest.approx(np.sqrt((mse_cl / n).mean()), rel=1e-4)
+    g = M.segment_groups(reference["segments"])
+    for name, idx in g.items():
+        if len(idx):
+            assert vt_["closed_loop"][name] == pytest.approx(np.sqrt((mse_cl[idx] / n).mean()), rel=1e-4)
+    assert s["spikes"]["auc_cl"] == pytest.approx(M.spike_auc(np.concatenate(logits), np.concatenate(labels)))
+    assert s["spikes"]["closed_loop"]["n_true"] == 2
+
+    # threshold: calibrated on the val simulation, stored in the checkpoint
+    thr = s["spikes"]["threshold_logit"]
+    assert s["spikes"]["calibration"]["sim_indices"] == splits["val"]
+    assert load_surrogate(checkpoint).meta["metrics"]["spike_threshold_logit"] == pytest.approx(thr)
+    assert load_surrogate(checkpoint).meta["metrics"]["note"] == "untrained"      # merged, not replaced
+    # experts: 3 experts of the tiny MMoE, distances > 0 for an untrained (random) model
+    e = s["experts"]
+    assert e["n_experts"] == 3 and 0 < e["mean"] <= 1 and np.array(e["distance"]).shape == (3, 3)
+    rows = (out / "per_segment.csv").read_text().splitlines()
+    assert len(rows) == 643 and rows[1].startswith("0,soma[0],soma,")
