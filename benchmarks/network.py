@@ -100,7 +100,7 @@ def bench_surrogate(args) -> dict:
     rss0 = rss_bytes()
     cells = [SurrogateL5PC(engine=eng) for _ in range(n)]
     h.finitialize(-76.0)
-    h.continuerun(1.0)                        # step 0 allocates the batch's workspace
+    h.continuerun(2.0)                        # step 1 (the first forward pass) allocates the workspace
     rss1 = rss_bytes()
     stream_state = eng._stream.state_bytes_per_cell() if hasattr(eng._stream, "state_bytes_per_cell") else None
     del cells

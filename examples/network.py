@@ -219,8 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--stim-rate", type=float, default=100.0, help="rate of each NetStim (Hz)")
     p.add_argument("--k-rec", type=int, default=10, help="recurrent inputs per cell")
     p.add_argument("--w-rec", type=float, default=3.0, help="recurrent weight (reference-synapse units)")
-    p.add_argument("--threshold", default=None, help="spike-logit threshold (default 0, or calibrated "
-                   "for an untrained model)")
+    p.add_argument("--threshold", default=None, help="spike-logit threshold (default: a trained checkpoint's "
+                   "calibrated metrics['spike_threshold_logit'], else 0; calibrated for an untrained model)")
     p.add_argument("--target-rate", type=float, default=10.0, help="Hz, for the calibrated threshold")
     p.add_argument("--n-detailed", type=int, default=0, help="the first K gids are detailed HayL5PCs")
     p.add_argument("--morphology", default=None, help="Hay cell1.asc for detailed cells")
@@ -234,6 +234,7 @@ def main(argv=None) -> int:
 
     import lfdeep_neuron  # noqa: F401  (MPI set-up)
     from lfdeep_neuron.cosim import SurrogateEngine
+    from lfdeep_neuron.cosim.engine import default_spike_threshold
     from lfdeep_neuron.parallel import parallel_context
 
     pc = parallel_context()
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     if args.threshold is not None:
         threshold = float(args.threshold)
     elif trained:
-        threshold = 0.0
+        threshold = default_spike_threshold(model)     # the checkpoint's calibrated one, else 0
     else:
         threshold = calibrate_threshold(model, rates, args.target_rate, dtype=dtype)
     engine = SurrogateEngine.get(model, device=args.device, spike_threshold=threshold, dtype=dtype)

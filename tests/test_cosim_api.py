@@ -57,12 +57,12 @@ def test_engine_get_is_one_per_model_and_process(cosim):
 
     h.finitialize(-65)
     h.continuerun(3)
-    assert direct.n_forward == e2.n_forward == 3
+    assert direct.n_forward == e2.n_forward == 2               # steps 1, 2 (t = 0: initial state)
     cosim.SurrogateEngine.close_all()                          # closes every engine, however made
     assert direct.closed and e1.closed and e2.closed
     h.finitialize(-65)
     h.continuerun(3)
-    assert direct.n_forward == 3                               # no longer stepped
+    assert direct.n_forward == 2                               # no longer stepped
     with pytest.raises(ValueError, match="no engine exists"):
         cosim.SurrogateEngine.get()
     with pytest.raises(RuntimeError, match="was closed"):
@@ -88,7 +88,7 @@ def test_two_engines_share_the_intake_and_step_independently(cosim):
     assert x1.shape == (2, N_CH, 6) and x2.shape == (3, N_CH, 6)
     assert x1.sum() == 2.0 and x1[1, 7, 3] == 2.0
     assert x2.sum() == 2.0 and x2[0, 1277, 4] == 0.5 and x2[2, 0, 4] == 1.5
-    assert e1.n_forward == e2.n_forward == 6
+    assert e1.n_forward == e2.n_forward == 5
 
 
 def _small_tables():
@@ -113,7 +113,24 @@ def test_engine_from_a_checkpoint_path(cosim, tmp_path):
     rec = cell.engine.record(segments="soma")
     h.finitialize(-65)
     h.continuerun(3)
-    assert rec.v_mV.shape == (1, 1, 3) and cell.engine.n_forward == 3
+    assert rec.v_mV.shape == (1, 1, 3) and cell.engine.n_forward == 2
+    assert cell.engine.spike_threshold == 0.0                   # no calibrated threshold: 0
+
+
+def test_spike_threshold_defaults_to_the_checkpoints_calibrated_one(cosim, tmp_path):
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+
+    segments, synapses = _small_tables()
+    path = save_checkpoint(tmp_path / "cal.pt", _model(), segments=segments, synapses=synapses, dt_ms=1.0,
+                           metrics={"spike_threshold_logit": -2.75, "rmse_mV": 1.0})
+    assert cosim.SurrogateEngine(str(path), device="cpu").spike_threshold == -2.75
+    assert cosim.SurrogateEngine(str(path), device="cpu", spike_threshold=1.5).spike_threshold == 1.5
+    assert cosim.SurrogateL5PC(model=str(path)).engine.spike_threshold == -2.75   # via get()
+    model = _model()
+    model.meta = {"metrics": {"spike_threshold_logit": 0.625}}
+    assert cosim.SurrogateEngine(model, device="cpu").spike_threshold == 0.625
+    model.meta = {"metrics": {}}
+    assert cosim.SurrogateEngine(model, device="cpu").spike_threshold == 0.0
 
 
 def test_recording_arrays_and_hdf5(cosim, tmp_path):
@@ -130,13 +147,17 @@ def test_recording_arrays_and_hdf5(cosim, tmp_path):
     h.continuerun(4)
     v = full.v_mV
     assert v.shape == (3, 6, 4) and np.isfinite(v).all()
+    v_rest = eng.model.v_rest.numpy()
+    np.testing.assert_array_equal(v[:, :, 0], np.broadcast_to(v_rest, (3, 6)))   # t = 0: initial state
+    assert np.abs(v[:, :, 1:] - v_rest[None, :, None]).max() > 1e-3             # then predictions
     np.testing.assert_array_equal(part.segment_index, [2, 0])
     np.testing.assert_array_equal(part.v_mV[0], v[2][[2, 0]])
-    assert part.spike_logit.shape == (1, 4)
+    lg = part.spike_logit
+    assert lg.shape == (1, 4) and np.isnan(lg[0, 0]) and np.isfinite(lg[0, 1:]).all()
     np.testing.assert_array_equal(full.t_ms, [0, 1, 2, 3])
     gid, t = eng.spikes()
-    assert len(t) == 12 and set(gid) == {-1, -2, -3}
-    np.testing.assert_allclose(np.unique(t), np.arange(4) + h.dt, atol=1e-9)
+    assert len(t) == 9 and set(gid) == {-1, -2, -3}             # steps 1..3 (no spike at t = 0)
+    np.testing.assert_allclose(np.unique(t), np.arange(1, 4) + h.dt, atol=1e-9)
     path = part.to_hdf5(tmp_path / "rec.h5")
     with h5py.File(path) as f:
         np.testing.assert_array_equal(f["v_mV"][:], part.v_mV)
@@ -148,7 +169,7 @@ def test_recording_arrays_and_hdf5(cosim, tmp_path):
     # a second run starts afresh
     h.finitialize(-65)
     h.continuerun(2)
-    assert full.v_mV.shape == (3, 6, 2) and eng.n_forward == 2
+    assert full.v_mV.shape == (3, 6, 2) and eng.n_forward == 1
 
 
 def test_bad_channel_and_late_cells_raise_clear_errors(cosim):
@@ -169,13 +190,13 @@ def test_bad_channel_and_late_cells_raise_clear_errors(cosim):
     nc.weight[1] = 3                                     # valid now: the run goes through
     h.finitialize(-65)
     h.continuerun(5)
-    assert eng.n_forward == 5
+    assert eng.n_forward == 4
     cosim.SurrogateL5PC(engine=eng)                      # created after finitialize
     with pytest.raises(RuntimeError, match="created after finitialize"):
         h.continuerun(7)
     h.finitialize(-65)                                   # a fresh init takes the new cell in
     h.continuerun(3)
-    assert eng.n_local == 2 and eng.n_forward == 3
+    assert eng.n_local == 2 and eng.n_forward == 2
     with pytest.raises(ValueError, match="channel must lie in"):
         cell.channel_target(N_CH)
     with pytest.raises(ValueError, match="segment/synapse tables"):
@@ -203,8 +224,51 @@ def test_cvode_steps_and_spikes_at_quarter_dt(cosim):
     h.cvode.active(1)
     h.finitialize(-65)
     h.continuerun(5)
-    assert eng.n_forward == 5
-    np.testing.assert_allclose(np.asarray(t_spk), np.arange(5) + h.dt / 4, atol=1e-12)
+    assert eng.n_forward == eng.n_steps == 4
+    np.testing.assert_allclose(np.asarray(t_spk), np.arange(1, 5) + h.dt / 4, atol=1e-12)
+
+
+@pytest.mark.parametrize("cvode", [False, True], ids=["fixed-step", "cvode"])
+def test_initial_state_and_bin0_events_are_not_fed(cosim, cvode):
+    """t = 0 is the initial state (v_rest, no forward pass); events at t <= 0 are dropped, and the
+    outputs equal the offline closed-loop streamer fed columns 1.. of the binned inputs."""
+    import torch
+    from neuron import h
+
+    model = _model()
+    model.set_normalization(np.full(6, -70.0), np.full(6, 10.0), v_rest=np.full(6, -75.0))  # mV range
+    eng = cosim.SurrogateEngine(model, device="cpu", spike_threshold=1e9)
+    cell = cosim.SurrogateL5PC(engine=eng)
+    big = cell.channel_target(3).connect(None, weight=50.0)
+    small = cell.channel_target(700).connect(None, weight=2.0)
+    plan = [(big, 0.0), (small, 0.0), (small, 0.5), (big, 1.0), (small, 2.0), (big, 3.5)]
+    fih = h.FInitializeHandler(1, lambda: [nc.event(t) for nc, t in plan])  # noqa: F841
+    rec = eng.record(inputs=True, logits=True)
+    h.cvode.active(int(cvode))
+    h.finitialize(-65)
+    h.continuerun(6)
+    x = rec.inputs[0]
+    assert x[3, 0] == 50.0 and x[700, 0] == 2.0                 # bin 0: cleared at t0, kept for the record
+    assert x[700, 1] == 2.0 and x[3, 1] == 50.0 and x[700, 2] == 2.0 and x[3, 4] == 50.0
+    assert np.count_nonzero(x) == 6
+    assert eng.n_forward == eng.n_steps == 5
+    st = eng.model.streamer(1, device="cpu", output="mV")
+    v_off, lg_off = [], []
+    with torch.inference_mode():
+        for k in range(1, 6):
+            v, lg = st.step(torch.as_tensor(x[None, :, k], dtype=torch.float32))
+            v_off.append(v[0].numpy())
+            lg_off.append(lg.item())
+    v = rec.v_mV[0]
+    np.testing.assert_array_equal(v[:, 0], np.full(6, -75.0))
+    np.testing.assert_allclose(v[:, 1:], np.stack(v_off, axis=1), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rec.spike_logit[0, 1:], lg_off, atol=1e-6, rtol=0)
+    # feeding bin 0 as a first step (the old convention) would give a different trajectory
+    st = eng.model.streamer(1, device="cpu", output="mV")
+    with torch.inference_mode():
+        st.step(torch.as_tensor(x[None, :, 0], dtype=torch.float32))
+        v1_shifted = st.step(torch.as_tensor(x[None, :, 1], dtype=torch.float32))[0][0].numpy()
+    assert np.abs(v1_shifted - v[:, 1]).max() > 100 * 1e-5
 
 
 def _is_hoc(obj) -> bool:
@@ -237,14 +301,14 @@ def test_no_reference_cycle_holds_a_hoc_object(cosim):
         gc.set_debug(0)
         gc.garbage.clear()
     assert hoc == [], f"{len(hoc)} hoc objects were only reachable through reference cycles"
-    assert n_before == 3
+    assert n_before == 2
     # the dropped engine's queued step is harmless; a new engine runs normally
     h.continuerun(5)
     eng2 = cosim.SurrogateEngine(_model(), device="cpu")
     cosim.SurrogateL5PC(engine=eng2)
     h.finitialize(-65)
     h.continuerun(2)
-    assert eng2.n_forward == 2
+    assert eng2.n_forward == 1
 
 
 def test_touched_list_overflow_falls_back_to_a_dense_read(cosim):
@@ -274,12 +338,12 @@ def test_touched_list_overflow_falls_back_to_a_dense_read(cosim):
     assert x[9, 3] == 0.0 and x[700, 3] == 2.5 and x[9, 4] == 1.0
     assert np.count_nonzero(x) == 2
     assert eng.n_dense_reads == 1                        # step 3 only
-    # the model saw the same inputs as the recording (sparse and dense steps alike)
+    # the model saw the same inputs as the recording (sparse and dense steps alike; steps 1..5)
     st = eng.model.streamer(1, device="cpu", output="mV")
     import torch
 
-    want = np.array([st.step(torch.as_tensor(x[None, :, k], dtype=torch.float32))[1].item() for k in range(6)])
-    np.testing.assert_allclose(rec.spike_logit[0], want, atol=1e-6)
+    want = np.array([st.step(torch.as_tensor(x[None, :, k], dtype=torch.float32))[1].item() for k in range(1, 6)])
+    np.testing.assert_allclose(rec.spike_logit[0, 1:], want, atol=1e-6)
 
 
 def test_neuron_threads_use_whole_row_reads(cosim):
@@ -304,7 +368,7 @@ def test_neuron_threads_use_whole_row_reads(cosim):
     finally:
         pc.nthread(1)
     x = rec.inputs
-    assert eng.n_forward == 8 and eng.n_dense_reads == 8
+    assert eng.n_forward == 7 and eng.n_dense_reads == 8    # the t0 clear reads whole rows too
     for i in range(4):                      # one event per ms from t = 0.7 + 0.1 i: steps 1..7
         np.testing.assert_array_equal(x[i, 100 * i], [0.0] + [0.5 * (i + 1)] * 7)
     assert np.count_nonzero(x) == 4 * 7

@@ -6,8 +6,9 @@ The scenario runs in a fresh process (``python this_file.py intake OUT``), on 1 
 NetCons (``pc.gid_connect``: many cross ranks) with random weights, channels and delays carry the
 spikes to surrogate instances, plus events sent straight to the instances (``NetCon.event``). Every
 rank writes the channel sums each of its instances consumed per step; the test rebuilds the
-expected sums from the plan (the timing rule: an event delivered at t lands in step ceil(t)) and
-requires exact equality. Weights are multiples of 0.5 so float sums are exact in any order.
+expected sums from the plan (the timing rule: an event delivered at t lands in step ceil(t); step 0
+holds the events at t <= 0, cleared at t0 and not fed to the model) and requires exact equality.
+Weights are multiples of 0.5 so float sums are exact in any order.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def plan(seed: int = 7) -> dict:
                   weight=rng.integers(1, 9, N_DIRECT) * 0.5,
                   t=np.concatenate([rng.integers(0, 34, N_DIRECT // 2).astype(float),   # exact integers
                                     rng.integers(0, 340, N_DIRECT - N_DIRECT // 2) * 0.1]))
+    direct["t"][:2] = 0.0                                     # events at t = 0: bin 0, cleared, not fed
     return dict(spikes=spikes, conn=conn, direct=direct)
 
 
@@ -189,14 +191,15 @@ def test_every_event_counted_once_in_its_bin(tmp_path, n_ranks, option):
     parts = _run_worker(tmp_path, n_ranks, *([option] if option else []))
     got = _merge(parts)
     n_steps = got.shape[-1]
-    assert n_steps == int(TSTOP_MS)                     # steps 0..35 run before tstop = 36 ms
+    assert n_steps == int(TSTOP_MS)                     # samples t = 0..35 before tstop = 36 ms
     want = expected_inputs(plan(), n_steps)
     assert want.sum() > 300                             # the scenario really sends events
+    assert want[..., 0].sum() > 0                       # some events at t = 0 (bin 0, not fed)
     np.testing.assert_array_equal(got, want)
-    # (b) on every rank: one forward pass per step, for all local instances at once
+    # (b) on every rank: one forward pass per step k = 1..35 (none at t = 0), all local instances at once
     for part in parts:
-        assert int(part["n_forward"]) == int(part["n_steps"]) == n_steps
-        np.testing.assert_array_equal(part["calls"], np.full(n_steps, int(part["n_local"])))
+        assert int(part["n_forward"]) == int(part["n_steps"]) == n_steps - 1
+        np.testing.assert_array_equal(part["calls"], np.full(n_steps - 1, int(part["n_local"])))
     if n_ranks == 2:
         assert sorted(int(p["n_local"]) for p in parts) == [2, 3]
 
@@ -219,10 +222,10 @@ def test_one_forward_pass_per_step_regardless_of_n():
                 stims.append((ns, cell.channel_target(i % N_CH).connect(ns)))
             h.dt = 0.025
             h.finitialize(-65)
-            h.continuerun(20.0)                             # steps 0..19
+            h.continuerun(20.0)                             # t = 0 (no forward pass), steps 1..19
             h.continuerun(25.0)                             # continuing keeps stepping: 20..24
-            assert calls == [n] * 25, (n, calls[:5], len(calls))
-            assert engine.n_forward == engine.n_steps == 25
+            assert calls == [n] * 24, (n, calls[:5], len(calls))
+            assert engine.n_forward == engine.n_steps == 24
             engine.close()
     finally:
         SurrogateEngine.close_all()

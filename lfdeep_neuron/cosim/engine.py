@@ -17,32 +17,49 @@ One engine per model per process (MPI rank). It owns
 
 Timing rule
 -----------
-Let Δ be the surrogate step (``model.meta['dt_ms']``, 1 ms by default) and dt NEURON's time
-step. Step k (k = 0, 1, 2, ...) is scheduled at ``t0 + k·Δ + dt/4`` (t0 = time of
-``finitialize``) and
+The engine follows the time convention of training, the data sets and ``lfdeep-neuron rollout``
+(DESIGN "Time"): the sample at t0 is the initial state, and step k >= 1 consumes the inputs of
+``(k-1, k]`` with the voltages of step k-1 as feedback and yields the voltages at k. Let Δ be the
+surrogate step (``model.meta['dt_ms']``, 1 ms by default) and dt NEURON's time step. The stepper
+runs at ``t0 + k·Δ + dt/4`` for k = 0, 1, 2, ... (t0 = time of ``finitialize``):
 
-* consumes the events delivered since step k-1, nominally those in ``(t0 + (k-1)·Δ, t0 + k·Δ]``.
-  Exactly: with fixed steps NEURON delivers events on the dt grid and runs the stepper at the
-  end of the dt step containing its schedule time, so step k takes events with delivery time
-  in ``[(k-1)·Δ + dt, k·Δ + dt)``; under CVode, those in ``((k-1)·Δ + dt/4, k·Δ + dt/4]``.
-  Either way an event at exactly k·Δ (integer ms) is always in step k: the dt/4 offset keeps
-  round-off from splitting integer-time events between two steps;
-* yields the voltages of every segment *at* t0 + k·Δ (point samples, like ``v_1ms``; step 0
-  gives the values at t0) and a somatic spike decision for the window;
-* emits a predicted spike (``spike_logit > spike_threshold``) as a ``net_event`` of the
-  instance at the time the stepper runs, ``t_emit = h.t``: ``k·Δ + dt`` with fixed steps,
-  ``k·Δ + dt/4`` under CVode (a time in the past is not allowed: MPI runs would abort).
-  Spike times are thus quantised to the step and lag the true spike, somewhere in
-  ``((k-1)·Δ, k·Δ]``, by dt to Δ + dt. Use NetCon delays >= Δ from surrogates: whatever the
-  delay, the spike reaches a surrogate target in step k+1 at the earliest, like the spike of a
-  detailed cell fired in step k's window would with a delay >= Δ; and under MPI every
-  inter-rank delay must be >= the ParallelContext's minimum delay anyway.
+* **k = 0 (initial state, no forward pass).** The sample at t0 is the streamer's initial state,
+  ``model.v_rest`` (the same ``v0`` as ``lfdeep-neuron rollout --v0 rest``), with spike logit NaN
+  and no spike. The events the buffer holds at this point are cleared and NOT fed to the model
+  (like ``rollout``, which never feeds bin 0 = events at t <= 0): with fixed steps those with
+  delivery time ``< t0 + dt`` (all events at t <= t0, and also those in ``(t0, t0 + dt)``);
+  under CVode those with delivery time ``<= t0 + dt/4``. Recordings with ``inputs=True`` keep
+  them in column 0 (the layout of :func:`lfdeep_neuron.data.dataset.bin_events`, whose column 0
+  is likewise not used).
+* **k >= 1 (one forward pass each).** Step k consumes the events delivered since step k-1,
+  nominally those in ``(t0 + (k-1)·Δ, t0 + k·Δ]``. Exactly: with fixed steps NEURON delivers
+  events on the dt grid and runs the stepper at the end of the dt step containing its schedule
+  time, so step k takes events with delivery time in ``[(k-1)·Δ + dt, k·Δ + dt)``; under CVode,
+  those in ``((k-1)·Δ + dt/4, k·Δ + dt/4]``. Either way an event at exactly k·Δ (integer ms) is
+  always in step k: the dt/4 offset keeps round-off from splitting integer-time events between
+  two steps. It yields the voltages of every segment *at* t0 + k·Δ (point samples, like
+  ``v_1ms[:, k]``) and a somatic spike decision for the window.
+
+A run to ``tstop = T·Δ`` thus records T samples (t = 0 .. T-1, like a record's ``v_1ms`` of
+``duration_ms = T``) with T-1 forward passes, and reproduces ``lfdeep-neuron rollout`` on the same
+(binned) events to float round-off.
+
+Spikes: step k >= 1 emits a predicted spike (``spike_logit > spike_threshold``) as a ``net_event``
+of the instance at the time the stepper runs, ``t_emit = h.t``: ``k·Δ + dt`` with fixed steps,
+``k·Δ + dt/4`` under CVode (a time in the past is not allowed: MPI runs would abort). Spike times
+are thus quantised to the step and lag the true spike, somewhere in ``((k-1)·Δ, k·Δ]``, by dt to
+Δ + dt. (``rollout`` and the metrics place the same step's spike at ``k·Δ - 0.5`` ms; both give back
+k with ``ceil(t - dt)`` resp. ``ceil(t)``.) Use NetCon delays >= Δ from surrogates: whatever the
+delay, the spike reaches a surrogate target in step k+1 at the earliest, like the spike of a
+detailed cell fired in step k's window would with a delay >= Δ; and under MPI every inter-rank
+delay must be >= the ParallelContext's minimum delay anyway.
 
 Per step (no Python per event, none per cell except per emitted spike): gather and clear the
 engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, store requested
 recordings. ``engine.timers`` accumulates the time of each phase (``intake``, ``forward``,
-``emit``, ``record``; seconds of ``engine.clock``, wall time by default) since the last init;
-``engine.n_forward`` counts forward passes.
+``emit``, ``record``; seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since
+the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
+(equal: one per step).
 
 Object lifetimes
 ----------------
@@ -67,7 +84,7 @@ import numpy as np
 
 from lfdeep_neuron.cosim.recording import Recording
 
-__all__ = ["SurrogateEngine", "N_CHANNELS", "bad_event_count"]
+__all__ = ["SurrogateEngine", "N_CHANNELS", "bad_event_count", "default_spike_threshold"]
 
 #: Synaptic input channels per instance (DESIGN: 639 excitatory + 639 inhibitory).
 N_CHANNELS = 1278
@@ -235,6 +252,14 @@ def _as_table(table) -> dict | None:
     return out
 
 
+def default_spike_threshold(model) -> float:
+    """The checkpoint's calibrated spike-logit threshold (``meta['metrics']['spike_threshold_logit']``),
+    else 0 (probability 1/2): the same default as ``lfdeep-neuron rollout``."""
+    metrics = _meta(model).get("metrics") or {}
+    thr = metrics.get("spike_threshold_logit")
+    return float(thr) if thr is not None else 0.0
+
+
 def _default_device():
     import torch
 
@@ -252,8 +277,12 @@ class SurrogateEngine:
         a checkpoint path for :func:`lfdeep_neuron.surrogate.checkpoint.load_surrogate`.
     device : str or torch.device, optional
         Where the model and the batched state live; default ``cuda`` if available, else CPU.
-    spike_threshold : float
+    spike_threshold : float, optional
         A somatic spike is emitted when the spike logit exceeds this (0 = probability 1/2).
+        Default (None): the checkpoint's calibrated threshold
+        ``model.meta['metrics']['spike_threshold_logit']`` when present (written by
+        ``lfdeep-neuron evaluate --update-checkpoint``; the default of ``lfdeep-neuron rollout``
+        too), else 0.
     feedback : bool
         Closed loop: the streamer feeds its own previous voltages back (the trained regime).
     torch_threads : int, optional
@@ -322,7 +351,7 @@ class SurrogateEngine:
             eng.close()
         cls._registry.clear()
 
-    def __init__(self, model, device=None, spike_threshold: float = 0.0, feedback: bool = True,
+    def __init__(self, model, device=None, spike_threshold: float | None = None, feedback: bool = True,
                  torch_threads: int | None = None, segments=None, synapses=None,
                  step_ms: float | None = None, dtype=None, intake: str = "sparse"):
         import torch
@@ -351,7 +380,11 @@ class SurrogateEngine:
         self.step_ms = float(step_ms if step_ms is not None else meta.get("dt_ms", 1.0) or 1.0)
         if not self.step_ms > 0:
             raise ValueError(f"surrogate step must be > 0 ms, got {self.step_ms}")
-        self.spike_threshold = float(spike_threshold)
+        self.spike_threshold = float(default_spike_threshold(model) if spike_threshold is None
+                                     else spike_threshold)
+        if getattr(model, "v_rest", None) is None:
+            raise TypeError(f"model must provide .v_rest (mV, [n_segments]), the initial state recorded "
+                            f"at t0; {type(model).__name__} has none")
         self.feedback = bool(feedback)
         self.dtype = dtype
         if intake not in ("sparse", "dense"):
@@ -374,14 +407,16 @@ class SurrogateEngine:
         self._channel_map = None
         self._stream = None
         self._n_init = 0                 # instances the current streamer was made for
-        self._k = 0                      # index of the next step
+        self._k = 0                      # index of the next step (0: the initial state)
+        self._v0 = None                  # [n, S] initial voltages (mV) recorded at t0
+        self._nan_logit = None           # [n] NaN: the spike logit "at" t0
         self._t0 = 0.0
         self._offset = 0.0
         self._recordings: list[weakref.ReferenceType] = []   # weak: the user owns a Recording
         self._spike_rows: list[np.ndarray] = []
         self._spike_times: list[float] = []
         self.n_forward = 0
-        self.n_dense_reads = 0           # steps that read whole rows (dense intake or overflow)
+        self.n_dense_reads = 0           # reads of whole rows (dense intake or overflow; t0 clear included)
         self.timers = dict(intake=0.0, forward=0.0, emit=0.0, record=0.0)
         self.clock = time.perf_counter   # clock of the timers (e.g. time.process_time for CPU time)
         self.n_steps = 0
@@ -459,9 +494,12 @@ class SurrogateEngine:
             Segments (indices in the canonical order or names like ``'apic[36](0.5)'`` /
             ``'soma[0]'``); default all; ``[]`` records no voltage.
         inputs : bool
-            Also keep the channel sums each step consumed (float64 [n_cells, 1278, T]).
+            Also keep the channel sums each step consumed (float64 [n_cells, 1278, T]; column 0:
+            the events cleared at t0, not fed).
         logits : bool
-            Also keep the somatic spike logits (float32 [n_cells, T]).
+            Also keep the somatic spike logits (float32 [n_cells, T]; NaN at t0).
+
+        Sample 0 is the initial state at t0 (``model.v_rest``), sample k >= 1 step k's prediction.
         """
         rec = Recording(self, cells=cells, segments=segments, inputs=inputs, logits=logits)
         self._recordings.append(weakref.ref(rec))
@@ -518,6 +556,9 @@ class SurrogateEngine:
         with torch.inference_mode():
             self._stream = self.model.streamer(n, device=self.device, feedback=self.feedback,
                                                output="mV", **kw)
+            v_rest = torch.as_tensor(self.model.v_rest, device=self.device)
+            self._v0 = v_rest.to(self._x.dtype).expand(n, -1)       # the streamer's v0 (model.v_rest)
+            self._nan_logit = torch.full((n,), float("nan"), dtype=self._x.dtype, device=self.device)
         h.cvode.event(self._t0 + self._offset, self._step_callback)
 
     def _inputs(self, recordings):
@@ -584,6 +625,13 @@ class SurrogateEngine:
                 "SurrogateL5PC.connect() / SurrogateSynapse.connect() / cosim.connect()")
         recordings = self._live_recordings()
         x = self._inputs(recordings)
+        if self._k == 0:
+            # t0: the initial state; the inputs of bin 0 (events at t <= t0) were cleared, not fed
+            for rec in recordings:
+                rec._append(0, self._v0, self._nan_logit)
+            self._k = 1
+            h.cvode.event(self._t0 + self.step_ms + self._offset, self._step_callback)
+            return
         c1 = clock()
         with torch.inference_mode():
             v, logit = self._stream.step(x)
@@ -612,7 +660,7 @@ class SurrogateEngine:
     # ---- convenience --------------------------------------------------------------------------
 
     def step_time(self, k: int) -> float:
-        """Time (ms) whose voltages step k yields: t0 + k·Δ."""
+        """Time (ms) of sample k: t0 + k·Δ (k = 0: the initial state; k >= 1: step k's output)."""
         return self._t0 + k * self.step_ms
 
     def __repr__(self):

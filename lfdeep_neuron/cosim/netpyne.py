@@ -63,6 +63,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lfdeep_neuron.cosim.engine import default_spike_threshold
 from lfdeep_neuron.cosim.cell import KIND_TYPES, SurrogateL5PC, section_name
 
 __all__ = ["surrogate_cell_params", "hay_cell_params", "add_syn_mechs", "record_surrogate_lfp",
@@ -171,7 +172,7 @@ def _model(spec):
     return model
 
 
-def surrogate_cell_params(model, *, spike_threshold: float = 0.0, device=None, dtype: str | None = None,
+def surrogate_cell_params(model, *, spike_threshold: float | None = None, device=None, dtype: str | None = None,
                           feedback: bool = True) -> dict:
     """cellParams rule of a deep-surrogate Hay L5PC (``cellModel: 'SurrogateL5PC'``).
 
@@ -180,8 +181,9 @@ def surrogate_cell_params(model, *, spike_threshold: float = 0.0, device=None, d
     model : str, Path or surrogate object
         A checkpoint (loaded once per process) or a model object (registered under a key; see
         :func:`register_model`).
-    spike_threshold : float
-        Spike-logit threshold of the engine (0 = probability 1/2).
+    spike_threshold : float, optional
+        Spike-logit threshold of the engine (0 = probability 1/2). Default: the checkpoint's
+        calibrated ``metrics['spike_threshold_logit']``, else 0.
     device : str, optional
         Torch device of the engine (default CUDA if available, else CPU).
     dtype : {'float32', 'float64'}, optional
@@ -203,7 +205,7 @@ def surrogate_cell_params(model, *, spike_threshold: float = 0.0, device=None, d
                          "load_surrogate or set model.meta = dict(segments=..., synapses=..., dt_ms=...)")
     secs, lists = _secs_from_table(table)
     return {"cellModel": "SurrogateL5PC", "secs": secs, "secLists": lists,
-            "surrogate": {"model": key, "spike_threshold": float(spike_threshold),
+            "surrogate": {"model": key, "spike_threshold": None if spike_threshold is None else float(spike_threshold),
                           "device": None if device is None else str(device), "dtype": dtype,
                           "feedback": bool(feedback)}}
 
@@ -496,9 +498,10 @@ def _engine(opts):
 
     model = _model(opts["model"])
     dtype = {None: None, "float32": torch.float32, "float64": torch.float64}[opts.get("dtype")]
-    eng = SurrogateEngine.get(model, device=opts.get("device"), spike_threshold=opts.get("spike_threshold", 0.0),
+    eng = SurrogateEngine.get(model, device=opts.get("device"), spike_threshold=opts.get("spike_threshold"),
                               feedback=opts.get("feedback", True), dtype=dtype)
-    want = float(opts.get("spike_threshold", 0.0))
+    want = opts.get("spike_threshold")
+    want = default_spike_threshold(eng.model) if want is None else float(want)
     if eng.spike_threshold != want or eng.dtype != dtype:
         raise ValueError(f"two cellParams use the same surrogate with different options (spike_threshold "
                          f"{eng.spike_threshold} vs {want}, dtype {eng.dtype} vs {dtype}): one engine per model")

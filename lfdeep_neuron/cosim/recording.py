@@ -5,8 +5,13 @@ step the engine hands it the batched prediction; it keeps the requested rows and
 engine's device, one small copy per step) and concatenates them on demand. Spikes are kept by the
 engine for all its instances (:meth:`SurrogateEngine.spikes`).
 
+Time axis (the engine's timing rule, the same as ``lfdeep-neuron rollout``): sample k is the time
+t0 + k·Δ; sample 0 is the initial state (``model.v_rest``, no forward pass; spike logit NaN) and
+sample k >= 1 the prediction of step k, which consumed the inputs of (k-1, k]. A run to
+``tstop = T·Δ`` gives T samples, like a record's ``v_1ms`` with ``duration_ms = T``.
+
 Layout of :meth:`Recording.to_hdf5` (one cell per row; ``v_mV[i]`` has the meaning of a
-record's ``v_1ms``)::
+record's ``v_1ms``, ``spike_logit[i]`` of rollout's ``spike_logit_1ms``)::
 
     /v_mV          float32 [n_cells, n_segments, T]   voltages at t_ms (point samples, mV)
     /t_ms          float64 [T]                         t0 + k·Δ (0, 1, 2, ... ms)
@@ -14,8 +19,9 @@ record's ``v_1ms``)::
     /segment_index int64   [n_segments]                index in the canonical segment order
     /segment_name  bytes   [n_segments]                e.g. b'apic[36]' (x in segment_x)
     /segment_x     float64 [n_segments]
-    /spike_logit   float32 [n_cells, T]                if recorded
-    /inputs        float64 [n_cells, 1278, T]          if recorded: channel sums each step consumed
+    /spike_logit   float32 [n_cells, T]                if recorded (NaN at k = 0)
+    /inputs        float64 [n_cells, 1278, T]          if recorded: channel sums each step consumed;
+                                                       column 0: the events cleared at t0, not fed
     /spikes/gid, /spikes/t_ms                          spikes emitted by the engine's instances
 """
 from __future__ import annotations
@@ -137,7 +143,7 @@ class Recording:
 
     @property
     def t_ms(self) -> np.ndarray:
-        """Time of each sample (ms): t0 + k·Δ."""
+        """Time of each sample (ms): t0 + k·Δ (sample 0: the initial state)."""
         return np.array([self.engine.step_time(k) for k in self._steps], np.float64)
 
     @staticmethod
@@ -155,14 +161,18 @@ class Recording:
 
     @property
     def spike_logit(self) -> np.ndarray:
-        """Somatic spike logits, float32 [n_cells, T] (needs ``logits=True``)."""
+        """Somatic spike logits, float32 [n_cells, T] (needs ``logits=True``); NaN at sample 0."""
         if not self.keep_logits:
             raise ValueError("spike logits were not recorded: engine.record(..., logits=True)")
         return self._stack(self._logit, (len(self._gids), len(self._steps)))
 
     @property
     def inputs(self) -> np.ndarray:
-        """Channel sums each step consumed, float64 [n_cells, 1278, T] (needs ``inputs=True``)."""
+        """Channel sums each step consumed, float64 [n_cells, 1278, T] (needs ``inputs=True``).
+
+        Column k >= 1: the inputs step k fed to the model; column 0: the events cleared at t0 and
+        not fed (bin 0, as in :func:`lfdeep_neuron.data.dataset.bin_events` / ``rollout``).
+        """
         if not self.keep_inputs:
             raise ValueError("inputs were not recorded: engine.record(..., inputs=True)")
         if not self._x:
