@@ -124,6 +124,9 @@ def netpyne_sim():
     SurrogateEngine.close_all()
     if hasattr(sim, "net"):
         sim.clearAll()
+    # NetPyNE's clearAll empties the cells but keeps their FInitializeHandlers (sim.fih), whose
+    # initV would then fail in any later h.finitialize of this process (other test modules).
+    sim.fih = []
 
 
 def test_conn_params_land_on_hay_channels_and_traces_match(netpyne_sim, tiny_ckpt, hay):
