@@ -158,3 +158,15 @@ def test_own_feedback_shifts_predictions_by_one_step():
     own = (mixed == pred[..., :-1]).all(dim=1)
     true = (mixed == x[:, 4:, 1:]).all(dim=1)
     assert torch.all(own ^ true) and 0 < own.float().mean() < 1
+
+
+def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path):
+    out = tmp_path / "t.pt"
+    summary = train(_args(out, "--steps", "100000", "--time-limit-min", "0.05", "--eval-every", "0",
+                          "--val-windows", "2"))
+    done = summary["steps_done"]
+    assert 0 < done < 100000
+    meta = load_surrogate(out, expected_segments=5).meta
+    assert meta["provenance"]["steps"] == done and meta["metrics"]["stopped_by_time_limit"] == 1.0
+    assert 0 < meta["metrics"]["val_rmse_mV_cl"] < 50
+    assert load_checkpoint(tmp_path / "t.pt.last")["train_state"]["step"] == done

@@ -108,6 +108,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop after N steps in this invocation (saving CKPT.last); a later run resumes")
+    g.add_argument("--time-limit-min", type=float, default=None,
+                   help="wall-clock budget of this invocation: stop there and write CKPT as final (the LR "
+                        "schedule still follows --steps, so size --steps to the budget)")
     g.add_argument("--restart", action="store_true", help="ignore an existing CKPT.last")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
@@ -388,6 +391,15 @@ class CsvLog:
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` OR-ed over all ranks (so that all of them leave the loop at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     """Run (or resume) a training; returns a summary dict (final metrics, paths, steps done).
 
@@ -511,6 +523,9 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         bar = tqdm(total=args.steps, initial=start, desc=f"train {model.arch}", unit="step", dynamic_ncols=True)
 
     t_start = time.time()
+    rollout = args.rollout > 0 and model.config.feedback   # without feedback there is nothing to roll out
+    deadline = None if args.time_limit_min is None else t_start + 60.0 * args.time_limit_min
+    timed_out = False
     model.train()
     running = {}
     step = start
@@ -524,7 +539,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
             x = x.clone()
             x[:, model.n_channels:] += args.fb_noise * torch.randn_like(x[:, model.n_channels:])
         B = x.shape[0]
-        if args.rollout > 0:
+        if rollout:
             x_own = x
             model.eval()
             with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -541,7 +556,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         w = lbtw_weights(base_w, losses, lbtw_l0, args.lbtw_alpha)
         loss = (w * losses).sum()
         loss_ro = None
-        if args.rollout > 0:
+        if rollout:
             losses_ro = task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)
             loss_ro = (w * losses_ro).sum()
             loss = loss + args.rollout_weight * loss_ro
@@ -565,7 +580,9 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
-        is_eval = (args.eval_every and step % args.eval_every == 0) or step == args.steps
+        if deadline is not None:
+            timed_out = _any_rank(time.time() > deadline, world, device)
+        is_eval = (args.eval_every and step % args.eval_every == 0) or step == args.steps or timed_out
         if main_proc and (step % args.log_every == 0 or is_eval or step == stop):
             row = {"step": step, "lr": lr, "wall_s": wall0 + time.time() - t_start,
                    **{k: float(np.mean(v)) for k, v in running.items()}}
@@ -576,19 +593,24 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
                 if bar is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             csv_log.write(row)
-        if step % args.save_every == 0 or step == stop:
+        if step % args.save_every == 0 or step == stop or timed_out:
             save(last, step, metrics, with_state=True)
         if world > 1 and is_eval:
             torch.distributed.barrier()   # the others wait while rank 0 validates
+        if timed_out:
+            break
     if bar is not None:
         bar.close()
 
     summary = {"steps_done": step, "resumed_from": start, "out": str(out), "last": str(last),
                "log": str(log_path), "metrics": metrics}
-    if step >= args.steps:
+    if timed_out and main_proc:
+        print(f"time limit of {args.time_limit_min} min reached at step {step} of {args.steps}")
+    if step >= args.steps or timed_out:
         if not metrics and main_proc:   # e.g. resumed exactly at the end: nothing was validated in this run
             metrics = validate(model, val_ds, args.val_windows, device, args.warmup_ms)
-        final = {**metrics, "steps": step, "wall_s": wall0 + time.time() - t_start}
+        final = {**metrics, "steps": step, "wall_s": wall0 + time.time() - t_start,
+                 **({"stopped_by_time_limit": 1.0} if timed_out else {})}
         save(out, step, final, with_state=False)
         summary["metrics"] = final
         if main_proc:
