@@ -59,6 +59,33 @@ def cpu_share_of(timings) -> float:
     return float(np.sum([t["cpu_s"] for t in timings]) / np.sum([t["total_s"] for t in timings]))
 
 
+def _kernel(n_iter: int) -> float:
+    """A CPU-bound, cache-resident workload without NEURON: a pure-Python loop plus small numpy updates
+    (the shape of a cable solver's per-step work on ~640 compartments)."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(n_iter * 2000):
+        acc += i * i % 7
+    v = np.zeros(642)
+    a = np.linspace(0.1, 0.9, 642)
+    for _ in range(n_iter * 20):
+        v = a * v + (1 - a) * np.tanh(v + 0.1)
+    return time.perf_counter() - t0
+
+
+def machine_speedup(n_iter: int = 1000) -> float:
+    """2-vs-1-process throughput of :func:`_kernel` on this machine: the ceiling any 2-worker CPU job sees."""
+    ctx = mp.get_context("spawn")
+    walls = {}
+    for w in (1, 2):
+        with ctx.Pool(w) as pool:
+            pool.map(_kernel, [1] * w)                       # warm up the processes
+            t0 = time.perf_counter()
+            pool.map(_kernel, [n_iter] * (2 * w), chunksize=1)
+            walls[w] = time.perf_counter() - t0
+    return 2 * walls[1] / walls[2]
+
+
 def storage(record: Path, tmp: Path) -> dict:
     """Bytes of a record, of its per-simulation-time part, and with float16 voltages."""
     rec = read_record(record, require=("imem_mean_1ms",))
@@ -87,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration-ms", type=int, default=300)
     p.add_argument("--sims-per-worker", type=int, default=2)
     p.add_argument("--integrator", choices=("cvode", "fixed"), default="fixed")
+    p.add_argument("--no-machine-baseline", action="store_true",
+                   help="skip the NEURON-free 2-vs-1-process speed-up of this machine")
     args = p.parse_args(argv)
     if not Path(args.morphology).is_file():
         print(f"morphology not found: {args.morphology} (set --morphology or $LFDEEP_HAY_MORPHOLOGY)", file=sys.stderr)
@@ -115,6 +144,11 @@ def main(argv=None) -> int:
         print(f"per core actually obtained: {per_core[1]:.1f} (1 worker) and {per_core[2]:.1f} (2 workers) simulated s "
               f"per core-hour; parallel efficiency {per_core[2] / per_core[1]:.2f} (estimated speed-up on {os.cpu_count()} "
               f"otherwise idle cores would be ~{2 * per_core[2] / per_core[1]:.2f}x)")
+        if not args.no_machine_baseline:
+            m = machine_speedup()
+            print(f"this machine's own 2-vs-1-process speed-up on a NEURON-free CPU-bound kernel: {m:.2f}x "
+                  f"(the ceiling for any 2-worker job here); generation reaches "
+                  f"{rates[2] / rates[1] / m:.0%} of it")
         st = storage(simulate.record_path(tmp / "w1", 0), tmp)
         per_s = st["bytes"] / st["sim_s"]
         stream = (st["bytes"] - st["static_bytes"]) / st["sim_s"]

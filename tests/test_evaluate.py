@@ -271,6 +271,7 @@ def test_evaluate_end_to_end(reference, checkpoint, small_dataset, tmp_path):
     model = load_surrogate(checkpoint)
     mse_tf = np.zeros(642)
     mse_cl = np.zeros(642)
+    mse_base = np.zeros(642)
     n = 0
     logits, labels = [], []
     ev = reference["input_effective"]
@@ -287,6 +288,7 @@ def test_evaluate_end_to_end(reference, checkpoint, small_dataset, tmp_path):
             cl = closed_loop(model, xt[..., 1:], v0_mV=vt[..., 0], output="mV")
         mse_tf += ((model.to_mV(tf.v)[0].numpy() - v[:, 1:]) ** 2).sum(1)
         mse_cl += ((cl.v[0].numpy() - v[:, 1:]) ** 2).sum(1)
+        mse_base += ((model.v_mean.numpy()[:, None].astype(np.float64) - v[:, 1:]) ** 2).sum(1)
         n += T - 1
         logits.append(cl.spike_logit[0].numpy())
         lab = np.zeros(T - 1)
@@ -296,6 +298,7 @@ def test_evaluate_end_to_end(reference, checkpoint, small_dataset, tmp_path):
     vt_ = s["voltage"]
     assert vt_["teacher_forced"]["all"] == pytest.approx(np.sqrt((mse_tf / n).mean()), rel=1e-4)
     assert vt_["closed_loop"]["all"] == pytest.approx(np.sqrt((mse_cl / n).mean()), rel=1e-4)
+    assert vt_["baseline_train_mean"]["all"] == pytest.approx(np.sqrt((mse_base / n).mean()), rel=1e-6)
     g = M.segment_groups(reference["segments"])
     for name, idx in g.items():
         if len(idx):

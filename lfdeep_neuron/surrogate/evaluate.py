@@ -126,6 +126,7 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
     if ds.window_ms is not None:
         raise ValueError("simulate_split needs whole simulations: a SimulationDataset with window_ms=None")
     model = model.eval().to(device)
+    v_mean = model.v_mean.detach().cpu().numpy().astype(np.float64)[:, None]
     n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
     bar = None
     if progress:
@@ -147,7 +148,8 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
             r = ds.records[p]
             d = {"index": int(r.index), "T": int(r.n_steps), "spike_times_ms": np.asarray(r.spike_times_ms),
                  "spike": b["spike"][i, 1:].numpy(), "logit_cl": cl.spike_logit[i].float().cpu().numpy(),
-                 "sse_cl": sse_cl[i]}
+                 "sse_cl": sse_cl[i],
+                 "sse_base": ((v_true[i].cpu().numpy().astype(np.float64) - v_mean) ** 2).sum(axis=1)}
             if teacher_forced:
                 d["logit_tf"] = logit_tf[i].cpu().numpy()
                 d["sse_tf"] = sq_err_per_segment(v_tf[i].cpu().numpy(), v_true[i].cpu().numpy())[0]
@@ -233,6 +235,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     mse_cl = sum(r["sse_cl"] for r in sims) / n_per_seg
     rmse_tf = rmse_by_group(mse_tf, groups)
     rmse_cl = rmse_by_group(mse_cl, groups)
+    rmse_base = rmse_by_group(sum(r["sse_base"] for r in sims) / n_per_seg, groups)
 
     true_trains = [r["spike_times_ms"] for r in sims]
     durations = [r["T"] for r in sims]
@@ -251,6 +254,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     cl_sp = spikes["closed_loop"]
     flat = {
         "test_rmse_mV_tf": rmse_tf["all"], "test_rmse_mV_cl": rmse_cl["all"],
+        "test_rmse_mV_baseline": rmse_base["all"],
         **{f"test_{g}_rmse_mV_tf": rmse_tf[g] for g in GROUPS if g in rmse_tf},
         **{f"test_{g}_rmse_mV_cl": rmse_cl[g] for g in GROUPS if g in rmse_cl},
         "spike_threshold_logit": thr, "spike_auc_tf": spikes["auc_tf"], "spike_auc_cl": spikes["auc_cl"],
@@ -270,6 +274,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
         "voltage": {
             "unit": "mV (RMSE of point samples v_1ms, steps 1..T-1, segments weighted equally)",
             "teacher_forced": rmse_tf, "closed_loop": rmse_cl,
+            "baseline_train_mean": rmse_base,
+            "baseline_note": "a constant prediction: each segment's mean voltage over the train split",
             "per_sim_rmse_mV_tf": [float(np.sqrt(r["sse_tf"].mean() / (r["T"] - 1))) for r in sims],
             "per_sim_rmse_mV_cl": [float(np.sqrt(r["sse_cl"].mean() / (r["T"] - 1))) for r in sims],
         },
@@ -428,10 +434,12 @@ def _print_summary(summary: dict, out: Path) -> None:
     v, s = summary["voltage"], summary["spikes"]
     print(f"{summary['model']['arch']} on {summary['data']['n_sims']} {summary['data']['split']} simulations "
           f"({sum(summary['data']['durations_ms'])} ms):")
-    print(f"  {'group':<14}{'teacher-forced':>16}{'closed loop':>14}   (RMSE, mV)")
+    print(f"  {'group':<14}{'teacher-forced':>16}{'closed loop':>14}{'constant':>10}   (RMSE, mV; constant = "
+          f"train-mean voltage of each segment)")
+    base = v.get("baseline_train_mean", {})
     for g in ("all",) + GROUPS:
         if g in v["teacher_forced"]:
-            print(f"  {g:<14}{v['teacher_forced'][g]:>16.3f}{v['closed_loop'][g]:>14.3f}")
+            print(f"  {g:<14}{v['teacher_forced'][g]:>16.3f}{v['closed_loop'][g]:>14.3f}{base.get(g, float('nan')):>10.3f}")
     cl = s["closed_loop"]
     print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f}; threshold {s['threshold_logit']:.3g} "
           f"({s['threshold_source']}); closed loop Γ {cl['gamma']:.3f}, {cl['n_pred']} predicted vs "
