@@ -32,7 +32,7 @@ SHARED = REPO.parent / "shared" / "hay"
 
 
 def load_model(path, config="paper", seed=0):
-    """(model, trained?): --model, the first models/*.pt, or an untrained MMoE (with a warning)."""
+    """(model, trained?): --model, the bundled models/DEFAULT, or an untrained MMoE (with a warning)."""
     sys.path.insert(0, str(REPO / "examples"))
     from netpyne_l5pc_network import load_model as _load
 
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     model, trained = load_model(args.model)
     if not trained:
-        print("WARNING: no trained surrogate (models/*.pt or --model): scoring an UNTRAINED paper MMoE; "
+        print("WARNING: no trained surrogate (models/ or --model): scoring an UNTRAINED paper MMoE; "
               "its LFP is meaningless")
     t0 = time.perf_counter()
     v_s, i_s = run_surrogate(model, binned_inputs(syn, t_ev, T))

@@ -16,7 +16,7 @@ Outputs in ``--out-dir``: ``raster.png`` and ``traces.png`` (NetPyNE's own plots
 (every segment's voltage of cell 0 vs time) and ``lfp.png`` (the surrogate population's LFP on a
 16-contact laminar probe). ``--out FILE.npz`` saves spikes, cell 0's soma trace and the LFP.
 
-Model: ``--model CKPT``, else the first checkpoint in ``models/``, else an *untrained* paper-config
+Model: ``--model CKPT``, else the bundled checkpoint (``models/DEFAULT``), else an *untrained* paper-config
 MMoE (a demonstration of the machinery only; a warning is printed) whose spike threshold is
 calibrated so that cells fire at about ``--target-rate`` Hz.
 """
@@ -47,14 +47,14 @@ def _network_example():
 
 
 def load_model(path=None, config="paper", seed: int = 0):
-    """(model, trained?): a checkpoint, the first bundled one, or an untrained MMoE of ``config``."""
+    """(model, trained?): a checkpoint, the bundled one (models/DEFAULT), or an untrained MMoE of ``config``."""
     import torch
 
-    candidates = [Path(path)] if path else sorted((REPO / "models").glob("*.pt"))
-    if candidates:
-        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
 
-        return load_surrogate(candidates[0]), True
+    ckpt = Path(path) if path else bundled_checkpoint()
+    if ckpt is not None:
+        return load_surrogate(ckpt), True
     from lfdeep_neuron.data.records import read_record
     from lfdeep_neuron.surrogate.mtl import MMoE
 
@@ -184,7 +184,7 @@ def lfp_figure(path, lfp):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="surrogate checkpoint (default: models/*.pt, else untrained)")
+    p.add_argument("--model", default=None, help="surrogate checkpoint (default: the bundled models/DEFAULT, else untrained)")
     p.add_argument("--untrained-config", default="paper", help="config of the untrained fallback model")
     p.add_argument("--hay", action="store_true", help="detailed HayL5PCs instead of surrogates (same spec)")
     p.add_argument("--morphology", default=str(SHARED / "cell1.asc"), help="Hay cell1.asc (--hay, LFP)")
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
                                                dtype=torch.float64 if args.dtype == "float64" else None)
         rule = surrogate_cell_params(model, spike_threshold=threshold, dtype=args.dtype)
         if rank == 0 and not trained:
-            print("WARNING: no trained surrogate (models/*.pt or --model): using an UNTRAINED "
+            print("WARNING: no trained surrogate (models/ or --model): using an UNTRAINED "
                   f"{args.untrained_config} MMoE; its voltages are meaningless (spike threshold calibrated "
                   f"to {threshold:.4g} for ~{args.target_rate:g} Hz)")
     net, cfg = build_spec(args, rule)

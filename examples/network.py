@@ -11,7 +11,7 @@ depend on how cells are spread over ranks), each on one random dendritic synapse
 cells through ``pc.gid_connect`` (delay 1-3 ms >= one surrogate step). All randomness is seeded per
 target gid, so 1 rank and N ranks build the same network.
 
-Model: ``--model CKPT`` or the first checkpoint in ``models/``; without one, an *untrained* tiny
+Model: ``--model CKPT`` or the bundled checkpoint (``models/DEFAULT``); without one, an *untrained* tiny
 MMoE (predictions are meaningless: a demo of the machinery) whose spike threshold is calibrated
 on a probe run so that cells fire at about ``--target-rate`` Hz.
 """
@@ -48,14 +48,14 @@ def _hay_tables(morphology=None):
 
 
 def load_model(path=None, morphology=None, seed: int = 0):
-    """(model, trained?) -- a checkpoint, the first bundled one, or an untrained tiny MMoE."""
+    """(model, trained?) -- a checkpoint, the bundled one (models/DEFAULT), or an untrained tiny MMoE."""
     import torch
 
-    candidates = [Path(path)] if path else sorted((REPO / "models").glob("*.pt"))
-    if candidates:
-        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
 
-        return load_surrogate(candidates[0]), True
+    ckpt = Path(path) if path else bundled_checkpoint()
+    if ckpt is not None:
+        return load_surrogate(ckpt), True
     from lfdeep_neuron.surrogate.mtl import MMoE
 
     torch.manual_seed(seed)
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-cells", type=int, default=20)
     p.add_argument("--tstop", type=float, default=200.0, help="simulated time (ms)")
-    p.add_argument("--model", default=None, help="surrogate checkpoint (default: models/*.pt or untrained tiny)")
+    p.add_argument("--model", default=None, help="surrogate checkpoint (default: the bundled models/DEFAULT, else untrained tiny)")
     p.add_argument("--n-stims", type=int, default=64, help="Poisson NetStims per cell")
     p.add_argument("--stim-rate", type=float, default=100.0, help="rate of each NetStim (Hz)")
     p.add_argument("--k-rec", type=int, default=10, help="recurrent inputs per cell")

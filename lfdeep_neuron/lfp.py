@@ -758,6 +758,12 @@ class PopulationLFP:
         v = v - v.mean(dim=1, keepdim=True)
         return self._transfer.reshape(self.n_electrodes, -1) @ v.reshape(-1)
 
+    def step_currents(self, i_nA):
+        """Potential at every electrode (mV, [E] torch tensor on the device) from one step of membrane
+        currents ``i_nA`` [N, S] (e.g. a surrogate's predicted bin-mean currents)."""
+        i = self._tensor(i_nA, "i_nA", 2, "NS")
+        return self._mapping.reshape(self.n_electrodes, -1) @ i.reshape(-1)
+
     def from_voltages(self, v_mV, per_cell: bool = False):
         """Potentials (mV) from recorded voltages ``v_mV`` [N, S, T].
 

@@ -157,3 +157,23 @@ def test_normalization_errors(tmp_path):
     with pytest.raises(SegmentMismatchError, match="normalization v_mean: 3"):
         load_surrogate(path)
     assert issubclass(NormalizationError, CheckpointError) and issubclass(CheckpointError, ValueError)
+
+
+def test_bundled_checkpoint_follows_models_default(tmp_path):
+    from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
+
+    assert bundled_checkpoint(tmp_path / "none") is None and bundled_checkpoint(tmp_path) is None
+    (tmp_path / "b.pt").write_bytes(b"x")
+    (tmp_path / "a.pt").write_bytes(b"x")
+    assert bundled_checkpoint(tmp_path) == tmp_path / "a.pt"             # no DEFAULT: first by name
+    (tmp_path / "DEFAULT").write_text("b.pt\n")
+    assert bundled_checkpoint(tmp_path) == tmp_path / "b.pt"
+    (tmp_path / "DEFAULT").write_text("gone.pt\n")
+    with pytest.raises(FileNotFoundError, match="names 'gone.pt'"):
+        bundled_checkpoint(tmp_path)
+    # the repository's own models/: its DEFAULT (if any) names a checkpoint that loads
+    if (MODELS_DIR / "DEFAULT").is_file():
+        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+        model = load_surrogate(bundled_checkpoint())
+        assert model.n_segments == 642 and model.n_channels == 1278

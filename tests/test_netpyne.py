@@ -42,6 +42,26 @@ def tiny_ckpt(tmp_path_factory, reference_dir):
 
 
 @pytest.fixture(scope="module")
+def tiny_imem_ckpt(tmp_path_factory, reference_dir):
+    """As ``tiny_ckpt`` with membrane-current tasks (untrained; normalisation from the reference's voltages
+    and an arbitrary current scale)."""
+    import torch
+
+    from lfdeep_neuron.data.records import read_record
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+    from lfdeep_neuron.surrogate.mtl import MMoE
+
+    torch.manual_seed(1)
+    rec = read_record(reference_dir / "synaptic_seed1.h5", require=("segments", "synapses", "v_1ms"))
+    model = MMoE.from_config("tiny", n_segments=642, n_channels=1278, imem_tasks=True)
+    v = np.asarray(rec["v_1ms"], np.float64)
+    model.set_normalization(v.mean(1), v.std(1), imem_mean=np.zeros(642), imem_std=np.full(642, 0.05))
+    path = tmp_path_factory.mktemp("netpyne_imem") / "tiny_imem.pt"
+    save_checkpoint(path, model, segments=rec["segments"], synapses=rec["synapses"])
+    return path
+
+
+@pytest.fixture(scope="module")
 def hay(morphology):
     from lfdeep_neuron.hay import HayL5PC
 
@@ -201,6 +221,47 @@ def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morph
     assert scale > 0
     np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * scale)
     assert not np.allclose(cells[0].randRotationAngle, cells[1].randRotationAngle)
+
+
+def test_population_lfp_from_predicted_currents(netpyne_sim, tiny_imem_ckpt, tiny_ckpt):
+    """A model with current tasks: the LFP is sum_c M_c i_c of its predicted currents (no Laplacian)."""
+    import torch
+
+    from lfdeep_neuron.cosim import SurrogateEngine
+    from lfdeep_neuron.cosim.netpyne import surrogate_cell_params, surrogate_lfp
+    from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
+
+    sim = netpyne_sim
+    conns = {"e": {"sec": "apical", "synMech": "exc", "weight": 3.0, "synsPerConn": 5}}
+    net, cfg = _spec(surrogate_cell_params(tiny_imem_ckpt, dtype="float64"), n_cells=2, duration=30.0,
+                     conns=conns, lfp=True, rotate=True)
+    sim.create(netParams=net, simConfig=cfg)
+    cells = [c for c in sim.net.cells if c.tags["pop"] == "L5"]
+    assert cells[0].engine.predicts_currents
+    rec = cells[0].engine.record(cells=[c.surrogate for c in cells], currents=True)
+    sim.simulate()
+    lfp = surrogate_lfp(sim)
+    assert lfp["lfp_mV"].shape == (16, 30)
+    i64 = torch.stack(rec._imem, dim=-1).double().numpy()            # [2, S, T] nA
+    assert np.allclose(i64.astype(np.float32), rec.imem_nA)
+    assert np.all(i64[..., 0] == 0.0) and np.abs(i64[..., 1:]).min(axis=-1).max() > 0
+    base = SegmentGeometry.from_table(cells[0].engine.segments)
+    total = np.zeros((16, 30))
+    for i, c in enumerate(cells):
+        pos = np.array([c.tags["x"], c.tags["y"], c.tags["z"]]) - base.soma_centre_um
+        geom = base.placed(pos, rotation=(0.0, -c.randRotationAngle, 0.0))
+        total += PopulationLFP.from_geometries([geom], _probe(lfp), dtype=torch.float64).from_currents(i64[i:i + 1])
+    scale = np.abs(total).max()
+    assert scale > 0
+    np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * scale)
+    # asking for currents from a voltage-only model, or recording them, is refused clearly
+    SurrogateEngine.close_all()
+    sim.clearAll()
+    sim.fih = []
+    with pytest.raises(ValueError, match="needs a surrogate with membrane-current tasks"):
+        eng = SurrogateEngine(tiny_ckpt)
+        eng.record(currents=True)
+    SurrogateEngine.close_all()
 
 
 def _probe(lfp):

@@ -409,6 +409,7 @@ class SurrogateEngine:
         self._n_init = 0                 # instances the current streamer was made for
         self._k = 0                      # index of the next step (0: the initial state)
         self._v0 = None                  # [n, S] initial voltages (mV) recorded at t0
+        self._imem0 = None               # [n, S] zeros (nA) when the model predicts membrane currents
         self._nan_logit = None           # [n] NaN: the spike logit "at" t0
         self._t0 = 0.0
         self._offset = 0.0
@@ -439,6 +440,15 @@ class SurrogateEngine:
             art.base = -1
         self._arts, self._fires, self._gids, self._cell_refs = [], [], [], []
         self._stream = None
+
+    @property
+    def predicts_currents(self) -> bool:
+        """Whether the model has membrane-current tasks (bin-mean ``i_membrane_`` of every segment, nA).
+
+        Such a model's LFP is ``M i`` from its predicted currents rather than ``M (-L v)`` from its
+        voltages (see :func:`lfdeep_neuron.cosim.netpyne.record_surrogate_lfp`).
+        """
+        return bool(getattr(getattr(self.model, "config", None), "imem_tasks", False))
 
     # ---- instances --------------------------------------------------------------------------
 
@@ -483,7 +493,8 @@ class SurrogateEngine:
 
     # ---- recording ----------------------------------------------------------------------------
 
-    def record(self, cells=None, segments="all", inputs: bool = False, logits: bool = False) -> Recording:
+    def record(self, cells=None, segments="all", inputs: bool = False, logits: bool = False,
+               currents: bool = False) -> Recording:
         """Record voltages (mV, point samples at each step) from the next ``finitialize`` on.
 
         Parameters
@@ -498,10 +509,13 @@ class SurrogateEngine:
             the events cleared at t0, not fed).
         logits : bool
             Also keep the somatic spike logits (float32 [n_cells, T]; NaN at t0).
+        currents : bool
+            Also keep the predicted bin-mean membrane currents (nA, same layout as the voltages;
+            only for models with current tasks, see :attr:`predicts_currents`).
 
         Sample 0 is the initial state at t0 (``model.v_rest``), sample k >= 1 step k's prediction.
         """
-        rec = Recording(self, cells=cells, segments=segments, inputs=inputs, logits=logits)
+        rec = Recording(self, cells=cells, segments=segments, inputs=inputs, logits=logits, currents=currents)
         self._recordings.append(weakref.ref(rec))
         return rec
 
@@ -558,6 +572,8 @@ class SurrogateEngine:
                                                output="mV", **kw)
             v_rest = torch.as_tensor(self.model.v_rest, device=self.device)
             self._v0 = v_rest.to(self._x.dtype).expand(n, -1)       # the streamer's v0 (model.v_rest)
+            # membrane-current tasks (nA): at rest every segment's membrane current is zero
+            self._imem0 = torch.zeros_like(self._v0) if self.predicts_currents else None
             self._nan_logit = torch.full((n,), float("nan"), dtype=self._x.dtype, device=self.device)
         h.cvode.event(self._t0 + self._offset, self._step_callback)
 
@@ -628,13 +644,14 @@ class SurrogateEngine:
         if self._k == 0:
             # t0: the initial state; the inputs of bin 0 (events at t <= t0) were cleared, not fed
             for rec in recordings:
-                rec._append(0, self._v0, self._nan_logit)
+                rec._append(0, self._v0, self._nan_logit, self._imem0)
             self._k = 1
             h.cvode.event(self._t0 + self.step_ms + self._offset, self._step_callback)
             return
         c1 = clock()
         with torch.inference_mode():
-            v, logit = self._stream.step(x)
+            pred = self._stream.step(x)
+        v, logit, imem = pred[0], pred[1], getattr(pred, "imem", None)
         self.n_forward += 1
         c2 = clock()
         fired = torch.nonzero(logit > self.spike_threshold).flatten()
@@ -647,7 +664,7 @@ class SurrogateEngine:
             self._spike_times.append(t_now)
         c3 = clock()
         for rec in recordings:
-            rec._append(self._k, v, logit)
+            rec._append(self._k, v, logit, imem)
         c4 = clock()
         self.timers["intake"] += c1 - c0
         self.timers["forward"] += c2 - c1

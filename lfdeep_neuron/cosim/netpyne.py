@@ -246,7 +246,7 @@ def add_syn_mechs(netParams) -> dict:
 
 def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float = 0.3,
                          method: str = "linesource", pops=None, morphology=None, laplacian=None,
-                         device=None) -> dict:
+                         device=None, source: str = "auto") -> dict:
     """Ask for the LFP of surrogate populations (sets ``simConfig.recordSurrogateLFP``).
 
     Parameters
@@ -263,7 +263,15 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
     laplacian : path, optional
         An ``.npz`` written by ``AxialLaplacian.save`` instead of building it.
     device : torch device for the LFP sums (default: the engine's).
+    source : {'auto', 'currents', 'voltages'}
+        What the LFP is computed from. ``'voltages'``: ``M (-L v)`` from the predicted point samples
+        (the Laplacian amplifies voltage errors, see DESIGN.md); ``'currents'``: ``M i`` from the
+        predicted bin-mean membrane currents of a model trained with current tasks (``--imem``), so
+        sample k is the LFP averaged over (k-1, k] ms, like NEURON's bin-mean LFP; ``'auto'``
+        (default): currents when the model predicts them, else voltages.
     """
+    if source not in ("auto", "currents", "voltages"):
+        raise ValueError(f"source must be 'auto', 'currents' or 'voltages', got {source!r}")
     if method not in ("linesource", "pointsource"):
         raise ValueError(f"method must be 'linesource' or 'pointsource', got {method!r}")
     spec = {"electrodes_um": None if electrodes_um is None else np.asarray(electrodes_um, float).tolist(),
@@ -271,7 +279,7 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
             "pops": None if pops is None else list(pops),
             "morphology": None if morphology is None else str(morphology),
             "laplacian": None if laplacian is None else str(laplacian),
-            "device": None if device is None else str(device)}
+            "device": None if device is None else str(device), "source": source}
     if spec["electrodes_um"] is not None:
         arr = np.asarray(spec["electrodes_um"])
         if arr.ndim != 2 or arr.shape[1] != 3 or len(arr) == 0:
@@ -554,7 +562,7 @@ class _TraceSink:
     def _append_inputs(self, rows):
         pass
 
-    def _append(self, k, v, logit):
+    def _append(self, k, v, logit, imem=None):
         if not self._views:
             return
         vals = v[self._rows, self._segs].double().cpu().numpy()
@@ -583,7 +591,8 @@ def _trace_sink(engine) -> _TraceSink:
 
 
 class _LFPSink:
-    """Accumulates ``phi = sum_c K_c v_c`` of this rank's surrogate cells every step (mV)."""
+    """Accumulates this rank's surrogate LFP every step (mV): ``sum_c K_c v_c`` from voltages, or
+    ``sum_c M_c i_c`` from predicted membrane currents (``laplacian`` None)."""
 
     def __init__(self, engine, spec, laplacian):
         self.engine, self.spec, self.laplacian = engine, spec, laplacian
@@ -608,6 +617,7 @@ class _LFPSink:
         cells = [c for c in sim.net.cells if isinstance(c, SurrogateCompartCell) and c.engine is self.engine
                  and (pops is None or c.tags.get("pop") in pops)]
         self.electrodes = self._electrodes()
+        self.use_currents = self.laplacian is None
         e = self.electrodes.n_electrodes
         step = self.engine.step_ms
         n_steps = int(np.floor((float(sim.cfg.duration) - float(sim.cfg.dt) / 4.0) / step + 1e-9)) + 1
@@ -616,7 +626,8 @@ class _LFPSink:
         if cells:
             geoms = [SegmentGeometry.from_table(c.surrogate.segment_table()) for c in cells]
             device = self.spec["device"] or self.engine.device
-            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes, self.laplacian,
+            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes,
+                                                     self.laplacian,
                                                      method=self.spec["method"], device=device)
             self._rows = torch.as_tensor([c.surrogate.index for c in cells], dtype=torch.long,
                                          device=self.engine.device)
@@ -628,10 +639,13 @@ class _LFPSink:
     def _append_inputs(self, rows):
         pass
 
-    def _append(self, k, v, logit):
+    def _append(self, k, v, logit, imem=None):
         if self.pop is None or k >= len(self.phi):
             return
-        self.phi[k] = self.pop.step(v.index_select(0, self._rows)).cpu().numpy()
+        if self.use_currents:
+            self.phi[k] = self.pop.step_currents(imem.index_select(0, self._rows)).cpu().numpy()
+        else:
+            self.phi[k] = self.pop.step(v.index_select(0, self._rows)).cpu().numpy()
 
 
 def _default_morphology():
@@ -672,8 +686,15 @@ def _setup_lfp_sink(engine):
     store = _net_store()["lfp"]
     sink = store.get(id(engine))
     if sink is None or sink.engine is not engine:
-        lap = _laplacian(spec)
-        if lap.n_segments != len(engine.segments["name"]):
+        source = spec.get("source", "auto")
+        if source == "currents" and not engine.predicts_currents:
+            raise ValueError("record_surrogate_lfp(source='currents') needs a surrogate with membrane-current "
+                             "tasks (trained with --imem); this one predicts voltages only")
+        if source == "currents" or (source == "auto" and engine.predicts_currents):
+            lap = None                    # M i from the predicted currents: no Laplacian needed
+        else:
+            lap = _laplacian(spec)
+        if lap is not None and lap.n_segments != len(engine.segments["name"]):
             raise ValueError(f"the Laplacian has {lap.n_segments} segments, the surrogate {len(engine.segments['name'])}")
         sink = store[id(engine)] = _LFPSink(engine, spec, lap)
         _attach(engine, sink)

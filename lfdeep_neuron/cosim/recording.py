@@ -20,6 +20,8 @@ record's ``v_1ms``, ``spike_logit[i]`` of rollout's ``spike_logit_1ms``)::
     /segment_name  bytes   [n_segments]                e.g. b'apic[36]' (x in segment_x)
     /segment_x     float64 [n_segments]
     /spike_logit   float32 [n_cells, T]                if recorded (NaN at k = 0)
+    /imem_nA       float32 [n_cells, n_segments, T]   if recorded: predicted bin-mean membrane currents
+                                                       over (k-1, k] (nA; models with current tasks)
     /inputs        float64 [n_cells, 1278, T]          if recorded: channel sums each step consumed;
                                                        column 0: the events cleared at t0, not fed
     /spikes/gid, /spikes/t_ms                          spikes emitted by the engine's instances
@@ -76,7 +78,8 @@ def segment_indices(segments, table) -> np.ndarray | None:
 class Recording:
     """Voltages (and optionally inputs, spike logits) of chosen instances at every step."""
 
-    def __init__(self, engine, cells=None, segments="all", inputs: bool = False, logits: bool = False):
+    def __init__(self, engine, cells=None, segments="all", inputs: bool = False, logits: bool = False,
+                 currents: bool = False):
         self.engine = engine
         self._cells = None if cells is None else list(cells)
         for c in self._cells or []:
@@ -85,8 +88,11 @@ class Recording:
         self._seg = segment_indices(segments, engine.segments)
         self.keep_inputs = bool(inputs)
         self.keep_logits = bool(logits)
+        self.keep_currents = bool(currents)
+        if self.keep_currents and not engine.predicts_currents:
+            raise ValueError("currents=True needs a surrogate with membrane-current tasks (trained with --imem)")
         self._gids = np.zeros(0, np.int64)
-        self._v, self._x, self._logit, self._steps = [], [], [], []
+        self._v, self._x, self._logit, self._imem, self._steps = [], [], [], [], []
 
     def _reset(self):
         """Called by the engine at finitialize: map cells to rows, forget old samples."""
@@ -108,25 +114,32 @@ class Recording:
         self._all_segs = self._seg is None or (
             table is not None and np.array_equal(self._seg, np.arange(len(table["name"]))))
         self._seg_t = None if self._seg is None else torch.as_tensor(self._seg, device=dev)
-        self._v, self._x, self._logit, self._steps = [], [], [], []
+        self._v, self._x, self._logit, self._imem, self._steps = [], [], [], [], []
 
     def _append_inputs(self, rows: np.ndarray):
         """Keep the channel sums (float64 [n_local, 1278]) a step is about to consume."""
         if self.keep_inputs:
             self._x.append(rows[self._rows_np].copy())
 
-    def _append(self, k: int, v, logit):
-        """Keep rows/segments of the batched prediction v [n_local, S] (mV) of step k."""
+    def _append(self, k: int, v, logit, imem=None):
+        """Keep rows/segments of the batched prediction v [n_local, S] (mV) of step k (and of the
+        predicted membrane currents ``imem`` [n_local, S], nA, with ``currents=True``)."""
         self._steps.append(k)
         if self.keep_logits:
             lg = logit if self._all_rows else logit.index_select(0, self._rows)
             self._logit.append(lg.clone() if lg is logit else lg)
         if self._seg is not None and len(self._seg) == 0:
             return
-        sel = v if self._all_rows else v.index_select(0, self._rows)
+        self._v.append(self._select(v))
+        if self.keep_currents:
+            self._imem.append(self._select(imem))
+
+    def _select(self, a):
+        """The recorded rows and segments of a batched [n_local, S] tensor (a copy)."""
+        sel = a if self._all_rows else a.index_select(0, self._rows)
         if not self._all_segs:
             sel = sel.index_select(1, self._seg_t)
-        self._v.append(sel.clone() if sel is v else sel)
+        return sel.clone() if sel is a else sel
 
     # ---- results ----------------------------------------------------------------------------
 
@@ -158,6 +171,14 @@ class Recording:
     def v_mV(self) -> np.ndarray:
         """Voltages, float32 [n_cells, n_segments, T] (mV)."""
         return self._stack(self._v, (len(self._gids), len(self.segment_index), len(self._steps)))
+
+    @property
+    def imem_nA(self) -> np.ndarray:
+        """Predicted bin-mean membrane currents, float32 [n_cells, n_segments, T] (nA; needs
+        ``currents=True``): column k >= 1 is the mean over (k-1, k] ms, column 0 zero (rest)."""
+        if not self.keep_currents:
+            raise ValueError("currents were not recorded: engine.record(..., currents=True)")
+        return self._stack(self._imem, (len(self._gids), len(self.segment_index), len(self._steps)))
 
     @property
     def spike_logit(self) -> np.ndarray:
@@ -200,6 +221,8 @@ class Recording:
                 f["segment_x"] = np.asarray(table["x"], np.float64)[seg]
             if self.keep_logits:
                 f["spike_logit"] = self.spike_logit
+            if self.keep_currents:
+                f.create_dataset("imem_nA", data=self.imem_nA, compression="gzip", compression_opts=4)
             if self.keep_inputs:
                 f.create_dataset("inputs", data=self.inputs, compression="gzip", compression_opts=4)
             f["spikes/gid"] = gid_sp

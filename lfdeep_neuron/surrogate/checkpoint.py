@@ -34,7 +34,10 @@ from lfdeep_neuron.surrogate.mtl import ARCHS, Surrogate, SurrogateConfig
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_surrogate", "CheckpointError",
            "CorruptCheckpointError", "ArchitectureError", "SegmentMismatchError", "ChannelMismatchError",
-           "NormalizationError", "atomic_torch_save"]
+           "NormalizationError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR"]
+
+#: Bundled checkpoints (``models/`` at the top of the repository); ``models/DEFAULT`` names the recommended one.
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 FORMAT = "lfdeep-neuron-surrogate"
 VERSION = 1
@@ -318,3 +321,21 @@ def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate
     if map_location is not None:
         model.to(map_location)
     return model.eval()
+
+
+def bundled_checkpoint(models_dir=None) -> Path | None:
+    """Path of the recommended bundled checkpoint, or None when ``models/`` holds none.
+
+    The file named in ``models/DEFAULT`` (one line: a file name in ``models/``), else the first ``*.pt``
+    in name order. A DEFAULT that names a missing file is an error (a broken install), not a fallback.
+    """
+    d = Path(models_dir) if models_dir is not None else MODELS_DIR
+    default = d / "DEFAULT"
+    if default.is_file():
+        name = default.read_text().strip()
+        path = d / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{default} names {name!r}, which is not in {d}")
+        return path
+    found = sorted(d.glob("*.pt")) if d.is_dir() else []
+    return found[0] if found else None
