@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": ("lfdeep_neuron.surrogate.train", "train an MH / MMoE / MMoEEx surrogate"),
     "evaluate": ("lfdeep_neuron.surrogate.evaluate", "score a surrogate on held-out simulations"),
     "rollout": ("lfdeep_neuron.surrogate.rollout", "closed-loop surrogate run on an inputs file"),
+    "compare": ("lfdeep_neuron.surrogate.compare", "score one record against another (voltages, spikes)"),
 }
 
 

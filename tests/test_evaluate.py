@@ -316,3 +316,37 @@ def test_evaluate_end_to_end(reference, checkpoint, small_dataset, tmp_path):
     assert e["n_experts"] == 3 and 0 < e["mean"] <= 1 and np.array(e["distance"]).shape == (3, 3)
     rows = (out / "per_segment.csv").read_text().splitlines()
     assert len(rows) == 643 and rows[1].startswith("0,soma[0],soma,")
+
+
+def test_compare_cli_scores_records(reference_dir, tmp_path, capsys):
+    """``lfdeep-neuron compare``: a record shifted by 1 mV with one spike missing and one 1.5 ms late."""
+    import json
+
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.data.records import RecordFormatError, read_record, write_record
+
+    ref_path = reference_dir / "synaptic_seed1.h5"
+    rec = read_record(ref_path)
+    kw = rec.write_kwargs()
+    true_sp = np.asarray(rec["soma_spike_times_ms"])
+    assert true_sp.size == 2
+    kw["traces"] = dict(kw["traces"], v_1ms=(rec["v_1ms"].astype(np.float64) + 1.0).astype(np.float32),
+                        soma_spike_times_ms=true_sp[:1] + 1.5)
+    shifted = write_record(tmp_path / "shifted.h5", **kw)
+    assert main(["compare", "--pred", str(shifted), "--true", str(ref_path), "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["rmse_mV"]["all"] == pytest.approx(1.0, abs=1e-4)
+    assert out["rmse_mV"]["soma"] == pytest.approx(1.0, abs=1e-4)
+    v = rec["v_1ms"].astype(np.float64)
+    assert out["rmse_mV_constant_baseline"]["all"] == pytest.approx(np.sqrt(v.var(axis=1).mean()), rel=1e-6)
+    s = out["spikes"]
+    assert (s["n_pred"], s["n_true"], s["n_coinc"]) == (1, 2, 1)
+    nu = 1 / 3000.0
+    assert s["gamma"] == pytest.approx((1 - 2 * nu * 2.0 * 2) / 1.5 / (1 - 2 * nu * 2.0))
+    assert "Γ = " in capsys.readouterr().out
+    # the same record scores perfectly; a record of another length is refused by name
+    assert main(["compare", "--pred", str(ref_path), "--true", str(ref_path)]) == 0
+    kw["traces"] = dict(kw["traces"], v_1ms=rec["v_1ms"][:, :100], t_1ms=rec["t_1ms"][:100])
+    short = write_record(tmp_path / "short.h5", **kw)
+    with pytest.raises(RecordFormatError, match="v_1ms shapes differ"):
+        main(["compare", "--pred", str(short), "--true", str(ref_path)])
