@@ -197,8 +197,8 @@ def main(argv=None) -> int:
     p.add_argument("--conv-inh", type=int, default=140, help="inhibitory background inputs per cell")
     p.add_argument("--p-rec", type=float, default=0.3, help="recurrent connection probability (apical, basal)")
     p.add_argument("--w-rec", type=float, default=3.0, help="recurrent weight (reference-synapse units)")
-    p.add_argument("--threshold", type=float, default=None, help="spike-logit threshold (default 0, "
-                   "or calibrated for an untrained model)")
+    p.add_argument("--threshold", type=float, default=None, help="spike-logit threshold (default: a trained "
+                   "checkpoint's calibrated metrics['spike_threshold_logit'], else 0; calibrated for an untrained model)")
     p.add_argument("--target-rate", type=float, default=10.0, help="Hz, for the calibrated threshold")
     p.add_argument("--calibrate", action="store_true", help="calibrate the threshold for a given model too")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -225,7 +225,9 @@ def main(argv=None) -> int:
         if args.threshold is not None:
             threshold = args.threshold
         elif trained and not args.calibrate:
-            threshold = 0.0
+            from lfdeep_neuron.cosim.engine import default_spike_threshold
+
+            threshold = default_spike_threshold(model)     # the checkpoint's calibrated one, else 0
         else:
             import torch
 
