@@ -33,7 +33,8 @@ def _stream(st: Streamer, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("cls", ARCH_CLASSES)
-@pytest.mark.parametrize("over", [{}, {"imem_tasks": True, "residual": True}])
+@pytest.mark.parametrize("over", [{}, {"imem_tasks": True, "residual": True},
+                                  {"imem_tasks": True, "local_taus": (2.0, 7.0)}])
 def test_teacher_forced_streaming_equals_full_pass(cls, over):
     m = _model(cls, **over)
     B, T = 4, 60
@@ -50,8 +51,9 @@ def test_teacher_forced_streaming_equals_full_pass(cls, over):
 
 
 @pytest.mark.parametrize("cls", ARCH_CLASSES)
-def test_closed_loop_streaming_equals_full_pass_fed_its_own_outputs(cls):
-    m = _model(cls)
+@pytest.mark.parametrize("over", [{}, {"local_taus": (3.0,)}])
+def test_closed_loop_streaming_equals_full_pass_fed_its_own_outputs(cls, over):
+    m = _model(cls, **over)
     B, T = 3, 50
     x_syn = torch.rand(B, m.n_channels, T) * 2
     v0 = torch.randn(B, m.n_segments) - 65

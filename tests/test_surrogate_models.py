@@ -156,3 +156,33 @@ def test_each_architecture_overfits_a_small_sequence(arch):
         loss.backward()
         opt.step()
     assert history[0] / min(history[-10:]) >= 10.0, (history[0], history[-10:])
+
+
+def test_local_synaptic_features():
+    """config.local_taus: each segment's tower reads exponential traces of its own two channels."""
+    from lfdeep_neuron.surrogate.mtl import default_local_channels
+
+    ch = default_local_channels(6, 10)                       # tiny: 5 synaptic segments 1..5
+    assert ch[0].tolist() == [10, 10] and ch[1].tolist() == [0, 5] and ch[5].tolist() == [4, 9]
+    assert default_local_channels(642, 1278)[639].tolist() == [638, 1277]
+    assert default_local_channels(642, 1278)[640:].eq(1278).all()      # axon stubs: none
+    with pytest.raises(ValueError, match="channel layout"):
+        default_local_channels(3, 10)
+    m = MMoE.from_config("tiny", local_taus=(2.0, 10.0), imem_tasks=True)
+    assert m.n_local == 4 and m.towers.w_loc.shape == (m.n_tasks, 4, m.config.tower_soft)
+    u = torch.zeros(1, m.n_channels, 12)
+    u[0, 2, 3] = 1.0                                          # excitatory channel 2 = segment 3, step 3
+    u[0, 7, 5] = 0.5                                          # inhibitory channel 7 = segment 3, step 5
+    tr = m.local_traces(u)                                    # [T, B, C, K]
+    k = torch.arange(12.0)
+    exc = torch.where(k[:, None] >= 3, torch.exp(-(k - 3)[:, None] / torch.tensor([2.0, 10.0])), torch.zeros(1))
+    torch.testing.assert_close(tr[:, 0, 2], exc)
+    rows = m.local_rows(tr)[:, 0]                             # [T, n_tasks, 4]
+    S = m.n_segments
+    torch.testing.assert_close(rows[:, 3, :2], exc)           # voltage task of segment 3: its exc traces
+    torch.testing.assert_close(rows[:, S + 1 + 3, :2], exc)   # its current task too
+    assert rows[:, 3, 2:].abs().sum() > 0 and rows[:5, 3, 2:].abs().sum() == 0      # inh from step 5 on
+    others = [s for s in range(2 * S + 1) if s not in (3, S + 1 + 3)]
+    assert rows[:, others].abs().sum() == 0                   # no other task (spike task: the soma) sees it
+    with pytest.raises(ValueError, match="positive"):
+        MMoE.from_config("tiny", local_taus=(0.0,))

@@ -57,7 +57,7 @@ from torch import nn
 from lfdeep_neuron.surrogate.tcn import TCN
 
 __all__ = ["SurrogateConfig", "CONFIGS", "Prediction", "Surrogate", "MH", "MMoE", "MMoEEx", "ARCHS",
-           "build_model"]
+           "build_model", "default_local_channels"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ class SurrogateConfig:
                                      # the synthetic cell: better teacher-forced, but closed loop diverged
                                      # (with and without --rollout 2): for experiments only
     imem_tasks: bool = False         # extra tasks: bin-mean membrane current of every segment
+    local_taus: tuple = ()           # ms; each tower also reads its own segment's synaptic channels through
+                                     # fixed exponential filters of these time constants (() = off, as the paper)
     channels: tuple = (32, 16, 8)    # TCN channels per block (per expert)
     kernel: int = 10                 # taps per causal convolution
     dilations: tuple | None = None   # per block; default 1, 2, 4, ...
@@ -90,6 +92,10 @@ class SurrogateConfig:
             return (int(v),) if isinstance(v, (int, float)) else tuple(int(c) for c in v)
 
         self.channels, self.compressor = ints(self.channels), ints(self.compressor)
+        taus = self.local_taus if isinstance(self.local_taus, (list, tuple)) else (self.local_taus,)
+        self.local_taus = tuple(float(t) for t in taus)
+        if any(not t > 0 for t in self.local_taus):
+            raise ValueError(f"local_taus must be positive time constants (ms), got {self.local_taus}")
         if self.dilations is not None:
             self.dilations = ints(self.dilations)
         if len(self.dilations or self.channels) != len(self.channels):
@@ -125,6 +131,23 @@ CONFIGS: dict[str, dict] = {
     "wide": dict(channels=(64, 32, 16, 16), kernel=8, dilations=(1, 2, 4, 8), n_experts=6, compressor=(16, 8),
                  tower_soft=16, tower_hard=32),
 }
+
+
+def default_local_channels(n_segments: int, n_channels: int) -> torch.Tensor:
+    """``[S, 2]`` channel of the excitatory and the inhibitory synapse of each segment (``n_channels``: none).
+
+    The channel layout of DESIGN.md: with ``n = n_channels // 2`` synaptic segments, channel ``c < n`` is the
+    excitatory and ``n + c`` the inhibitory synapse of segment ``c + 1`` (segment 0, the soma, and the
+    segments after the dendrites, the axon, have none).
+    """
+    n = n_channels // 2
+    if n_channels % 2 or n > n_segments - 1:
+        raise ValueError(f"local_taus needs the channel layout of DESIGN.md (an even number of channels, at most "
+                         f"2 per non-somatic segment); got {n_channels} channels for {n_segments} segments")
+    out = torch.full((n_segments, 2), n_channels, dtype=torch.long)
+    out[1:n + 1, 0] = torch.arange(n)
+    out[1:n + 1, 1] = torch.arange(n, 2 * n)
+    return out
 
 
 def make_config(name: str = "paper", **overrides) -> SurrogateConfig:
@@ -171,22 +194,28 @@ class Towers(nn.Module):
     ``[R, n_tasks, C]`` (MMoE), and returns ``[R, n_tasks]``. R = batch x time rows.
     """
 
-    def __init__(self, n_tasks: int, c_in: int, width: int):
+    def __init__(self, n_tasks: int, c_in: int, width: int, n_local: int = 0):
         super().__init__()
         bound1, bound2 = 1 / math.sqrt(c_in), 1 / math.sqrt(width)  # nn.Linear's default init range
         self.w1 = nn.Parameter(torch.empty(n_tasks, c_in, width).uniform_(-bound1, bound1))
         self.b1 = nn.Parameter(torch.empty(n_tasks, width).uniform_(-bound1, bound1))
         self.w2 = nn.Parameter(torch.empty(n_tasks, width).uniform_(-bound2, bound2))
         self.b2 = nn.Parameter(torch.zeros(n_tasks))
+        if n_local:        # weights of each task's own local features (see Surrogate.local_rows)
+            bound = 1 / math.sqrt(c_in + n_local)
+            self.w_loc = nn.Parameter(torch.empty(n_tasks, n_local, width).uniform_(-bound, bound))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
+        """``local [R, n_tasks, F]``: per-task extra features (models with ``local_taus``)."""
         n, c, width = self.w1.shape
         if h.dim() == 2:   # shared features [R, C]: one GEMM for all towers
             z = torch.addmm(self.b1.reshape(-1), h, self.w1.permute(1, 0, 2).reshape(c, n * width))
-            z = F.elu(z).view(h.shape[0], n, width).transpose(0, 1)            # [n, R, H]
+            z = z.view(h.shape[0], n, width).transpose(0, 1)                 # [n, R, H]
         else:              # per-task features [R, n, C]: one batched GEMM over tasks
-            z = F.elu(torch.baddbmm(self.b1[:, None], h.transpose(0, 1), self.w1))  # [n, R, H]
-        return (torch.bmm(z, self.w2[:, :, None])[..., 0] + self.b2[:, None]).t()  # [R, n]
+            z = torch.baddbmm(self.b1[:, None], h.transpose(0, 1), self.w1)   # [n, R, H]
+        if local is not None:
+            z = torch.baddbmm(z, local.transpose(0, 1), self.w_loc)           # + each task's own features
+        return (torch.bmm(F.elu(z), self.w2[:, :, None])[..., 0] + self.b2[:, None]).t()  # [R, n]
 
 
 def _rows(h: torch.Tensor) -> torch.Tensor:
@@ -218,6 +247,17 @@ class Surrogate(nn.Module):
         self.register_buffer("imem_mean", torch.zeros(S), persistent=False)
         self.register_buffer("imem_std", torch.ones(S), persistent=False)
         self.meta: dict = {}
+        # Local synaptic features (config.local_taus): per step k, for every channel c and time constant
+        # tau_j, the trace y_cj(k) = exp(-1/tau_j) y_cj(k-1) + u_c(k) of the transformed input u; the
+        # tower of a segment's tasks reads the traces of that segment's excitatory and inhibitory channel.
+        taus = config.local_taus
+        self.n_local = 2 * len(taus)
+        if taus:
+            self.register_buffer("local_decay", torch.exp(-1.0 / torch.tensor(taus)), persistent=False)
+            self.register_buffer("local_channels", default_local_channels(S, config.n_channels))
+            task_seg = torch.cat([torch.arange(S), torch.zeros(1, dtype=torch.long)]
+                                 + ([torch.arange(S)] if config.imem_tasks else []))
+            self.register_buffer("task_segment", task_seg, persistent=False)   # spike task: the soma
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -329,10 +369,33 @@ class Surrogate(nn.Module):
         self._check_input(x, "x")
         B, _, T = x.shape
         x = self._prepare(x)
-        y = self._heads(*(_rows(tcn(x)) for tcn in self._tcns()))       # [B*T, n_tasks]
+        local = None
+        if self.n_local:                                                 # [T, B, C, K] -> [B*T, n_tasks, F]
+            local = self.local_rows(self.local_traces(x[:, :self.n_channels])).transpose(0, 1)
+            local = local.reshape(B * T, self.n_tasks, self.n_local)
+        y = self._heads(*(_rows(tcn(x)) for tcn in self._tcns()), local=local)   # [B*T, n_tasks]
         y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
         y = self._add_residual(y, x)
         return y if all_tasks else self.split_tasks(y)
+
+    @torch.no_grad()
+    def local_traces(self, u_syn: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """Exponential traces ``[T, B, C, K]`` of transformed synaptic inputs ``u_syn [B, C, T]`` (1 ms steps),
+        starting from ``state [B, C, K]`` (default zeros). Inputs, not parameters: no gradient flows here."""
+        B, C, T = u_syn.shape
+        y = u_syn.new_zeros(B, C, len(self.local_decay)) if state is None else state
+        out = u_syn.new_empty(T, B, C, y.shape[-1])
+        for t in range(T):        # a first-order recursion over time (vectorised over cells, channels, taus)
+            y = torch.addcmul(u_syn[:, :, t, None], y, self.local_decay)
+            out[t] = y
+        return out
+
+    def local_rows(self, traces: torch.Tensor) -> torch.Tensor:
+        """Traces ``[..., C, K]`` -> each task's own features ``[..., n_tasks, 2K]``: the traces of the
+        excitatory then the inhibitory channel of the task's segment (zeros where it has none)."""
+        pad = torch.cat([traces, traces.new_zeros(*traces.shape[:-2], 1, traces.shape[-1])], dim=-2)
+        idx = self.local_channels[self.task_segment].reshape(-1)          # [n_tasks * 2], C = none
+        return pad[..., idx, :].reshape(*traces.shape[:-2], self.n_tasks, self.n_local)
 
     def _add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """With ``config.residual``: voltage outputs = fed-back voltage (z) + tower output. Tasks / inputs on
@@ -357,9 +420,15 @@ class Surrogate(nn.Module):
         return Streamer(self, n_cells, device=device, feedback=feedback, output=output, v0_mV=v0_mV,
                         dtype=dtype)
 
-    def _step_tasks(self, streams, u: torch.Tensor, t: int) -> torch.Tensor:
-        """One step of all tasks from input column ``u [N, n_inputs]`` (already transformed): ``[N, n_tasks]``."""
-        return self._add_residual(self._heads(*(s.step(u, t) for s in streams)), u)
+    def _step_tasks(self, streams, u: torch.Tensor, t: int, local_state: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """One step of all tasks from input column ``u [N, n_inputs]`` (already transformed): ``[N, n_tasks]``.
+        ``local_state [N, C, K]`` (models with ``local_taus``) holds the traces and is advanced in place."""
+        local = None
+        if self.n_local:
+            local_state.mul_(self.local_decay).add_(u[:, :self.n_channels, None])
+            local = self.local_rows(local_state)
+        return self._add_residual(self._heads(*(s.step(u, t) for s in streams), local=local), u)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -377,13 +446,13 @@ class MH(Surrogate):
         c = config
         self.trunk = TCN(self.n_inputs, c.channels, c.kernel, c.dropout, dilations=c.dilations,
                          last_activation=c.last_activation)
-        self.towers = Towers(self.n_tasks, c.channels[-1], c.tower_hard)
+        self.towers = Towers(self.n_tasks, c.channels[-1], c.tower_hard, self.n_local)
 
     def _tcns(self):
         return (self.trunk,)
 
-    def _heads(self, trunk: torch.Tensor) -> torch.Tensor:
-        return self.towers(trunk)                                          # [R, C] -> [R, n_tasks]
+    def _heads(self, trunk: torch.Tensor, local=None) -> torch.Tensor:
+        return self.towers(trunk, local)                                   # [R, C] -> [R, n_tasks]
 
 
 class MMoE(Surrogate):
@@ -405,7 +474,7 @@ class MMoE(Surrogate):
         # leading dim is much faster on CPU than over a trailing dim of 5)
         self.gate_w = nn.Parameter(torch.empty(K, E * self.n_tasks).uniform_(-1 / math.sqrt(K), 1 / math.sqrt(K)))
         self.gate_b = nn.Parameter(torch.zeros(E, self.n_tasks))
-        self.towers = Towers(self.n_tasks, C, c.tower_soft)
+        self.towers = Towers(self.n_tasks, C, c.tower_soft, self.n_local)
         self.n_experts, self.expert_width = E, C
 
     def _tcns(self):
@@ -419,10 +488,10 @@ class MMoE(Surrogate):
     def _mask_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
-    def _heads(self, experts: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    def _heads(self, experts: torch.Tensor, comp: torch.Tensor, local=None) -> torch.Tensor:
         f = experts.view(-1, self.n_experts, self.expert_width)             # [R, E, C]
         mix = torch.bmm(self.gates(comp).transpose(1, 2), f)               # [R, n_tasks, C]
-        return self.towers(mix)
+        return self.towers(mix, local)
 
 
 class MMoEEx(MMoE):

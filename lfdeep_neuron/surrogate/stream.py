@@ -82,6 +82,9 @@ class Streamer:
         with torch.no_grad():
             self.streams = [tcn.stream(self.n_cells, self.device, self.dtype) for tcn in self.model._tcns()]
         self.fb = torch.zeros(self.n_cells, self.n_segments, device=self.device, dtype=self.dtype)
+        # exponential traces of the synaptic inputs (models with local_taus)
+        self.local = (torch.zeros(self.n_cells, self.n_channels, self.model.n_local // 2, device=self.device,
+                                  dtype=self.dtype) if self.model.n_local else None)
         self.t = 0
         self.reset(v0_mV)
 
@@ -104,12 +107,16 @@ class Streamer:
             for s in self.streams:
                 s.reset(None if cells is None else idx)
             self.fb[idx] = m.to_z(v0)
+            if self.local is not None:
+                self.local[idx] = 0.0
         if cells is None:
             self.t = 0
 
     def state_bytes_per_cell(self) -> int:
         """Bytes of causal state per cell (convolution rings + feedback voltages)."""
-        return sum(s.state_bytes_per_cell() for s in self.streams) + self.fb[0].numel() * self.fb.element_size()
+        local = 0 if self.local is None else self.local[0].numel() * self.local.element_size()
+        return (sum(s.state_bytes_per_cell() for s in self.streams) + self.fb[0].numel() * self.fb.element_size()
+                + local)
 
     @torch.no_grad()
     def step(self, x_t) -> Prediction:
@@ -125,7 +132,7 @@ class Streamer:
         else:
             closed = f" or {self.n_channels} (synaptic only, closed loop)" if self.feedback else ""
             raise ValueError(f"x_t has {x_t.shape[1]} channels; expected {self.n_inputs} (teacher-forced){closed}")
-        y = m._step_tasks(self.streams, u, self.t)   # [n_cells, n_tasks]
+        y = m._step_tasks(self.streams, u, self.t, self.local)   # [n_cells, n_tasks]
         self.t += 1
         pred = m.split_tasks(y)
         self.fb.copy_(pred.v)

@@ -368,6 +368,19 @@ def _config_overrides(args, train_ds) -> dict:
     return over
 
 
+def _check_local_channels(model: Surrogate, synapses: dict) -> None:
+    """A model with ``local_taus`` assumes the channel layout of DESIGN.md; the data must have it."""
+    seg = np.asarray(synapses["seg_idx"]).astype(np.int64)
+    typ = np.asarray(synapses["type"]).astype(np.int64)
+    chan = model.local_channels.cpu().numpy()                       # [S, 2]
+    got = np.full_like(chan, model.n_channels)
+    got[seg, typ] = np.arange(len(seg))
+    if not np.array_equal(got, chan):
+        raise ValueError("local_taus: the data's synapse table (synapses/seg_idx, type) does not follow the "
+                         "channel layout of DESIGN.md (channel c < n: excitatory on segment c + 1, n + c its "
+                         "inhibitory partner) that the local features assume")
+
+
 class CsvLog:
     """Append-only CSV; on resume, rows after the resumed step are dropped (they will be redone)."""
 
@@ -411,6 +424,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     out = Path(args.out)
     last = out.with_name(out.name + ".last")
     log_path = out.with_name(out.name + ".csv")
+    if main_proc:
+        out.parent.mkdir(parents=True, exist_ok=True)
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     torch.manual_seed(args.seed + rank)
@@ -420,6 +435,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         raise ValueError(f"empty dataset (train {len(train_ds)} windows, val {len(val_ds)}): "
                          f"shorter --window-ms or more data needed")
     model = build_model(args.arch, args.config, **_config_overrides(args, train_ds))
+    if model.n_local:
+        _check_local_channels(model, train_ds.synapses)
     stats = train_ds.stats
     model.set_normalization(stats["v_mean"], stats["v_std"], stats.get("v0"), stats.get("imem_mean"),
                             stats.get("imem_std"))
