@@ -58,8 +58,8 @@ def run_surrogate(model, x):
         for row in x:
             pred = stream.step(torch.as_tensor(row[None]))
             v.append(pred[0][0].numpy())
-            if len(pred) > 2 and pred[2] is not None:
-                imem.append(pred[2][0].numpy())
+            if pred.imem is not None:
+                imem.append(pred.imem[0].numpy())
     v = np.stack(v, axis=1)
     return v, (np.stack(imem, axis=1) if imem else None)
 

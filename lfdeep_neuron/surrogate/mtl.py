@@ -16,6 +16,13 @@ Architectures
     as MMoE, but a fixed random mask removes a subset of experts from each task's gate (probability
     ``exclusivity`` per task-expert pair, at least one expert kept per task); masked gate entries are exactly 0.
 
+Local synaptic features (``config.local_taus``, ours, not in the paper): a tower reads the experts'
+mixture (or MH's trunk), which is 8 channels wide, so it cannot see *its own* segment's inputs, which
+dominate a dendritic segment's voltage (a local EPSP) and membrane current. With ``local_taus``, the
+first tower layer also reads 2K features of its segment: exponential traces (time constants
+``local_taus`` ms, fixed) of the segment's excitatory and inhibitory channel (channel layout of DESIGN.md).
+They cost O(C K) state per cell when streaming.
+
 Towers are ``Linear(C, H) -> ELU -> Linear(H, 1)`` per task, stored as stacked weights ``[n_tasks, C, H]``
 and applied with batched matrix products over tasks (addmm / baddbmm / bmm); the gates of all tasks are one
 matmul and the expert mixture one bmm. There is no Python loop over tasks or experts.

@@ -1,0 +1,77 @@
+"""The bundled surrogate (``models/DEFAULT``) against NEURON on held-out inputs: a regression guard.
+
+The inputs of ``../shared/hay/reference/synaptic_seed1.h5`` (generator seed 1) were never in the training
+data (dataset seed 2026). Bounds are the bundled model's measured numbers (``models/MODEL_CARD.md``) with a
+margin: they catch a broken or mismatched checkpoint, a change of binning, time convention or
+normalisation, not run-to-run noise (the model is deterministic on the CPU).
+
+* closed loop over the whole 3 s: all-segment and somatic ``v_1ms`` RMSE below the constant baseline
+  (the reference's own per-segment time mean, which knows the answer's mean);
+* LFP (16-contact laminar probe) of the first 500 ms from the predicted bin-mean membrane currents
+  against NEURON's bin-mean ``i_membrane_``: median correlation over contacts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# measured on the bundled model (models/MODEL_CARD.md), with margin
+MAX_RMSE_ALL_MV = 5.5            # closed loop, all segments, 3 s
+MAX_RMSE_SOMA_MV = 2.5           # closed loop, soma
+MIN_LFP_MEDIAN_CORR = 0.5        # 500 ms, predicted currents vs NEURON
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint, load_surrogate
+
+    path = bundled_checkpoint()
+    assert path is not None and (MODELS_DIR / "DEFAULT").is_file(), "models/DEFAULT must name a bundled checkpoint"
+    return path, load_surrogate(path)
+
+
+def test_closed_loop_voltages_beat_the_constant_baseline(bundled, reference_dir, tmp_path):
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.surrogate.compare import compare_records
+
+    path, _ = bundled
+    ref = reference_dir / "synaptic_seed1.h5"
+    out = tmp_path / "rollout.h5"
+    assert main(["rollout", "--model", str(path), "--inputs", str(ref), "--out", str(out), "--no-progress"]) == 0
+    c = compare_records(out, ref)
+    rmse, base = c["rmse_mV"], c["rmse_mV_constant_baseline"]
+    print(f"bundled model closed loop on synaptic_seed1: RMSE {rmse}, constant baseline {base}, spikes {c['spikes']}")
+    assert rmse["all"] < min(MAX_RMSE_ALL_MV, base["all"])
+    assert rmse["soma"] < min(MAX_RMSE_SOMA_MV, base["soma"])
+
+
+def test_lfp_from_predicted_currents_follows_neuron(bundled, reference_dir, morphology):
+    import torch
+
+    from lfdeep_neuron.data.dataset import bin_events
+    from lfdeep_neuron.data.records import read_record
+    from lfdeep_neuron.hay import HayL5PC
+    from lfdeep_neuron.hay.simulate import run_cell
+    from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry, laminar_probe
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    _, model = bundled
+    if not model.config.imem_tasks:
+        pytest.skip("the bundled model has no membrane-current tasks")
+    T = 500
+    rec = read_record(reference_dir / "synaptic_seed1.h5", require=("input_effective",))
+    syn, t = np.asarray(rec["input_effective"]["syn_idx"]), np.asarray(rec["input_effective"]["t_ms"])
+    keep = t < T - 1e-9
+    cell = HayL5PC(morphology)
+    cell.set_input_events(syn[keep], t[keep])
+    neuron = run_cell(cell, T, record_imem=True)
+    pop = PopulationLFP.from_geometries([SegmentGeometry.from_cell(cell)], laminar_probe())
+    phi_n = pop.from_currents(neuron["imem_mean_1ms"][None].astype(np.float64))[:, 1:]
+    x = torch.from_numpy(bin_events(syn, t, model.n_channels, 0, T)[None, :, 1:])
+    torch.set_num_threads(1)
+    pred = closed_loop(model, x, v0_mV=model.v_rest[None], output="mV")
+    phi_s = pop.from_currents(pred.imem.double().numpy())
+    a, b = phi_s - phi_s.mean(1, keepdims=True), phi_n - phi_n.mean(1, keepdims=True)
+    corr = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    print(f"LFP correlation per contact: {np.round(corr, 3)}")
+    assert np.median(corr) > MIN_LFP_MEDIAN_CORR
