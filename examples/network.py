@@ -222,6 +222,7 @@ def main(argv=None) -> int:
     p.add_argument("--threshold", default=None, help="spike-logit threshold (default: a trained checkpoint's "
                    "calibrated metrics['spike_threshold_logit'], else 0; calibrated for an untrained model)")
     p.add_argument("--target-rate", type=float, default=10.0, help="Hz, for the calibrated threshold")
+    p.add_argument("--calibrate", action="store_true", help="calibrate the threshold for a trained model too")
     p.add_argument("--n-detailed", type=int, default=0, help="the first K gids are detailed HayL5PCs")
     p.add_argument("--morphology", default=None, help="Hay cell1.asc for detailed cells")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     rates = input_rates_per_ms(args.n_stims, args.stim_rate, 0.25)
     if args.threshold is not None:
         threshold = float(args.threshold)
-    elif trained:
+    elif trained and not args.calibrate:
         threshold = default_spike_threshold(model)     # the checkpoint's calibrated one, else 0
     else:
         threshold = calibrate_threshold(model, rates, args.target_rate, dtype=dtype)

@@ -28,7 +28,7 @@ def _example(tmp_path: Path, n_ranks: int, *args) -> dict:
 
 
 def test_recurrent_network_same_spikes_on_1_and_2_ranks(tmp_path):
-    args = ["--n-cells", "12", "--tstop", "150", "--dtype", "float64", "--target-rate", "20"]
+    args = ["--n-cells", "12", "--tstop", "150", "--dtype", "float64", "--calibrate", "--target-rate", "20"]
     one, log1 = _example(tmp_path, 1, *args)
     two, log2 = _example(tmp_path, 2, *args)
     assert "on 2 rank(s)" in log2 and "forward passes on rank 0: 149" in log2   # steps 1..149
