@@ -187,40 +187,55 @@ def test_conn_params_land_on_hay_channels_and_traces_match(netpyne_sim, tiny_ckp
     assert np.isnan(v_soma[-1]) and len(v_soma) == 161          # t = 40 ms: no surrogate step yet
 
 
-def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morphology):
-    import torch
-
+def _two_cell_lfp_run(sim, ckpt, **record_kw):
+    """Two rotated surrogate cells with apical drive and surrogate LFP, 30 ms: (cells, recording, lfp)."""
     from lfdeep_neuron.cosim.netpyne import surrogate_cell_params, surrogate_lfp
-    from lfdeep_neuron.lfp import AxialLaplacian, PopulationLFP, SegmentGeometry
-    from lfdeep_neuron.hay import HayL5PC
 
-    sim = netpyne_sim
     conns = {"e": {"sec": "apical", "synMech": "exc", "weight": 3.0, "synsPerConn": 5}}
-    net, cfg = _spec(surrogate_cell_params(tiny_ckpt, dtype="float64"), n_cells=2, duration=30.0,
+    net, cfg = _spec(surrogate_cell_params(ckpt, dtype="float64"), n_cells=2, duration=30.0,
                      conns=conns, lfp=True, rotate=True)
     sim.create(netParams=net, simConfig=cfg)
     cells = [c for c in sim.net.cells if c.tags["pop"] == "L5"]
-    rec = cells[0].engine.record(cells=[c.surrogate for c in cells])
+    rec = cells[0].engine.record(cells=[c.surrogate for c in cells], **record_kw)
     sim.simulate()
     lfp = surrogate_lfp(sim)
     assert lfp["lfp_mV"].shape == (16, 30)
-    # independent: each cell's LFP from its recorded voltages, placed from NetPyNE's x, y, z and angle
-    lap = AxialLaplacian.from_cell(HayL5PC(morphology, synapses=False))
+    assert not np.allclose(cells[0].randRotationAngle, cells[1].randRotationAngle)
+    return cells, rec, lfp
+
+
+def _single_cell_lfps(cells, lfp, laplacian, per_cell, from_currents=False):
+    """Sum over cells of each cell's own LFP (placed from NetPyNE's x, y, z and angle), float64."""
+    import torch
+
+    from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
+
     base = SegmentGeometry.from_table(cells[0].engine.segments)
-    # Recording.v_mV is float32, which the Laplacian amplifies to ~1e-3 of this tiny LFP: use the
-    # engine's float64 samples the Recording holds (no public float64 accessor yet)
-    v64 = torch.stack(rec._v, dim=-1).double().numpy()              # [2, S, T]
-    assert np.allclose(v64.astype(np.float32), rec.v_mV)
     total = np.zeros((16, 30))
     for i, c in enumerate(cells):
         pos = np.array([c.tags["x"], c.tags["y"], c.tags["z"]]) - base.soma_centre_um
         geom = base.placed(pos, rotation=(0.0, -c.randRotationAngle, 0.0))
-        one = PopulationLFP.from_geometries([geom], _probe(lfp), lap, dtype=torch.float64)
-        total += one.from_voltages(v64[i:i + 1])
-    scale = np.abs(total).max()
-    assert scale > 0
-    np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * scale)
-    assert not np.allclose(cells[0].randRotationAngle, cells[1].randRotationAngle)
+        one = PopulationLFP.from_geometries([geom], _probe(lfp), laplacian, dtype=torch.float64)
+        total += (one.from_currents if from_currents else one.from_voltages)(per_cell[i:i + 1])
+    assert np.abs(total).max() > 0
+    return total
+
+
+def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morphology):
+    import torch
+
+    from lfdeep_neuron.hay import HayL5PC
+    from lfdeep_neuron.lfp import AxialLaplacian
+
+    cells, rec, lfp = _two_cell_lfp_run(netpyne_sim, tiny_ckpt)
+    # independent: each cell's LFP from its recorded voltages
+    lap = AxialLaplacian.from_cell(HayL5PC(morphology, synapses=False))
+    # Recording.v_mV is float32, which the Laplacian amplifies to ~1e-3 of this tiny LFP: use the
+    # engine's float64 samples the Recording holds (no public float64 accessor yet)
+    v64 = torch.stack(rec._v, dim=-1).double().numpy()              # [2, S, T]
+    assert np.allclose(v64.astype(np.float32), rec.v_mV)
+    total = _single_cell_lfps(cells, lfp, lap, v64)
+    np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * np.abs(total).max())
 
 
 def test_population_lfp_from_predicted_currents(netpyne_sim, tiny_imem_ckpt, tiny_ckpt):
@@ -228,32 +243,15 @@ def test_population_lfp_from_predicted_currents(netpyne_sim, tiny_imem_ckpt, tin
     import torch
 
     from lfdeep_neuron.cosim import SurrogateEngine
-    from lfdeep_neuron.cosim.netpyne import surrogate_cell_params, surrogate_lfp
-    from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
 
     sim = netpyne_sim
-    conns = {"e": {"sec": "apical", "synMech": "exc", "weight": 3.0, "synsPerConn": 5}}
-    net, cfg = _spec(surrogate_cell_params(tiny_imem_ckpt, dtype="float64"), n_cells=2, duration=30.0,
-                     conns=conns, lfp=True, rotate=True)
-    sim.create(netParams=net, simConfig=cfg)
-    cells = [c for c in sim.net.cells if c.tags["pop"] == "L5"]
+    cells, rec, lfp = _two_cell_lfp_run(sim, tiny_imem_ckpt, currents=True)
     assert cells[0].engine.predicts_currents
-    rec = cells[0].engine.record(cells=[c.surrogate for c in cells], currents=True)
-    sim.simulate()
-    lfp = surrogate_lfp(sim)
-    assert lfp["lfp_mV"].shape == (16, 30)
     i64 = torch.stack(rec._imem, dim=-1).double().numpy()            # [2, S, T] nA
     assert np.allclose(i64.astype(np.float32), rec.imem_nA)
     assert np.all(i64[..., 0] == 0.0) and np.abs(i64[..., 1:]).min(axis=-1).max() > 0
-    base = SegmentGeometry.from_table(cells[0].engine.segments)
-    total = np.zeros((16, 30))
-    for i, c in enumerate(cells):
-        pos = np.array([c.tags["x"], c.tags["y"], c.tags["z"]]) - base.soma_centre_um
-        geom = base.placed(pos, rotation=(0.0, -c.randRotationAngle, 0.0))
-        total += PopulationLFP.from_geometries([geom], _probe(lfp), dtype=torch.float64).from_currents(i64[i:i + 1])
-    scale = np.abs(total).max()
-    assert scale > 0
-    np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * scale)
+    total = _single_cell_lfps(cells, lfp, None, i64, from_currents=True)
+    np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * np.abs(total).max())
     # asking for currents from a voltage-only model, or recording them, is refused clearly
     SurrogateEngine.close_all()
     sim.clearAll()
