@@ -626,8 +626,7 @@ class _LFPSink:
         if cells:
             geoms = [SegmentGeometry.from_table(c.surrogate.segment_table()) for c in cells]
             device = self.spec["device"] or self.engine.device
-            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes,
-                                                     self.laplacian,
+            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes, self.laplacian,
                                                      method=self.spec["method"], device=device)
             self._rows = torch.as_tensor([c.surrogate.index for c in cells], dtype=torch.long,
                                          device=self.engine.device)
