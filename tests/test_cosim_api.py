@@ -375,3 +375,33 @@ def test_neuron_threads_use_whole_row_reads(cosim):
     h.finitialize(-65)                      # back to one thread: sparse again
     h.continuerun(3)
     assert eng.n_dense_reads == 0
+
+
+def test_diverging_or_nan_predictions_stop_the_run_with_a_clear_error(cosim):
+    import torch
+    from neuron import h
+
+    model = _model()
+    model.set_normalization(torch.full((6,), -65.0), torch.full((6,), 1e4))   # outputs of order 1e4 mV
+    eng = cosim.SurrogateEngine(model, device="cpu")
+    cosim.SurrogateL5PC(engine=eng, gid=None)
+    h.finitialize(-65)
+    with pytest.raises(RuntimeError, match=r"diverged at t = 1 ms: 1 instance\(s\).*\|v\| > 500 mV"):
+        h.continuerun(5)
+    cosim.SurrogateEngine.close_all()
+    model = _model()
+    with torch.no_grad():
+        model.towers.b2.fill_(float("nan"))
+    eng = cosim.SurrogateEngine(model, device="cpu")
+    cosim.SurrogateL5PC(engine=eng)
+    h.finitialize(-65)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        h.continuerun(5)
+    cosim.SurrogateEngine.close_all()
+    model = _model()                                          # a sane model runs, with the same check
+    model.set_normalization(torch.full((6,), -65.0), torch.full((6,), 3.0))
+    eng = cosim.SurrogateEngine(model, device="cpu")
+    cosim.SurrogateL5PC(engine=eng)
+    h.finitialize(-65)
+    h.continuerun(5)
+    assert eng.n_forward == 4

@@ -350,3 +350,13 @@ def test_compare_cli_scores_records(reference_dir, tmp_path, capsys):
     short = write_record(tmp_path / "short.h5", **kw)
     with pytest.raises(RecordFormatError, match="v_1ms shapes differ"):
         main(["compare", "--pred", str(short), "--true", str(ref_path)])
+
+
+def test_rollout_refuses_non_finite_predictions(reference):
+    from lfdeep_neuron.surrogate.rollout import rollout
+
+    model = _tiny_model(reference)
+    with torch.no_grad():
+        model.towers.b2.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite from step 1 on"):
+        rollout(model, np.zeros((N_CH, 20), np.float32))

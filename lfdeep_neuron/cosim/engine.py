@@ -353,7 +353,7 @@ class SurrogateEngine:
 
     def __init__(self, model, device=None, spike_threshold: float | None = None, feedback: bool = True,
                  torch_threads: int | None = None, segments=None, synapses=None,
-                 step_ms: float | None = None, dtype=None, intake: str = "sparse"):
+                 step_ms: float | None = None, dtype=None, intake: str = "sparse", max_abs_mV: float = 500.0):
         import torch
 
         if isinstance(model, (str, Path)):
@@ -386,6 +386,7 @@ class SurrogateEngine:
             raise TypeError(f"model must provide .v_rest (mV, [n_segments]), the initial state recorded "
                             f"at t0; {type(model).__name__} has none")
         self.feedback = bool(feedback)
+        self.max_abs_mV = float(max_abs_mV)   # predictions beyond it (or not finite) stop the run
         self.dtype = dtype
         if intake not in ("sparse", "dense"):
             raise ValueError(f"intake must be 'sparse' or 'dense', got {intake!r}")
@@ -653,6 +654,8 @@ class SurrogateEngine:
             pred = self._stream.step(x)
         v, logit, imem = pred[0], pred[1], getattr(pred, "imem", None)
         self.n_forward += 1
+        if not float(v.abs().amax()) <= self.max_abs_mV:           # NaN fails this test too
+            self._diverged(v, self.step_time(self._k))
         c2 = clock()
         fired = torch.nonzero(logit > self.spike_threshold).flatten()
         fired = fired.cpu().numpy() if fired.numel() else np.zeros(0, np.int64)
@@ -673,6 +676,17 @@ class SurrogateEngine:
         self.n_steps += 1
         self._k += 1
         h.cvode.event(self._t0 + self._k * self.step_ms + self._offset, self._step_callback)
+
+    def _diverged(self, v, t_now: float):
+        import torch
+
+        bad = torch.nonzero(~(v.abs() <= self.max_abs_mV).all(dim=1)).flatten().cpu().numpy()
+        gids = [g if g >= 0 else f"local #{-1 - g}" for g in self.gids[bad][:5].tolist()]
+        raise RuntimeError(
+            f"surrogate predictions diverged at t = {t_now:g} ms: {len(bad)} instance(s) (e.g. gid {gids}) "
+            f"predict non-finite voltages or |v| > {self.max_abs_mV:g} mV. The model is unstable on these "
+            "inputs: check the NetCon weights (units of the reference synapse) and that the checkpoint "
+            "matches the cell; raise max_abs_mV only if such voltages are intended")
 
     # ---- convenience --------------------------------------------------------------------------
 

@@ -158,6 +158,10 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
     v = np.empty((model.n_segments, T), dtype=np.float32)
     v[:, 0] = v0.numpy()
     v[:, 1:] = pred.v[0].float().cpu().numpy()
+    bad = ~np.isfinite(v).all(axis=0)
+    if bad.any():
+        raise FloatingPointError(f"the surrogate's closed-loop voltages are not finite from step {int(np.argmax(bad))} "
+                                 f"on ({int(bad.sum())} of {T} steps): the model diverged on these inputs")
     logit = np.full(T, np.nan, dtype=np.float32)
     logit[1:] = pred.spike_logit[0].float().cpu().numpy()
     thr = default_threshold(model) if spike_threshold is None else float(spike_threshold)
