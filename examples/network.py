@@ -85,8 +85,14 @@ def calibrate_threshold(model, rate_in_per_ms: np.ndarray, target_rate_hz: float
             _, lg = st.step(x)
             if t >= warmup_ms:
                 logits.append(lg.double().numpy())
-    q = 1.0 - target_rate_hz * 1e-3 * model.meta.get("dt_ms", 1.0)
-    return float(np.quantile(np.concatenate(logits), q))
+    # the engine emits one spike per upward crossing: pick the candidate whose crossing count is closest
+    from lfdeep_neuron.surrogate.metrics import spike_onsets
+
+    lg = np.stack(logits, axis=1)                                           # [n_cells, T]
+    target = target_rate_hz * 1e-3 * model.meta.get("dt_ms", 1.0) * lg.size
+    cands = np.unique(np.quantile(lg, np.linspace(0.5, 1.0, 401)))
+    counts = spike_onsets(lg[None] > cands[:, None, None]).sum(axis=(1, 2))  # crossings per candidate
+    return float(cands[np.argmin(np.abs(counts - target))])
 
 
 # ---------------------------------------------------------------------------------------------

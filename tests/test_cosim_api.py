@@ -139,7 +139,7 @@ def test_recording_arrays_and_hdf5(cosim, tmp_path):
 
     segments, synapses = _small_tables()
     eng = cosim.SurrogateEngine(_model(), device="cpu", segments=segments, synapses=synapses,
-                                spike_threshold=-1e9)           # every step spikes: exercises emission
+                                spike_threshold=-1e9, spike_rule="level")   # every step spikes: emission
     cells = [cosim.SurrogateL5PC(engine=eng, gid=None) for _ in range(3)]
     full = eng.record()
     part = eng.record(cells=[cells[2]], segments=["dend[0](0.9)", "soma"], logits=True)
@@ -216,7 +216,7 @@ def test_dt_larger_than_step_is_refused(cosim):
 def test_cvode_steps_and_spikes_at_quarter_dt(cosim):
     from neuron import h
 
-    eng = cosim.SurrogateEngine(_model(), device="cpu", spike_threshold=-1e9)
+    eng = cosim.SurrogateEngine(_model(), device="cpu", spike_threshold=-1e9, spike_rule="level")
     cell = cosim.SurrogateL5PC(engine=eng)
     t_spk = h.Vector()
     src = cell.spike_netcon()
@@ -405,3 +405,22 @@ def test_diverging_or_nan_predictions_stop_the_run_with_a_clear_error(cosim):
     h.finitialize(-65)
     h.continuerun(5)
     assert eng.n_forward == 4
+
+
+def test_default_spike_rule_is_one_spike_per_upward_crossing(cosim):
+    from neuron import h
+
+    eng = cosim.SurrogateEngine(_model(), device="cpu", spike_threshold=-1e9)   # always above
+    assert eng.spike_rule == "crossing"
+    cosim.SurrogateL5PC(engine=eng)
+    cosim.SurrogateL5PC(engine=eng)
+    h.finitialize(-65)
+    h.continuerun(6)
+    gid, t = eng.spikes()
+    assert len(t) == 2 and set(gid) == {-1, -2}                       # one crossing each, at step 1
+    np.testing.assert_allclose(t, 1 + h.dt, atol=1e-9)
+    h.finitialize(-65)                                                # a new run starts below again
+    h.continuerun(3)
+    assert len(eng.spikes()[1]) == 2
+    with pytest.raises(ValueError, match="spike_rule"):
+        cosim.SurrogateEngine(_model(seed=1), device="cpu", spike_rule="edge")

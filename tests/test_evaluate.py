@@ -48,9 +48,14 @@ def test_spike_auc_and_logit_spikes():
     assert M.spike_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
     assert math.isnan(M.spike_auc([1, 2], [0, 0]))
     logits = np.array([-5, -5, 3, -5, 0.2, 4.0])
-    t = M.spikes_from_logits(logits, 0.0, first_step=1)         # steps 3, 5, 6
+    t = M.spikes_from_logits(logits, 0.0, first_step=1, rule="level")   # steps 3, 5, 6 above 0
     np.testing.assert_allclose(t, [2.5, 4.5, 5.5])
     np.testing.assert_array_equal(np.ceil(t), [3, 5, 6])       # ceil gives the step back (dataset binning)
+    t = M.spikes_from_logits(logits, 0.0, first_step=1)        # default: upward crossings only (3, 5)
+    np.testing.assert_allclose(t, [2.5, 4.5])
+    assert M.spikes_from_logits([1.0, 2.0, -1.0, 3.0], 0.0).tolist() == [-0.5, 2.5]  # above from the start
+    with pytest.raises(ValueError, match="spike rule"):
+        M.spikes_from_logits(logits, 0.0, rule="edge")
 
 
 def test_calibrate_threshold_finds_the_separating_logit():
@@ -188,7 +193,7 @@ def test_rollout_record_matches_streamer_and_reader(reference, reference_dir, ch
     np.testing.assert_allclose(rec["v_1ms"][:, 1:], v_direct, atol=1e-5, rtol=0)
     assert np.ptp(rec["v_1ms"][0]) > 1e-2                           # the trace moves
     np.testing.assert_allclose(rec["spike_logit_1ms"][1:], logit_direct, atol=1e-5)
-    steps = np.flatnonzero(logit_direct > thr) + 1
+    steps = np.flatnonzero(M.spike_onsets(logit_direct > thr)) + 1          # upward crossings
     assert steps.size >= 3
     np.testing.assert_allclose(rec["soma_spike_times_ms"], steps - 0.5)
 

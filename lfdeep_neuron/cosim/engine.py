@@ -44,7 +44,9 @@ A run to ``tstop = T·Δ`` thus records T samples (t = 0 .. T-1, like a record's
 ``duration_ms = T``) with T-1 forward passes, and reproduces ``lfdeep-neuron rollout`` on the same
 (binned) events to float round-off.
 
-Spikes: step k >= 1 emits a predicted spike (``spike_logit > spike_threshold``) as a ``net_event``
+Spikes: step k >= 1 emits a predicted spike when ``spike_logit`` crosses ``spike_threshold`` upwards
+(``spike_rule='crossing'``, default: a run of steps above the threshold is one spike, as a NetCon
+threshold on a voltage; ``'level'``: every step above it) as a ``net_event``
 of the instance at the time the stepper runs, ``t_emit = h.t``: ``k·Δ + dt`` with fixed steps,
 ``k·Δ + dt/4`` under CVode (a time in the past is not allowed: MPI runs would abort). Spike times
 are thus quantised to the step and lag the true spike, somewhere in ``((k-1)·Δ, k·Δ]``, by dt to
@@ -278,7 +280,7 @@ class SurrogateEngine:
     device : str or torch.device, optional
         Where the model and the batched state live; default ``cuda`` if available, else CPU.
     spike_threshold : float, optional
-        A somatic spike is emitted when the spike logit exceeds this (0 = probability 1/2).
+        A somatic spike is emitted when the spike logit crosses this (0 = probability 1/2).
         Default (None): the checkpoint's calibrated threshold
         ``model.meta['metrics']['spike_threshold_logit']`` when present (written by
         ``lfdeep-neuron evaluate --update-checkpoint``; the default of ``lfdeep-neuron rollout``
@@ -306,6 +308,12 @@ class SurrogateEngine:
         proportional to the events, not to N x 1278). ``'dense'``: copy and clear the engine's
         whole rows (used automatically for a step whose touched list overflowed, and for whole
         runs with NEURON threads, ``pc.nthread() > 1``, as the lists are not thread-safe).
+    max_abs_mV : float
+        Predicted voltages that are not finite or exceed this in magnitude stop the run with an error.
+    spike_rule : {'crossing', 'level'}
+        ``'crossing'`` (default): a spike when the logit crosses the threshold upwards (a run of steps
+        above it is one spike); ``'level'``: a spike in every step above it. ``rollout`` and ``evaluate``
+        use the same rules (:func:`lfdeep_neuron.surrogate.metrics.spikes_from_logits`).
 
     Use :meth:`get` to obtain the engine of a model (one per process).
     """
@@ -353,7 +361,8 @@ class SurrogateEngine:
 
     def __init__(self, model, device=None, spike_threshold: float | None = None, feedback: bool = True,
                  torch_threads: int | None = None, segments=None, synapses=None,
-                 step_ms: float | None = None, dtype=None, intake: str = "sparse", max_abs_mV: float = 500.0):
+                 step_ms: float | None = None, dtype=None, intake: str = "sparse", max_abs_mV: float = 500.0,
+                 spike_rule: str = "crossing"):
         import torch
 
         if isinstance(model, (str, Path)):
@@ -387,6 +396,10 @@ class SurrogateEngine:
                             f"at t0; {type(model).__name__} has none")
         self.feedback = bool(feedback)
         self.max_abs_mV = float(max_abs_mV)   # predictions beyond it (or not finite) stop the run
+        if spike_rule not in ("crossing", "level"):
+            raise ValueError(f"spike_rule must be 'crossing' or 'level', got {spike_rule!r}")
+        self.spike_rule = spike_rule
+        self._above = None                    # [n] bool: logit above threshold at the previous step
         self.dtype = dtype
         if intake not in ("sparse", "dense"):
             raise ValueError(f"intake must be 'sparse' or 'dense', got {intake!r}")
@@ -576,6 +589,7 @@ class SurrogateEngine:
             # membrane-current tasks (nA): at rest every segment's membrane current is zero
             self._imem0 = torch.zeros_like(self._v0) if self.predicts_currents else None
             self._nan_logit = torch.full((n,), float("nan"), dtype=self._x.dtype, device=self.device)
+            self._above = torch.zeros(n, dtype=torch.bool, device=self.device)   # t0: below
         h.cvode.event(self._t0 + self._offset, self._step_callback)
 
     def _inputs(self, recordings):
@@ -657,7 +671,9 @@ class SurrogateEngine:
         if not float(v.abs().amax()) <= self.max_abs_mV:           # NaN fails this test too
             self._diverged(v, self.step_time(self._k))
         c2 = clock()
-        fired = torch.nonzero(logit > self.spike_threshold).flatten()
+        above = logit > self.spike_threshold
+        fired = torch.nonzero(above & ~self._above if self.spike_rule == "crossing" else above).flatten()
+        self._above = above
         fired = fired.cpu().numpy() if fired.numel() else np.zeros(0, np.int64)
         fires = self._fires
         for i in fired:

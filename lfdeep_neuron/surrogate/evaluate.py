@@ -240,7 +240,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     true_trains = [r["spike_times_ms"] for r in sims]
     durations = [r["T"] for r in sims]
     spikes = {"threshold_logit": thr, "threshold_source": thr_source, "calibration": calibration,
-              "time_rule": "step k above threshold -> spike at k - 0.5 ms", "window_ms": window_ms}
+              "time_rule": "upward threshold crossing at step k -> spike at k - 0.5 ms", "window_ms": window_ms}
     for mode in ("tf", "cl"):
         lg = [r[f"logit_{mode}"] for r in sims]
         spikes[f"auc_{mode}"] = spike_auc(np.concatenate(lg), np.concatenate([r["spike"] for r in sims]))

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
-           "spikes_from_logits", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
+           "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
            "calibrate_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS"]
 
@@ -163,16 +163,36 @@ def rmse_by_group(mse_per_segment, groups: dict[str, np.ndarray]) -> dict[str, f
 # ---------------------------------------------------------------------------------------------------------
 # Spikes
 # ---------------------------------------------------------------------------------------------------------
-def spikes_from_logits(logits, threshold: float, step_ms: float = 1.0, offset_ms: float = SPIKE_OFFSET_MS,
-                       first_step: int = 0) -> np.ndarray:
-    """Spike times (ms) from per-step spike logits: a spike in every step whose logit exceeds ``threshold``.
+def spike_onsets(above):
+    """Upward crossings of a per-step boolean ``above [..., T]``: True where a run of True starts (the step
+    before the first one counts as below). Works on numpy arrays and torch tensors."""
+    prev = above[..., :-1]
+    first = above[..., :1]
+    rest = above[..., 1:] & ~prev
+    if isinstance(above, np.ndarray):
+        return np.concatenate([first, rest], axis=-1)
+    import torch
+    return torch.cat([first, rest], dim=-1)
 
+
+def spikes_from_logits(logits, threshold: float, step_ms: float = 1.0, offset_ms: float = SPIKE_OFFSET_MS,
+                       first_step: int = 0, rule: str = "crossing") -> np.ndarray:
+    """Spike times (ms) from per-step spike logits.
+
+    ``rule='crossing'`` (default): one spike per upward crossing of ``threshold`` -- a run of steps above it
+    is one spike, at its first step (NetCon's rule for a voltage threshold; true spikes never fall in
+    consecutive 1-ms bins). ``rule='level'``: a spike in every step above the threshold.
     Step k (``logits[i]`` with k = ``first_step + i``) covers ((k-1) dt, k dt]; its spike is placed at
     ``k * step_ms - offset_ms`` (default mid-window), so that ``ceil(time)`` gives k back (the binning of the
-    dataset's spike indicator). The rule matches the co-simulation engine (``logit > threshold`` per step).
+    dataset's spike indicator). The co-simulation engine applies the same rules.
     """
     lg = np.asarray(logits, dtype=np.float64).reshape(-1)
-    k = np.flatnonzero(lg > threshold) + int(first_step)
+    above = lg > threshold
+    if rule == "crossing":
+        above = spike_onsets(above)
+    elif rule != "level":
+        raise ValueError(f"spike rule must be 'crossing' or 'level', got {rule!r}")
+    k = np.flatnonzero(above) + int(first_step)
     return k * float(step_ms) - float(offset_ms)
 
 

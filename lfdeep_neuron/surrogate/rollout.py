@@ -18,7 +18,7 @@ Time and binning (docs/ARCHITECTURE.md)
   simulations), or the inputs file's own ``v_1ms[:, 0]`` with ``--v0 record``. Steps k = 1 .. T-1 give
   ``v_1ms[:, k]``, the predicted voltages *at* k ms. Events at t <= 0 ms (step 0) are not fed: step 0 is
   the initial state, as in training (targets start at step 1).
-* Spikes: step k whose spike logit exceeds the threshold (``--spike-threshold``; default the checkpoint's
+* Spikes: step k where the spike logit crosses the threshold upwards (``--spike-threshold``; default the checkpoint's
   calibrated ``metrics['spike_threshold_logit']`` from ``lfdeep-neuron evaluate --update-checkpoint``, else
   0 = probability ½) is a somatic spike at ``k - 0.5`` ms (:data:`~.metrics.SPIKE_OFFSET_MS`, the middle of
   its window; ``ceil`` of it gives back k).
@@ -216,7 +216,7 @@ def rollout_file(model, inputs, out, events: str = "auto", duration_ms: int | No
         "checkpoint": str(ckpt) if ckpt else "(in memory)",
         "checkpoint_sha256": _sha256(ckpt) if ckpt and Path(ckpt).is_file() else "",
         "spike_threshold_logit": float(res["threshold"]), "spike_time_offset_ms": SPIKE_OFFSET_MS,
-        "spike_rule": "step k with spike_logit > threshold -> spike at k - spike_time_offset_ms",
+        "spike_rule": "upward crossing of the threshold by spike_logit at step k -> spike at k - spike_time_offset_ms",
         "events_used": used, "inputs_file": str(inputs),
         "v0": "model v_rest" if v0_mV is None else "inputs file v_1ms[:, 0]",
         "v_1ms_grid": "t = 0,1,...,T-1 ms; column 0 = initial state, column k = prediction of step k",
