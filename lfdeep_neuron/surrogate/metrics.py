@@ -163,16 +163,10 @@ def rmse_by_group(mse_per_segment, groups: dict[str, np.ndarray]) -> dict[str, f
 # ---------------------------------------------------------------------------------------------------------
 # Spikes
 # ---------------------------------------------------------------------------------------------------------
-def spike_onsets(above):
+def spike_onsets(above: np.ndarray) -> np.ndarray:
     """Upward crossings of a per-step boolean ``above [..., T]``: True where a run of True starts (the step
-    before the first one counts as below). Works on numpy arrays and torch tensors."""
-    prev = above[..., :-1]
-    first = above[..., :1]
-    rest = above[..., 1:] & ~prev
-    if isinstance(above, np.ndarray):
-        return np.concatenate([first, rest], axis=-1)
-    import torch
-    return torch.cat([first, rest], dim=-1)
+    before the first one counts as below)."""
+    return np.concatenate([above[..., :1], above[..., 1:] & ~above[..., :-1]], axis=-1)
 
 
 def spikes_from_logits(logits, threshold: float, step_ms: float = 1.0, offset_ms: float = SPIKE_OFFSET_MS,

@@ -391,11 +391,11 @@ class Surrogate(nn.Module):
         return y if all_tasks else self.split_tasks(y)
 
     @torch.no_grad()
-    def local_traces(self, u_syn: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+    def local_traces(self, u_syn: torch.Tensor) -> torch.Tensor:
         """Exponential traces ``[T, B, C, K]`` of transformed synaptic inputs ``u_syn [B, C, T]`` (1 ms steps),
-        starting from ``state [B, C, K]`` (default zeros). Inputs, not parameters: no gradient flows here."""
+        starting from zero. Inputs, not parameters: no gradient flows here."""
         B, C, T = u_syn.shape
-        y = u_syn.new_zeros(B, C, len(self.local_decay)) if state is None else state
+        y = u_syn.new_zeros(B, C, len(self.local_decay))
         out = u_syn.new_empty(T, B, C, y.shape[-1])
         for t in range(T):        # a first-order recursion over time (vectorised over cells, channels, taus)
             y = torch.addcmul(u_syn[:, :, t, None], y, self.local_decay)
