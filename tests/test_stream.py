@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lfdeep_neuron.surrogate.backbone import state_map
 from lfdeep_neuron.surrogate.mtl import MH, MMoE, MMoEEx
 from lfdeep_neuron.surrogate.stream import Streamer, closed_loop
 
@@ -114,15 +115,15 @@ def test_state_is_constant_size_and_small():
     m = MMoE.from_config("paper").eval()
     st = m.streamer(2)
     before = st.state_bytes_per_cell()
-    shapes = [c.acc.shape for s in st.streams for blk in s.states for c in blk if c.acc is not None]
+    shapes = state_map(lambda s: s.shape, st.state)
     for _ in range(300):                                             # > 2x the receptive field
         st.step(torch.zeros(2, m.n_channels))
     assert st.state_bytes_per_cell() == before
-    assert [c.acc.shape for s in st.streams for blk in s.states for c in blk if c.acc is not None] == shapes
+    assert state_map(lambda s: s.shape, st.state) == shapes
     assert before < 1_000_000                                        # DESIGN target: <= 1 MB per cell
-    # the first layer keeps partial sums of its 5 x 32 outputs, not its 1920-wide input history
-    first = st.streams[0].states[0][0]
-    assert first.acc.shape == (2, 10, 5 * 32)
+    # the first layer keeps pending sums of its 5 x 32 outputs for 9 steps ahead, not its 1920-wide input history
+    first = st.state[0][0][0][0]                                     # experts, block 0, conv1
+    assert first.shape == (2, 9, 5 * 32)
 
 
 def test_step_input_errors():

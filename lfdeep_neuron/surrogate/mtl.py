@@ -61,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfdeep_neuron.surrogate.tcn import TCN
+from lfdeep_neuron.surrogate.backbone import Backbone, build_backbone
+from lfdeep_neuron.surrogate.routing import BranchRouting
 
 __all__ = ["SurrogateConfig", "CONFIGS", "Prediction", "Surrogate", "MH", "MMoE", "MMoEEx", "ARCHS",
            "build_model", "default_local_channels"]
@@ -93,6 +94,13 @@ class SurrogateConfig:
     tower_hard: int = 25             # tower width for MH
     exclusivity: float = 0.3         # MMoEEx: probability that a task-expert gate entry is masked
     mask_seed: int = 0               # MMoEEx: seed of the fixed random mask
+    backbone: str = "tcn"            # registered Backbone of trunk / experts / compressor ("tcn", "lstm", "elm")
+    n_branches: int = 0              # > 0: backbones read per-branch exc/inh sums of the channels (routing.py)
+                                     # instead of the channels themselves; the Hay cell has 193 branches
+    direct_heads: bool = False       # soma-voltage and spike tasks also read the whole trunk / all experts
+                                     # through a linear layer (not only their tower on the 8-wide mixture)
+    soma_clip_mV: float | None = None  # the soma-voltage task was trained on targets clipped at this value
+                                     # (spikes live in the spike output); informs training and evaluation
 
     def __post_init__(self):
         def ints(v):   # a single int (e.g. from "--set compressor=8") or a sequence
@@ -115,6 +123,12 @@ class SurrogateConfig:
             raise ValueError("residual=True needs feedback=True (the change is taken from the fed-back voltage)")
         if not 0.0 <= self.exclusivity < 1.0:
             raise ValueError(f"exclusivity must be in [0, 1), got {self.exclusivity}")
+        self.n_branches = int(self.n_branches)
+        if self.n_branches < 0:
+            raise ValueError(f"n_branches must be >= 0, got {self.n_branches}")
+        self.direct_heads = bool(self.direct_heads)
+        if self.soma_clip_mV is not None:
+            self.soma_clip_mV = float(self.soma_clip_mV)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -142,6 +156,15 @@ CONFIGS: dict[str, dict] = {
     # Wider and deeper experts, for when data are plentiful.
     "wide": dict(channels=(64, 32, 16, 16), kernel=8, dilations=(1, 2, 4, 8), n_experts=6, compressor=(16, 8),
                  tower_soft=16, tower_hard=32),
+    # Spike-capable designs (issue 11): channels routed through the 193 Hay sections, a recurrent trunk /
+    # experts with O(1) state, a direct linear path from the whole trunk to the soma and spike outputs, the
+    # soma target clipped at -55 mV, no voltage feedback, local synaptic traces for the segment towers.
+    "spike_lstm": dict(backbone="lstm", channels=(32,), compressor=(8,), n_experts=4, n_branches=193,
+                       direct_heads=True, soma_clip_mV=-55.0, feedback=False, dropout=0.0,
+                       local_taus=(2.0, 8.0, 32.0), tower_soft=10, tower_hard=16),
+    "spike_elm": dict(backbone="elm", channels=(32,), compressor=(8,), n_experts=4, n_branches=193,
+                      direct_heads=True, soma_clip_mV=-55.0, feedback=False, dropout=0.0,
+                      local_taus=(2.0, 8.0, 32.0), tower_soft=10, tower_hard=16),
 }
 
 
@@ -236,10 +259,13 @@ def _rows(h: torch.Tensor) -> torch.Tensor:
 
 
 class Surrogate(nn.Module):
-    """Common part of MH / MMoE / MMoEEx: sizes, normalisation, input transform, output split, streaming.
+    """Common part of MH / MMoE / MMoEEx: sizes, normalisation, input encoding, output split, streaming.
 
-    Subclasses define ``_tcns()`` (the TCNs that read the input, in order) and ``_heads(*feature_rows)``
-    mapping their output rows to task outputs ``[R, n_tasks]``.
+    Subclasses build their :class:`~lfdeep_neuron.surrogate.backbone.Backbone` s with :func:`build_backbone`,
+    list them in :meth:`backbones` (the first one is the *trunk* that the direct heads read) and define
+    ``_heads(*feature_rows, local=None)`` mapping the backbones' output rows to task outputs ``[R, n_tasks]``.
+    Everything else (input encoding, local features, direct heads, residual, full pass and the pure
+    :meth:`step`) is shared.
     """
 
     arch: str = ""
@@ -270,6 +296,20 @@ class Surrogate(nn.Module):
             task_seg = torch.cat([torch.arange(S), torch.zeros(1, dtype=torch.long)]
                                  + ([torch.arange(S)] if config.imem_tasks else []))
             self.register_buffer("task_segment", task_seg, persistent=False)   # spike task: the soma
+        # Branch routing (config.n_branches): the backbones read per-branch sums instead of the channels.
+        self.routing = BranchRouting(config.n_channels, config.n_branches) if config.n_branches else None
+        n_syn_features = self.routing.c_out if self.routing is not None else config.n_channels
+        #: width of the backbones' input: synaptic features (+ fed-back voltages)
+        self.n_features = n_syn_features + (S if config.feedback else 0)
+
+    def _init_direct(self, width: int) -> None:
+        """Direct heads (config.direct_heads): a linear map from the trunk's ``width`` features to the soma
+        voltage and the spike logit, added to their towers; starts at zero (the towers alone)."""
+        if self.config.direct_heads:
+            self.direct = nn.Linear(width, 2)
+            nn.init.zeros_(self.direct.weight)
+            nn.init.zeros_(self.direct.bias)
+            self.register_buffer("direct_tasks", torch.tensor([0, self.n_segments]), persistent=False)
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -280,10 +320,15 @@ class Surrogate(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def backbones(self) -> tuple[Backbone, ...]:
+        """The backbones that read the encoded input, in order (the first is the trunk)."""
+        raise NotImplementedError
+
     @property
     def receptive_field(self) -> int:
-        """Input steps (ms) that influence one output step."""
-        return max(t.receptive_field for t in self._tcns())
+        """Input steps (ms) that influence one output step; -1 when unbounded (recurrent backbones)."""
+        rf = max(b.receptive_field for b in self.backbones())
+        return -1 if math.isinf(rf) else int(rf)
 
     # -- normalisation --------------------------------------------------------------------------------
     def set_normalization(self, v_mean, v_std, v_rest=None, imem_mean=None, imem_std=None,
@@ -354,11 +399,19 @@ class Surrogate(nn.Module):
         """What the network sees of raw synaptic channel values: ``sign(x) log1p(|x|)`` (0 stays 0)."""
         return torch.sign(syn) * torch.log1p(syn.abs())
 
-    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """Input transform on the synaptic rows (channel dim 1)."""
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw model input ``[B, n_inputs, ...]`` -> (backbone input ``[B, n_features, ...]``, transformed
+        synaptic channels ``[B, n_channels, ...]``). Works on sequences ``[B, C, T]`` and columns ``[N, C]``."""
         c = self.n_channels
-        syn = self.syn_transform(x[:, :c])
-        return syn if x.shape[1] == c else torch.cat([syn, x[:, c:]], dim=1)
+        u = self.syn_transform(x[:, :c])
+        syn = self.routing(u) if self.routing is not None else u
+        return (syn if x.shape[1] == c else torch.cat([syn, x[:, c:]], dim=1)), u
+
+    def backbone_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the backbones read for raw model input ``x`` (see :meth:`encode`)."""
+        return self.encode(x)[0]
+
+    _prepare = backbone_inputs   # the older private name, still read by evaluate.expert_outputs
 
     def _check_input(self, x: torch.Tensor, what: str) -> None:
         if x.shape[1] != self.n_inputs:
@@ -380,15 +433,22 @@ class Surrogate(nn.Module):
             raise ValueError(f"x must be [B, n_inputs, T], got shape {tuple(x.shape)}")
         self._check_input(x, "x")
         B, _, T = x.shape
-        x = self._prepare(x)
+        feats, u = self.encode(x)
         local = None
         if self.n_local:                                                 # [T, B, C, K] -> [B*T, n_tasks, F]
-            local = self.local_rows(self.local_traces(x[:, :self.n_channels])).transpose(0, 1)
+            local = self.local_rows(self.local_traces(u)).transpose(0, 1)
             local = local.reshape(B * T, self.n_tasks, self.n_local)
-        y = self._heads(*(_rows(tcn(x)) for tcn in self._tcns()), local=local)   # [B*T, n_tasks]
+        rows = [_rows(b(feats)) for b in self.backbones()]
+        y = self._direct(self._heads(*rows, local=local), rows[0])       # [B*T, n_tasks]
         y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
         y = self._add_residual(y, x)
         return y if all_tasks else self.split_tasks(y)
+
+    def _direct(self, y: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+        """Add the direct heads (soma voltage, spike) read from the trunk rows ``[R, H]`` to ``y [R, n_tasks]``."""
+        if not self.config.direct_heads:
+            return y
+        return y.index_add(1, self.direct_tasks, self.direct(trunk))
 
     @torch.no_grad()
     def local_traces(self, u_syn: torch.Tensor) -> torch.Tensor:
@@ -410,8 +470,8 @@ class Surrogate(nn.Module):
         return pad[..., idx, :].reshape(*traces.shape[:-2], self.n_tasks, self.n_local)
 
     def _add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """With ``config.residual``: voltage outputs = fed-back voltage (z) + tower output. Tasks / inputs on
-        dim 1: ``[B, n_tasks, T]`` with ``[B, n_inputs, T]``, or ``[N, n_tasks]`` with ``[N, n_inputs]``."""
+        """With ``config.residual``: voltage outputs = fed-back voltage (z) + tower output. Tasks / raw inputs
+        on dim 1: ``[B, n_tasks, T]`` with ``[B, n_inputs, T]``, or ``[N, n_tasks]`` with ``[N, n_inputs]``."""
         if not self.config.residual:
             return y
         S, C = self.n_segments, self.n_channels
@@ -432,15 +492,28 @@ class Surrogate(nn.Module):
         return Streamer(self, n_cells, device=device, feedback=feedback, output=output, v0_mV=v0_mV,
                         dtype=dtype)
 
-    def _step_tasks(self, streams, u: torch.Tensor, t: int, local_state: torch.Tensor | None = None
-                    ) -> torch.Tensor:
-        """One step of all tasks from input column ``u [N, n_inputs]`` (already transformed): ``[N, n_tasks]``.
-        ``local_state [N, C, K]`` (models with ``local_taus``) holds the traces and is advanced in place."""
-        local = None
+    def initial_state(self, n_cells: int, device=None, dtype=None) -> tuple:
+        """State before the first :meth:`step`: ``(backbone states, (local traces [N, C, K],) or ())``."""
+        local = ((torch.zeros(n_cells, self.n_channels, self.n_local // 2, device=device, dtype=dtype),)
+                 if self.n_local else ())
+        return tuple(b.initial_state(n_cells, device, dtype) for b in self.backbones()), local
+
+    def step(self, x_t: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        """One 1-ms step of all tasks for N cells (eval mode): raw input column ``x_t [N, n_inputs]`` ->
+        (``[N, n_tasks]``, new state). Pure: ``state`` is left untouched (the streamer owns it)."""
+        feats, u = self.encode(x_t)
+        states, local = state
+        rows, new = [], []
+        for backbone, s in zip(self.backbones(), states):              # trunk, or experts + compressor
+            h, s = backbone.step(feats, s)
+            rows.append(h)
+            new.append(s)
+        loc = None
         if self.n_local:
-            local_state.mul_(self.local_decay).add_(u[:, :self.n_channels, None])
-            local = self.local_rows(local_state)
-        return self._add_residual(self._heads(*(s.step(u, t) for s in streams), local=local), u)
+            local = (local[0] * self.local_decay + u[:, :, None],)
+            loc = self.local_rows(local[0])
+        y = self._add_residual(self._direct(self._heads(*rows, local=loc), rows[0]), x_t)
+        return y, (tuple(new), local)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -456,11 +529,11 @@ class MH(Surrogate):
     def __init__(self, config: SurrogateConfig):
         super().__init__(config)
         c = config
-        self.trunk = TCN(self.n_inputs, c.channels, c.kernel, c.dropout, dilations=c.dilations,
-                         last_activation=c.last_activation)
-        self.towers = Towers(self.n_tasks, c.channels[-1], c.tower_hard, self.n_local)
+        self.trunk = build_backbone(c.backbone, self.n_features, c.channels, 1, c)
+        self.towers = Towers(self.n_tasks, self.trunk.c_out, c.tower_hard, self.n_local)
+        self._init_direct(self.trunk.c_out)
 
-    def _tcns(self):
+    def backbones(self):
         return (self.trunk,)
 
     def _heads(self, trunk: torch.Tensor, local=None) -> torch.Tensor:
@@ -475,21 +548,20 @@ class MMoE(Surrogate):
     def __init__(self, config: SurrogateConfig):
         super().__init__(config)
         c = config
-        E, C = c.n_experts, c.channels[-1]
-        self.experts = TCN(self.n_inputs, c.channels, c.kernel, c.dropout, n_groups=E, dilations=c.dilations,
-                           last_activation=c.last_activation)
-        comp_dil = None if c.dilations is None else c.dilations[:len(c.compressor)]
-        self.compressor = TCN(self.n_inputs, c.compressor, c.kernel, c.dropout, dilations=comp_dil,
-                              last_activation=c.last_activation)
-        K = c.compressor[-1]
+        E = c.n_experts
+        self.experts = build_backbone(c.backbone, self.n_features, c.channels, E, c)
+        C = self.experts.c_out // E
+        self.compressor = build_backbone(c.backbone, self.n_features, c.compressor, 1, c)
+        K = self.compressor.c_out
         # gate logits of row r: comp[r] @ gate_w, viewed [E, n_tasks] (experts first: softmax over a
         # leading dim is much faster on CPU than over a trailing dim of 5)
         self.gate_w = nn.Parameter(torch.empty(K, E * self.n_tasks).uniform_(-1 / math.sqrt(K), 1 / math.sqrt(K)))
         self.gate_b = nn.Parameter(torch.zeros(E, self.n_tasks))
         self.towers = Towers(self.n_tasks, C, c.tower_soft, self.n_local)
         self.n_experts, self.expert_width = E, C
+        self._init_direct(self.experts.c_out)
 
-    def _tcns(self):
+    def backbones(self):
         return (self.experts, self.compressor)
 
     def gates(self, comp: torch.Tensor) -> torch.Tensor:

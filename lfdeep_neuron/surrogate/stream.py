@@ -7,11 +7,14 @@
 
 Semantics
 ---------
-A :class:`Streamer` holds, per cell, the causal state of every convolution (rings of partial sums, see
-:mod:`~lfdeep_neuron.surrogate.tcn`) and the last predicted voltages. A step costs the same whatever the
-history length. Starting from :meth:`Streamer.reset`, stepping through columns ``x[:, :, 0..T-1]`` gives
-exactly the columns of the full-sequence pass ``model(x)`` in eval mode (to float round-off): the full pass
-pads each convolution with zeros on the left, the streamer starts from zero state.
+A :class:`Streamer` owns, per cell, the model's state (``model.initial_state``: the state of every
+backbone -- pending convolution sums of a TCN, ``(h, c)`` of an LSTM, leaky memories -- and the local synaptic
+traces) and the last predicted voltages. Each step calls the model's pure ``model.step(x_t, state)`` and keeps
+the state it returns; the model never changes the streamer's state behind its back. A step costs the same
+whatever the history length. Starting from :meth:`Streamer.reset`, stepping through columns
+``x[:, :, 0..T-1]`` gives the columns of the full-sequence pass ``model(x)`` in eval mode (to float
+round-off): the full pass pads each convolution with zeros on the left / starts each recurrence at zero, the
+streamer starts from ``model.initial_state``.
 
 ``step(x_t)`` accepts
 
@@ -34,6 +37,7 @@ import copy
 
 import torch
 
+from lfdeep_neuron.surrogate.backbone import state_bytes, state_map
 from lfdeep_neuron.surrogate.mtl import Prediction, Surrogate
 
 __all__ = ["Streamer", "closed_loop"]
@@ -79,12 +83,8 @@ class Streamer:
         self.feedback = bool(feedback and model.config.feedback)
         self.output = output
         self.n_segments, self.n_channels, self.n_inputs = model.n_segments, model.n_channels, model.n_inputs
-        with torch.no_grad():
-            self.streams = [tcn.stream(self.n_cells, self.device, self.dtype) for tcn in self.model._tcns()]
+        self.state = self.model.initial_state(self.n_cells, self.device, self.dtype)
         self.fb = torch.zeros(self.n_cells, self.n_segments, device=self.device, dtype=self.dtype)
-        # exponential traces of the synaptic inputs (models with local_taus)
-        self.local = (torch.zeros(self.n_cells, self.n_channels, self.model.n_local // 2, device=self.device,
-                                  dtype=self.dtype) if self.model.n_local else None)
         self.t = 0
         self.reset(v0_mV)
 
@@ -104,19 +104,18 @@ class Streamer:
         if v0.shape[-1] != self.n_segments or v0.dim() > 2:
             raise ValueError(f"v0_mV must be [S] or [cells, S] with S = {self.n_segments}, got {tuple(v0.shape)}")
         with torch.no_grad():
-            for s in self.streams:
-                s.reset(None if cells is None else idx)
+            if cells is None:
+                self.state = m.initial_state(self.n_cells, self.device, self.dtype)
+            else:
+                fresh = m.initial_state(len(idx), self.device, self.dtype)
+                self.state = state_map(lambda s, s0: s.index_copy(0, idx, s0), self.state, fresh)
             self.fb[idx] = m.to_z(v0)
-            if self.local is not None:
-                self.local[idx] = 0.0
         if cells is None:
             self.t = 0
 
     def state_bytes_per_cell(self) -> int:
-        """Bytes of causal state per cell (convolution rings + feedback voltages)."""
-        local = 0 if self.local is None else self.local[0].numel() * self.local.element_size()
-        return (sum(s.state_bytes_per_cell() for s in self.streams) + self.fb[0].numel() * self.fb.element_size()
-                + local)
+        """Bytes of state per cell (the model's state + the fed-back voltages)."""
+        return state_bytes(self.state) + self.fb[0].numel() * self.fb.element_size()
 
     @torch.no_grad()
     def step(self, x_t) -> Prediction:
@@ -125,14 +124,12 @@ class Streamer:
         x_t = torch.as_tensor(x_t, device=self.device, dtype=self.dtype)
         if x_t.dim() != 2 or x_t.shape[0] != self.n_cells:
             raise ValueError(f"x_t must be [n_cells={self.n_cells}, channels], got {tuple(x_t.shape)}")
-        if x_t.shape[1] == self.n_inputs:
-            u = m._prepare(x_t)
-        elif self.feedback and x_t.shape[1] == self.n_channels:
-            u = torch.cat([m.syn_transform(x_t), self.fb], dim=1)
-        else:
+        if self.feedback and x_t.shape[1] == self.n_channels:
+            x_t = torch.cat([x_t, self.fb], dim=1)
+        elif x_t.shape[1] != self.n_inputs:
             closed = f" or {self.n_channels} (synaptic only, closed loop)" if self.feedback else ""
             raise ValueError(f"x_t has {x_t.shape[1]} channels; expected {self.n_inputs} (teacher-forced){closed}")
-        y = m._step_tasks(self.streams, u, self.t, self.local)   # [n_cells, n_tasks]
+        y, self.state = m.step(x_t, self.state)                 # [n_cells, n_tasks]; the model's pure step
         self.t += 1
         pred = m.split_tasks(y)
         self.fb.copy_(pred.v)

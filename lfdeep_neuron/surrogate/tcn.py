@@ -21,13 +21,14 @@ Building blocks
 
 Streaming
 ---------
-``tcn.stream(n, device, dtype)`` returns a :class:`TCNStream` whose ``step(u)`` maps one input column
-``u [n, C_in]`` to one output column ``[n, G * C_last]``. Each convolution keeps a ring of *partial
-output sums* instead of a buffer of past inputs: when input u_t arrives it is multiplied once by all
-kernel taps (one matmul, ``[n, C_in] @ [C_in, kernel * C_out]``) and tap j is added to the output that
-is ``(kernel - 1 - j) * dilation`` steps ahead. The state per cell is ``((kernel - 1) * dilation + 1) *
-C_out`` numbers per convolution -- independent of the input width (1920 for the Hay cell) and of how long
-the stream has been running -- and each step costs the same whatever the history length.
+:class:`TCN` is a :class:`~lfdeep_neuron.surrogate.backbone.Backbone` (registered as ``"tcn"``):
+``step(u, state)`` maps one input column ``u [n, C_in]`` to one output column ``[n, G * C_last]`` without
+touching ``state``. Each convolution keeps *pending partial output sums* instead of a buffer of past inputs:
+when input u_t arrives it is multiplied once by all kernel taps (one matmul, ``[n, C_in] @ [C_in, kernel *
+C_out]``) and tap j is added to the output that is ``(kernel - 1 - j) * dilation`` steps ahead. The state per
+cell is ``(kernel - 1) * dilation * C_out`` numbers per convolution -- independent of the input width (1920
+for the Hay cell) and of how long the stream has been running -- and each step costs the same whatever the
+history length.
 """
 from __future__ import annotations
 
@@ -36,7 +37,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["CausalConv1d", "TemporalBlock", "TCN", "ConvStream", "TCNStream"]
+from lfdeep_neuron.surrogate.backbone import Backbone, register_backbone
+
+__all__ = ["CausalConv1d", "TemporalBlock", "TCN"]
+
+
+def _param_key(module: nn.Module):
+    """Identity and version of a module's parameters: changes whenever a weight is replaced or updated."""
+    try:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+    except RuntimeError:          # inference tensors have no version counter: never cache
+        return None
 
 
 class CausalConv1d(nn.Module):
@@ -62,7 +73,11 @@ class CausalConv1d(nn.Module):
         conv = nn.Conv1d(c_in, c_out, kernel, dilation=dilation, groups=groups)
         self.conv = weight_norm(conv) if normalize else conv
         self.kernel, self.dilation, self.groups = kernel, dilation, groups
+        self.c_in, self.c_out = c_in, c_out
         self.pad = (kernel - 1) * dilation
+        # output slot (steps ahead - 1) that tap m >= 1 of the current input feeds, after the shift
+        self.register_buffer("ahead", torch.arange(1, kernel) * dilation - 1, persistent=False)
+        self._taps_key, self._taps = None, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (self.pad, 0)))
@@ -71,75 +86,45 @@ class CausalConv1d(nn.Module):
     def receptive_field(self) -> int:
         return self.pad + 1
 
-    def stream(self, n: int, device=None, dtype=None) -> "ConvStream":
-        """A one-step-at-a-time version of this convolution for ``n`` independent sequences."""
+    # -- streaming --------------------------------------------------------------------------------
+    def taps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights laid out for stepping: ``w [g, c_in / g, kernel * c_out / g]`` (entry ``[g, i, m * c + o]``:
+        input channel i of group g to output o of that group when the output lies m * dilation steps after the
+        input, i.e. kernel tap ``kernel - 1 - m``) and the bias. Weight norm applied; cached until a
+        parameter changes."""
+        key = _param_key(self)
+        if key is not None and key == self._taps_key:
+            return self._taps
         with torch.no_grad():
-            w = self.conv.weight.detach()  # weight norm applied here, once
-            b = self.conv.bias.detach()
-        return ConvStream(w, b, self.dilation, self.groups, n, device=device, dtype=dtype)
+            weight, bias = self.conv.weight.detach(), self.conv.bias.detach()
+            c_out, c_in_g, k = weight.shape
+            g = self.groups
+            w = weight.view(g, c_out // g, c_in_g, k).flip(-1).permute(0, 2, 3, 1)
+            taps = (w.reshape(g, c_in_g, k * (c_out // g)).contiguous(), bias.clone())
+        self._taps_key, self._taps = key, taps
+        return taps
 
+    def initial_state(self, batch: int, device=None, dtype=None) -> torch.Tensor:
+        """Pending partial sums ``[batch, (kernel - 1) * dilation, c_out]`` (zeros: nothing seen yet);
+        entry j is the part already known of the output ``j`` steps after the next one."""
+        return torch.zeros(batch, self.pad, self.c_out, device=device, dtype=dtype)
 
-class ConvStream:
-    """Causal convolution stepped one column at a time (see the module docstring).
-
-    Parameters
-    ----------
-    weight : Tensor [c_out, c_in / groups, kernel]
-        Effective convolution weight (weight norm already applied).
-    bias : Tensor [c_out]
-    dilation, groups : int
-    n : int
-        Number of independent sequences (cells) stepped together.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, dilation: int, groups: int, n: int,
-                 device=None, dtype=None):
-        device = weight.device if device is None else torch.device(device)
-        dtype = weight.dtype if dtype is None else dtype
-        c_out, c_in_g, k = weight.shape
-        g = groups
-        c_out_g = c_out // g
-        self.n, self.k, self.groups = n, k, g
-        self.c_in, self.c_out, self.c_in_g, self.c_out_g = c_in_g * g, c_out, c_in_g, c_out_g
-        # w[g, i, m * c_out_g + c]: weight of input channel i of group g for output channel c of that group
-        # when the output lies m * dilation steps after the input, i.e. kernel tap k - 1 - m.
-        w = weight.view(g, c_out_g, c_in_g, k).flip(-1).permute(0, 2, 3, 1)
-        self.w = w.reshape(g, c_in_g, k * c_out_g).to(device=device, dtype=dtype).contiguous()
-        self.b = bias.to(device=device, dtype=dtype)
-        self.length = (k - 1) * dilation + 1  # ring length
-        # slots[p, m]: ring slot of the output m * dilation steps after a step whose own slot is p
-        offsets = torch.arange(k) * dilation
-        self.slots = ((torch.arange(self.length)[:, None] + offsets[None, :]) % self.length).to(device)
-        self.acc = torch.zeros(n, self.length, c_out, device=device, dtype=dtype) if k > 1 else None
-
-    def reset(self, cells: torch.Tensor | None = None) -> None:
-        """Forget the history (all cells, or the given cell indices)."""
-        if self.acc is None:
-            return
-        if cells is None:
-            self.acc.zero_()
-        else:
-            self.acc[cells] = 0
-
-    def state_bytes_per_cell(self) -> int:
-        return 0 if self.acc is None else self.acc[0].numel() * self.acc.element_size()
-
-    def step(self, u: torch.Tensor, t: int) -> torch.Tensor:
-        """Consume input column ``u [n, c_in]`` of step ``t``; return output column ``[n, c_out]``."""
-        n, g = u.shape[0], self.groups
+    def step(self, u: torch.Tensor, pending: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consume ``u [n, c_in]``; return the output column ``[n, c_out]`` and the new pending sums."""
+        w, b = self.taps()
+        n, g, k = u.shape[0], self.groups, self.kernel
         if g == 1:
-            p = u @ self.w[0]                                             # [n, k * c_out]
+            p = u @ w[0]                                                  # [n, k * c_out]
         else:
-            p = torch.bmm(u.view(n, g, self.c_in_g).transpose(0, 1), self.w)  # [g, n, k * c_out_g]
-            p = p.view(g, n, self.k, self.c_out_g).permute(1, 2, 0, 3)
-        p = p.reshape(n, self.k, self.c_out)                              # [n, m, c_out]
-        if self.acc is None:                                              # 1x1 convolution: no state
-            return p[:, 0] + self.b
-        slot = t % self.length
-        self.acc.index_add_(1, self.slots[slot], p)
-        y = self.acc[:, slot] + self.b
-        self.acc[:, slot] = 0
-        return y
+            p = torch.bmm(u.view(n, g, -1).transpose(0, 1), w)           # [g, n, k * c_out_g]
+            p = p.view(g, n, k, -1).permute(1, 2, 0, 3)
+        p = p.reshape(n, k, self.c_out)                                   # [n, m, c_out]
+        if k == 1:                                                        # 1x1 convolution: no state
+            return p[:, 0] + b, pending
+        y = pending[:, 0] + p[:, 0] + b
+        new = F.pad(pending[:, 1:], (0, 0, 0, 1))                         # one step later; a fresh tensor
+        new.index_add_(1, self.ahead, p[:, 1:])
+        return y, new
 
 
 class TemporalBlock(nn.Module):
@@ -185,18 +170,19 @@ class TemporalBlock(nn.Module):
         return self.out_act(h + (x if self.skip is None else self.skip(x)))
 
     # -- streaming --------------------------------------------------------------------------------
-    def stream(self, n: int, device=None, dtype=None) -> list:
-        convs = [self.conv1, self.conv2] + ([self.skip] if self.skip is not None else [])
-        return [c.stream(n, device, dtype) for c in convs]
+    def initial_state(self, batch: int, device=None, dtype=None) -> tuple:
+        return (self.conv1.initial_state(batch, device, dtype), self.conv2.initial_state(batch, device, dtype))
 
-    def step(self, u: torch.Tensor, state: list, t: int) -> torch.Tensor:
+    def step(self, u: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         """One step of the block in eval mode (no dropout): ``u [n, c_in] -> [n, c_out]``."""
-        h = torch.relu(state[0].step(u, t))
-        h = torch.relu(state[1].step(h, t))
-        return self.out_act(h + (u if len(state) == 2 else state[2].step(u, t)))
+        h, s1 = self.conv1.step(u, state[0])
+        h, s2 = self.conv2.step(torch.relu(h), state[1])
+        skip = u if self.skip is None else self.skip.step(u, None)[0]
+        return self.out_act(torch.relu(h) + skip), (s1, s2)
 
 
-class TCN(nn.Module):
+@register_backbone("tcn")
+class TCN(Backbone):
     """Stack of :class:`TemporalBlock` with dilations ``2**i``; optionally ``n_groups`` experts at once.
 
     Parameters
@@ -231,6 +217,12 @@ class TCN(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.c_in, self.c_out, self.n_groups = c_in, width, n_groups
 
+    @classmethod
+    def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "TCN":
+        dil = None if config.dilations is None else config.dilations[:len(widths)]
+        return cls(c_in, widths, config.kernel, config.dropout, n_groups=n_groups, dilations=dil,
+                   last_activation=config.last_activation)
+
     @property
     def receptive_field(self) -> int:
         """Steps of input that can influence one output step (including the current one)."""
@@ -241,26 +233,12 @@ class TCN(nn.Module):
             x = block(x)
         return x
 
-    def stream(self, n: int, device=None, dtype=None) -> "TCNStream":
-        return TCNStream(self, n, device, dtype)
+    def initial_state(self, batch: int, device=None, dtype=None) -> tuple:
+        return tuple(b.initial_state(batch, device, dtype) for b in self.blocks)
 
-
-class TCNStream:
-    """A :class:`TCN` advanced one step at a time for ``n`` sequences (eval mode, no dropout)."""
-
-    def __init__(self, tcn: TCN, n: int, device=None, dtype=None):
-        self.blocks = list(tcn.blocks)
-        self.states = [b.stream(n, device, dtype) for b in self.blocks]
-
-    def step(self, u: torch.Tensor, t: int) -> torch.Tensor:
-        for block, state in zip(self.blocks, self.states):
-            u = block.step(u, state, t)
-        return u
-
-    def reset(self, cells=None) -> None:
-        for state in self.states:
-            for conv in state:
-                conv.reset(cells)
-
-    def state_bytes_per_cell(self) -> int:
-        return sum(conv.state_bytes_per_cell() for state in self.states for conv in state)
+    def step(self, x_t: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        new = []
+        for block, s in zip(self.blocks, state):          # a few blocks, in sequence
+            x_t, s = block.step(x_t, s)
+            new.append(s)
+        return x_t, tuple(new)
