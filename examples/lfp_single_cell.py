@@ -65,11 +65,11 @@ def run_surrogate(model, x):
 
 
 def scores(phi, ref):
-    """Per electrode: Pearson correlation and relative error ||phi - ref|| / ||ref|| (over time)."""
-    a = phi - phi.mean(1, keepdims=True)
-    b = ref - ref.mean(1, keepdims=True)
-    corr = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
-    rel = np.linalg.norm(phi - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    """Per electrode of [T, E] LFPs: Pearson correlation and relative error ||phi - ref|| / ||ref|| (over time)."""
+    a = phi - phi.mean(0, keepdims=True)
+    b = ref - ref.mean(0, keepdims=True)
+    corr = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    rel = np.linalg.norm(phi - ref, axis=0) / np.linalg.norm(ref, axis=0)
     return corr, rel
 
 
@@ -82,14 +82,14 @@ def figure(path, t, phis, electrodes, table):
     colors = {"NEURON (bin-mean i_membrane_)": "k", "NEURON point samples: -L v_1ms": "tab:green",
               "surrogate: -L v": "tab:red", "surrogate: predicted currents": "tab:purple"}
     ref = phis["NEURON (bin-mean i_membrane_)"] * 1e3
-    spacing = 1.1 * np.abs(ref - ref.mean(1, keepdims=True)).max()
+    spacing = 1.1 * np.abs(ref - ref.mean(0, keepdims=True)).max()
     fig, axes = plt.subplots(1, 2, figsize=(13, 7), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
     for label, phi in phis.items():
         p = phi * 1e3
         neuron = label.startswith("NEURON (")
-        for e in range(p.shape[0]):
-            ax.plot(t, p[e] - p[e].mean() + e * spacing, lw=1.3 if neuron else 0.7, zorder=1 if neuron else 2,
+        for e in range(p.shape[1]):                          # LFPs are [T, E]
+            ax.plot(t, p[:, e] - p[:, e].mean() + e * spacing, lw=1.3 if neuron else 0.7, zorder=1 if neuron else 2,
                     color=colors[label], alpha=1.0 if neuron else 0.85, label=label if e == 0 else None)
     ax.set_yticks(np.arange(len(electrodes)) * spacing, [f"{y:.0f}" for y in electrodes[:, 1]])
     ax.set_xlabel("time (ms)")
@@ -160,13 +160,13 @@ def main(argv=None) -> int:
         phis["surrogate: predicted currents"] = pop.from_currents(i_s[None])
 
     ref = phis["NEURON (bin-mean i_membrane_)"]
-    skip = 1                                    # column 0 is the t = 0 value, not a bin mean
-    table = {k: scores(v[:, skip:], ref[:, skip:]) for k, v in phis.items() if k != "NEURON (bin-mean i_membrane_)"}
+    skip = 1                                    # row 0 is the t = 0 value, not a bin mean
+    table = {k: scores(v[skip:], ref[skip:]) for k, v in phis.items() if k != "NEURON (bin-mean i_membrane_)"}
     print(f"{T} ms of {Path(args.reference).name}: {keep.sum()} events; NEURON {t_neuron:.1f} s, "
           f"surrogate {t_surr:.1f} s; soma spikes NEURON {len(out['soma_spike_times_ms'])}")
     print(f"model: {model.meta.get('path', 'untrained')}; soma voltage RMSE (point samples) "
           f"{np.sqrt(np.mean((v_s[0] - out['v_1ms'][0]) ** 2)):.2f} mV")
-    rms = np.sqrt(np.mean((ref - ref.mean(1, keepdims=True)) ** 2, axis=1)) * 1e3
+    rms = np.sqrt(np.mean((ref - ref.mean(0, keepdims=True)) ** 2, axis=0)) * 1e3
     header = "contact y (µm) | NEURON RMS (µV) | " + " | ".join(f"{k}: corr, rel.err" for k in table)
     print(header)
     for e in range(probe.n_electrodes):

@@ -34,7 +34,14 @@ Example
 >>> probe = laminar_probe(n_contacts=16, spacing_um=100.0, x_um=50.0)
 >>> cells = [geom.placed((0, 0, 0)), geom.placed((200, 0, 0), rotation=(0, 1.0, 0))]   # HayL5PC's placement
 >>> pop = PopulationLFP.from_geometries(cells, probe, lap)
->>> phi_mV = pop.from_voltages(v_mV)                               # v_mV [N=2, S, T] -> [n_electrodes, T]
+>>> phi_mV = pop.from_voltages(v_mV)                               # v_mV [N=2, S, T] -> [T, n_electrodes]
+
+Orientation: every LFP this package returns is ``[T, E]`` (time first, one column per contact),
+like NetPyNE's ``sim.allSimData['LFP']``; inputs keep the records' ``[N, S, T]`` layout.
+
+During a run, :class:`PopulationLFPSink` (surrogates, an engine sink) and :class:`MembraneCurrentLFP`
+(detailed NEURON cells, from ``i_membrane_``) accumulate the LFP step by step through the same
+electrode mapping; the NetPyNE glue (``record_surrogate_lfp``) uses both.
 """
 from __future__ import annotations
 
@@ -48,12 +55,16 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from lfdeep_neuron.cosim.sinks import EngineSink
+
 __all__ = [
     "AxialLaplacian",
     "SegmentGeometry",
     "ElectrodeArray",
     "laminar_probe",
     "PopulationLFP",
+    "PopulationLFPSink",
+    "MembraneCurrentLFP",
 ]
 
 
@@ -767,8 +778,8 @@ class PopulationLFP:
     def from_voltages(self, v_mV, per_cell: bool = False):
         """Potentials (mV) from recorded voltages ``v_mV`` [N, S, T].
 
-        Returns ``[E, T]`` (summed over cells) or ``[N, E, T]`` with ``per_cell=True``; numpy in gives
-        numpy out, a tensor gives a tensor on the device.
+        Returns ``[T, E]`` (summed over cells; time first, as NetPyNE's ``recordLFP``) or ``[N, T, E]``
+        with ``per_cell=True``; numpy in gives numpy out, a tensor gives a tensor on the device.
         """
         self._need_transfer()
         v = self._tensor(v_mV, "v_mV", 3, "NST")
@@ -786,8 +797,248 @@ class PopulationLFP:
         import torch
 
         if per_cell:
-            out = torch.einsum("ens,nst->net", k_ens, x_nst)
+            out = torch.einsum("ens,nst->nte", k_ens, x_nst)
         else:
             e = k_ens.shape[0]
-            out = k_ens.reshape(e, -1) @ x_nst.reshape(-1, x_nst.shape[-1])
+            out = (k_ens.reshape(e, -1) @ x_nst.reshape(-1, x_nst.shape[-1])).T
         return out if _is_torch(like) else out.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# Step-by-step LFP during a run: surrogates (engine sink) and detailed cells (i_membrane_)
+# ----------------------------------------------------------------------------------------------
+
+def _resolve(n_steps):
+    return n_steps() if callable(n_steps) else n_steps
+
+
+class _LFPBuffer:
+    """[T, E] samples (mV): preallocated when the number of steps is known, else growing."""
+
+    def __init__(self, n_electrodes: int, n_steps: int | None):
+        self.n_electrodes = n_electrodes
+        self.fixed = n_steps is not None
+        self.array = np.zeros((n_steps if self.fixed else 0, n_electrodes))
+        self.rows: list = []
+
+    def put(self, k: int, phi: np.ndarray):
+        if self.fixed:
+            if k < len(self.array):
+                self.array[k] = phi
+        else:
+            while len(self.rows) <= k:
+                self.rows.append(np.zeros(self.n_electrodes))
+            self.rows[k] = phi
+
+    def value(self) -> np.ndarray:
+        if self.fixed:
+            return self.array
+        return np.array(self.rows, np.float64).reshape(-1, self.n_electrodes)
+
+
+class PopulationLFPSink(EngineSink):
+    """Engine sink: the LFP of surrogate instances, accumulated every step on the engine's device.
+
+    Attach with ``engine.add_sink(sink)`` (keep a reference to it). At each ``finitialize`` it places
+    its cells (``cell.segment_table()``: position and rotation) in front of ``electrodes`` and then adds
+    one row per surrogate step: ``phi = sum_c K_c v_c`` from the predicted voltages (``K = -M L``, needs
+    ``laplacian``) or ``sum_c M_c i_c`` from the predicted bin-mean membrane currents (``laplacian=None``;
+    models with current tasks).
+
+    Parameters
+    ----------
+    electrodes : ElectrodeArray
+        Contacts and conductivity.
+    laplacian : AxialLaplacian, optional
+        The cell's Laplacian for voltages; None: use the predicted currents.
+    cells : sequence of SurrogateL5PC, or a callable returning one, optional
+        The instances to include (default: all local instances of the engine); a callable is asked
+        at every ``finitialize`` (cells created after the sink was made).
+    method : {'linesource', 'pointsource'}
+        LFPykit model of the mapping.
+    device : torch device of the sums (default: the engine's).
+    n_steps : int or callable, optional
+        Preallocate ``[n_steps, E]`` (samples k >= n_steps are dropped; ``lfp_mV`` is then one array
+        filled in place during the run); a callable is asked at every ``finitialize``; default: grow.
+    on_reset : callable, optional
+        ``on_reset(sink)`` after every reset (e.g. to hand the preallocated ``lfp_mV`` to a store).
+
+    Attributes
+    ----------
+    lfp_mV : ndarray [T, E]
+        Sample k is the potential at t0 + k·Δ (from voltages: a point sample; from currents: the mean
+        over (t0 + (k-1)·Δ, t0 + k·Δ], zero at k = 0). Time first, like NetPyNE's ``recordLFP``.
+    t_ms : ndarray [T]
+        Sample times (ms).
+    """
+
+    def __init__(self, electrodes: ElectrodeArray, laplacian=None, *, cells=None, method: str = "linesource",
+                 device=None, n_steps=None, on_reset=None):
+        if not isinstance(electrodes, ElectrodeArray):
+            raise TypeError(f"electrodes must be an ElectrodeArray, got {type(electrodes).__name__}")
+        if method not in ("linesource", "pointsource"):
+            raise ValueError(f"method must be 'linesource' or 'pointsource', got {method!r}")
+        self.electrodes, self.laplacian, self.method = electrodes, laplacian, method
+        self._cells, self.device, self.n_steps, self.on_reset = cells, device, n_steps, on_reset
+        self.population: PopulationLFP | None = None
+        self._buffer = _LFPBuffer(electrodes.n_electrodes, None)
+        self._t0, self._step_ms = 0.0, 1.0
+
+    def _chosen_cells(self, engine) -> list:
+        cells = self._cells() if callable(self._cells) else self._cells
+        return engine.cells if cells is None else list(cells)
+
+    def reset(self, engine):
+        """Place the cells, forget old samples; the rows are the chosen cells' instance indices."""
+        if self.laplacian is None and not engine.predicts_currents:
+            raise ValueError("PopulationLFPSink without a Laplacian uses predicted membrane currents, but this "
+                             "surrogate predicts voltages only: pass laplacian= (AxialLaplacian of the cell)")
+        if self.laplacian is not None and self.laplacian.n_segments != len(engine.segments["name"]):
+            raise ValueError(f"the Laplacian has {self.laplacian.n_segments} segments, the surrogate "
+                             f"{len(engine.segments['name'])}")
+        cells = self._chosen_cells(engine)
+        for c in cells:
+            if c.engine is not engine:
+                raise ValueError("PopulationLFPSink: a cell belongs to another SurrogateEngine")
+        self._t0, self._step_ms = engine.step_time(0), engine.step_ms
+        self._buffer = _LFPBuffer(self.electrodes.n_electrodes, _resolve(self.n_steps))
+        self.population = None
+        if cells:
+            geoms = [SegmentGeometry.from_table(c.segment_table()) for c in cells]
+            self.population = PopulationLFP.from_geometries(geoms, self.electrodes, self.laplacian,
+                                                            method=self.method,
+                                                            device=self.device or engine.device)
+        if self.on_reset is not None:
+            self.on_reset(self)
+        return [c.index for c in cells]
+
+    def append(self, step):
+        """Add the step's potential at every contact (one matrix-vector product for all cells)."""
+        if self.population is None:
+            self._buffer.put(step.k, np.zeros(self.electrodes.n_electrodes))
+            return
+        if self.laplacian is None:
+            phi = self.population.step_currents(step.imem_nA)
+        else:
+            phi = self.population.step(step.v_mV)
+        self._buffer.put(step.k, phi.cpu().numpy())
+
+    @property
+    def lfp_mV(self) -> np.ndarray:
+        return self._buffer.value()
+
+    @property
+    def t_ms(self) -> np.ndarray:
+        return self._t0 + self._step_ms * np.arange(len(self.lfp_mV))
+
+
+class _WeakCall:
+    """``obj.<name>()`` through a weak reference, with the garbage collector paused during the call
+    (NEURON callbacks must not free hoc objects; see the engine's "Object lifetimes")."""
+
+    def __init__(self, obj, name: str):
+        import weakref
+
+        self.ref, self.name = weakref.ref(obj), name
+
+    def __call__(self):
+        import gc
+
+        obj = self.ref()
+        if obj is None:
+            return
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            getattr(obj, self.name)()
+        finally:
+            if enabled:
+                gc.enable()
+
+
+class MembraneCurrentLFP:
+    """LFP of detailed NEURON cells from ``i_membrane_``, sampled every ``step_ms`` during a run.
+
+    The counterpart of :class:`PopulationLFPSink` for cells that NEURON integrates (e.g. ``HayL5PC``):
+    at every ``finitialize`` it places the cells (``segment_table()``), turns on
+    ``cvode.use_fast_imem``, gathers the ``i_membrane_`` (nA) of all their segments through one
+    ``PtrVector`` at t0 + k·step_ms (k = 0, 1, ...; point samples, as the voltage-based surrogate LFP,
+    whose ``-L v`` equals them) and adds ``M i`` (one matrix-vector product for all cells).
+
+    Parameters
+    ----------
+    cells : sequence of cells, or a callable returning one
+        NEURON cells with ``segments`` (canonical order) and ``segment_table()``; a callable is asked
+        at every ``finitialize``.
+    electrodes : ElectrodeArray
+    method : {'linesource', 'pointsource'}
+    step_ms : float
+        Sampling interval (ms), 1 ms like the surrogates.
+    n_steps : int or callable, optional
+        Preallocate ``[n_steps, E]`` (filled in place; later samples are dropped); a callable is
+        asked at every ``finitialize``.
+    on_reset : callable, optional
+        ``on_reset(recorder)`` after every ``finitialize``.
+
+    Attributes
+    ----------
+    lfp_mV : ndarray [T, E]; t_ms : ndarray [T]
+    """
+
+    def __init__(self, cells, electrodes: ElectrodeArray, *, method: str = "linesource", step_ms: float = 1.0,
+                 n_steps=None, on_reset=None):
+        from neuron import h
+
+        if not isinstance(electrodes, ElectrodeArray):
+            raise TypeError(f"electrodes must be an ElectrodeArray, got {type(electrodes).__name__}")
+        if not step_ms > 0:
+            raise ValueError(f"step_ms must be > 0, got {step_ms!r}")
+        self._cells, self.electrodes, self.method = cells, electrodes, method
+        self.step_ms, self.n_steps, self.on_reset = float(step_ms), n_steps, on_reset
+        self._buffer = _LFPBuffer(electrodes.n_electrodes, None)
+        self._t0, self._k, self._map, self._pointers, self._gathered = 0.0, 0, None, None, None
+        h.cvode.use_fast_imem(1)
+        self._callback = _WeakCall(self, "_sample")
+        self._fih = h.FInitializeHandler(1, _WeakCall(self, "_start"))
+
+    def _start(self):
+        from neuron import h
+
+        cells = list(self._cells() if callable(self._cells) else self._cells)
+        self._t0, self._k = float(h.t), 0
+        self._n_max = _resolve(self.n_steps)
+        self._buffer = _LFPBuffer(self.electrodes.n_electrodes, self._n_max)
+        self._map = None
+        if cells:
+            h.cvode.use_fast_imem(1)
+            maps = [self.electrodes.mapping(SegmentGeometry.from_cell(c), method=self.method) for c in cells]
+            self._map = np.hstack(maps)                                  # [E, sum S] mV / nA
+            segments = [seg for c in cells for seg in c.segments]
+            self._pointers = h.PtrVector(len(segments))
+            for i, seg in enumerate(segments):                            # once per init, not per step
+                self._pointers.pset(i, seg._ref_i_membrane_)
+            self._gathered = h.Vector(len(segments))
+        if self.on_reset is not None:
+            self.on_reset(self)
+        if self._n_max is None or self._n_max > 0:
+            h.cvode.event(self._t0, self._callback)
+
+    def _sample(self):
+        from neuron import h
+
+        if self._map is None:
+            self._buffer.put(self._k, np.zeros(self.electrodes.n_electrodes))
+        else:
+            self._pointers.gather(self._gathered)
+            self._buffer.put(self._k, self._map @ self._gathered.as_numpy())
+        self._k += 1
+        if self._n_max is None or self._k < self._n_max:
+            h.cvode.event(self._t0 + self._k * self.step_ms, self._callback)
+
+    @property
+    def lfp_mV(self) -> np.ndarray:
+        return self._buffer.value()
+
+    @property
+    def t_ms(self) -> np.ndarray:
+        return self._t0 + self.step_ms * np.arange(len(self.lfp_mV))

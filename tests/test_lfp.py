@@ -227,9 +227,9 @@ def test_hay_currents_and_lfp_match_i_membrane_under_synaptic_input(hay_cell, ha
     pop = PopulationLFP.from_geometries([geom], probe, hay_laplacian)
     lfp_v = pop.from_voltages(v[None])
     lfp_i = pop.from_currents(imem[None])
-    assert lfp_v.shape == (16, t.size)
+    assert lfp_v.shape == (t.size, 16)                     # [T, E]: time first, as NetPyNE's recordLFP
     assert np.abs(lfp_i).max() > 1e-4                      # a real signal (mV), not zeros
-    per_electrode = np.abs(lfp_v - lfp_i).max(1) / np.abs(lfp_i).max(1)
+    per_electrode = np.abs(lfp_v - lfp_i).max(0) / np.abs(lfp_i).max(0)
     assert per_electrode.max() < 1e-8, per_electrode
     # synaptic currents are membrane currents: no correction, and they sum to zero with the rest
     assert np.abs(imem.sum(0)).max() < 1e-9 * np.abs(imem).max() * imem.shape[0]
@@ -414,7 +414,7 @@ def test_population_of_two_cells_is_the_sum_of_single_cells(hay_cell, hay_laplac
                           y=np.c_[g.xyz_start_um[:, 1], g.xyz_end_um[:, 1]],
                           z=np.c_[g.xyz_start_um[:, 2], g.xyz_end_um[:, 2]], d=g.diam_um)
         m = LineSourcePotential(cg, *[probe.xyz_um[:, k].copy() for k in range(3)], sigma=0.3)
-        direct = direct + m.get_transformation_matrix() @ (-(lap @ vv))
+        direct = direct + (m.get_transformation_matrix() @ (-(lap @ vv))).T      # [T, E]
     np.testing.assert_allclose(both, direct, rtol=1e-8, atol=1e-10 * np.abs(direct).max())
 
     # per-cell output, one-step form, currents form
@@ -422,7 +422,7 @@ def test_population_of_two_cells_is_the_sum_of_single_cells(hay_cell, hay_laplac
     np.testing.assert_allclose(per[0], single[0], rtol=1e-12, atol=1e-15)
     step = pop.step(torch.as_tensor(np.stack([v1[:, 7], v2[:, 7]])))
     assert isinstance(step, torch.Tensor) and step.shape == (16,)
-    np.testing.assert_allclose(step.numpy(), both[:, 7], rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(step.numpy(), both[7], rtol=1e-10, atol=1e-14)
     i1, i2 = imem[:, -100:], imem[:, -200:-100][:, ::-1]
     np.testing.assert_allclose(pop.from_currents(np.stack([i1, i2])), both,
                                rtol=0, atol=1e-8 * np.abs(both).max())

@@ -93,7 +93,7 @@ def test_network_same_spikes_and_lfp_on_1_and_2_ranks(tmp_path, tiny_ckpt):
     np.testing.assert_allclose(one["spkt"][l5] - np.floor(one["spkt"][l5]), 0.025, atol=1e-9)
     # the soma trace and the population LFP (summed over ranks) agree to round-off
     np.testing.assert_allclose(one["v_soma_cell0"], two["v_soma_cell0"], atol=1e-9, equal_nan=True)
-    assert one["lfp_mV"].shape == (16, 80) and np.abs(one["lfp_mV"]).max() > 0
+    assert one["lfp_mV"].shape == (80, 16) and np.abs(one["lfp_mV"]).max() > 0
     np.testing.assert_allclose(one["lfp_mV"], two["lfp_mV"], rtol=0, atol=1e-9 * np.abs(one["lfp_mV"]).max())
 
 
@@ -199,7 +199,7 @@ def _two_cell_lfp_run(sim, ckpt, **record_kw):
     rec = cells[0].engine.record(cells=[c.surrogate for c in cells], **record_kw)
     sim.simulate()
     lfp = surrogate_lfp(sim)
-    assert lfp["lfp_mV"].shape == (16, 30)
+    assert lfp["lfp_mV"].shape == (30, 16)                 # [T, E], as NetPyNE's recordLFP
     assert not np.allclose(cells[0].randRotationAngle, cells[1].randRotationAngle)
     return cells, rec, lfp
 
@@ -211,7 +211,7 @@ def _single_cell_lfps(cells, lfp, laplacian, per_cell, from_currents=False):
     from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
 
     base = SegmentGeometry.from_table(cells[0].engine.segments)
-    total = np.zeros((16, 30))
+    total = np.zeros((30, 16))
     for i, c in enumerate(cells):
         pos = np.array([c.tags["x"], c.tags["y"], c.tags["z"]]) - base.soma_centre_um
         geom = base.placed(pos, rotation=(0.0, -c.randRotationAngle, 0.0))

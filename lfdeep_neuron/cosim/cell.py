@@ -22,126 +22,12 @@ or set ``nc.weight[1] = syn.channel`` yourself on ``h.NetCon(src, syn.target)``.
 """
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from lfdeep_neuron.cosim.engine import N_CHANNELS, SurrogateEngine
+from lfdeep_neuron.hay.channels import KIND_TYPES, ChannelMap, section_name  # noqa: F401 (re-exported)
 
-__all__ = ["SurrogateL5PC", "SurrogateSynapse", "ChannelMap", "connect", "KIND_TYPES"]
-
-#: Synapse kinds accepted by ``synapse()`` and the channel type they map to (0 exc, 1 inh).
-KIND_TYPES = {
-    "exc": 0, "excitatory": 0, "e": 0, "ampa": 0, "ampanmda": 0, "ampa_nmda": 0, "ampanmdasyn": 0,
-    "inh": 1, "inhibitory": 1, "i": 1, "gaba": 1, "gabaa": 1, "gaba_a": 1, "gabaasyn": 1,
-}
-
-_SECTION_RE = re.compile(r"(soma|dend|apic|axon)\[(\d+)\]$")
-
-
-def _kind_type(kind) -> int:
-    if isinstance(kind, (int, np.integer)) and int(kind) in (0, 1):
-        return int(kind)
-    key = str(kind).strip().lower()
-    if key not in KIND_TYPES:
-        raise ValueError(f"unknown synapse kind {kind!r}: use 'exc' (AMPA+NMDA) or 'inh' (GABA_A)")
-    return KIND_TYPES[key]
-
-
-def section_name(section) -> str:
-    """Canonical name (``'apic[36]'``) of a section given as name, bytes, tuple or NEURON Section.
-
-    A cell prefix (``'HayL5PC[0].apic[36]'``) is dropped; ``'soma'`` means ``'soma[0]'``.
-    """
-    if isinstance(section, tuple) and len(section) == 2:
-        return f"{section[0]}[{int(section[1])}]"
-    if isinstance(section, bytes):
-        section = section.decode()
-    if not isinstance(section, str):
-        name = getattr(section, "name", None)
-        if name is None:
-            raise TypeError(f"section must be a name like 'apic[36]', a (type, index) tuple or a "
-                            f"NEURON Section, not {type(section).__name__}")
-        section = name() if callable(name) else str(name)
-    name = section.strip()
-    if name in ("soma", "axon", "dend", "apic"):
-        name = f"{name}[0]"
-    m = _SECTION_RE.search(name)
-    if m is None:
-        raise ValueError(f"section {section!r} is not a Hay L5PC section name "
-                         "(soma[i], dend[i], apic[i], axon[i])")
-    return m.group(0)
-
-
-class ChannelMap:
-    """(section, x, kind) -> input channel, from a segment table and a channel table.
-
-    Parameters
-    ----------
-    segments : dict of arrays
-        ``name`` (section name per segment, canonical order) and ``x`` (segment centre).
-    synapses : dict of arrays
-        ``syn_idx`` (channel), ``seg_idx`` (segment index) and ``type`` (0 exc, 1 inh).
-    """
-
-    def __init__(self, segments, synapses):
-        names = np.asarray(segments["name"]).astype(str)
-        x = np.asarray(segments["x"], np.float64)
-        self.n_segments = len(names)
-        self._sections: dict[str, np.ndarray] = {}
-        order = np.lexsort((x, names))
-        uniq, first = np.unique(names[order], return_index=True)
-        for name, chunk in zip(uniq, np.split(order, first[1:])):
-            self._sections[str(name)] = chunk          # segment indices of the section, by x
-        self._channel = np.full((self.n_segments, 2), -1, np.int64)
-        syn_idx = np.asarray(synapses["syn_idx"], np.int64)
-        seg_idx = np.asarray(synapses["seg_idx"], np.int64)
-        typ = np.asarray(synapses["type"], np.int64)
-        if syn_idx.min() < 0 or syn_idx.max() >= N_CHANNELS:
-            raise ValueError(f"channel table has channels outside [0, {N_CHANNELS})")
-        order = np.argsort(-syn_idx, kind="stable")     # if channels share a site, the lowest wins
-        self._channel[seg_idx[order], typ[order]] = syn_idx[order]
-        self.segment_names = names
-
-    @staticmethod
-    def segment_of(table, section, x=None) -> int:
-        """Index of the segment of ``section`` containing ``x`` in a segment table."""
-        return ChannelMap(table, {"syn_idx": np.zeros(1, int), "seg_idx": np.zeros(1, int),
-                                  "type": np.zeros(1, int)}).segment(section, x)
-
-    def sections(self) -> list[str]:
-        return sorted(self._sections)
-
-    def segment(self, section, x=None) -> int:
-        """Canonical index of the segment of ``section`` that contains ``x`` (0 <= x <= 1).
-
-        ``x`` may be omitted for a section with one segment. The rule is HayL5PC's
-        (``min(int(x * nseg), nseg - 1)``): x = 0 and x = 1 give the first and last segment.
-        """
-        name = section_name(section)
-        segs = self._sections.get(name)
-        if segs is None:
-            raise ValueError(f"the surrogate's cell has no section {name!r}")
-        if x is None:
-            if len(segs) != 1:
-                raise ValueError(f"{name} has {len(segs)} segments: give x")
-            return int(segs[0])
-        x = float(x)
-        if not 0.0 <= x <= 1.0:
-            raise ValueError(f"x must lie in [0, 1], got {x}")
-        j = min(int(x * len(segs)), len(segs) - 1)
-        return int(segs[j])
-
-    def channel(self, section, x, kind) -> int:
-        """Input channel (0..1277) of the synapse of ``kind`` on the segment containing x."""
-        seg = self.segment(section, x)
-        ch = int(self._channel[seg, _kind_type(kind)])
-        if ch < 0:
-            raise ValueError(
-                f"no synaptic input channel on {self.segment_names[seg]} (segment {seg}): the "
-                "surrogate's 1278 channels are on the 639 basal and apical segments only")
-        return ch
-
+__all__ = ["SurrogateL5PC", "SurrogateSynapse", "ChannelMap", "connect", "KIND_TYPES", "section_name"]
 
 class SurrogateSynapse:
     """A NetCon target on a surrogate: the artificial cell and the channel of ``weight[1]``."""
@@ -252,7 +138,7 @@ class SurrogateL5PC:
             raise ValueError(f"position_um must be 3 numbers (µm), got {pos!r}")
         rotation_matrix(rotation)                  # validates now rather than at segment_table()
         self.rotation = rotation
-        self.index = engine._register(self, self._art, self._fire)
+        self.index = engine.add_instance(self, self._art, self._fire)
         if gid is not None:
             self.register_gid(gid)
 
@@ -265,7 +151,7 @@ class SurrogateL5PC:
         pc.set_gid2node(gid, pc.id())
         pc.cell(gid, self.spike_netcon())
         self.gid = gid
-        self.engine._gids[self.index] = gid
+        self.engine.set_gid(self.index, gid)
 
     def spike_source(self):
         """The NetCon source of this cell's spikes (the artificial cell).

@@ -57,8 +57,9 @@ detailed cell fired in step k's window would with a delay >= Δ; and under MPI e
 delay must be >= the ParallelContext's minimum delay anyway.
 
 Per step (no Python per event, none per cell except per emitted spike): gather and clear the
-engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, store requested
-recordings. ``engine.timers`` accumulates the time of each phase (``intake``, ``forward``,
+engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, hand the step to the
+attached sinks (:mod:`lfdeep_neuron.cosim.sinks`: recordings, LFP, NetPyNE traces; one
+``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates the time of each phase (``intake``, ``forward``,
 ``emit``, ``record``; seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since
 the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
 (equal: one per step).
@@ -85,6 +86,7 @@ from pathlib import Path
 import numpy as np
 
 from lfdeep_neuron.cosim.recording import Recording
+from lfdeep_neuron.cosim.sinks import EngineSink, SinkStep
 
 __all__ = ["SurrogateEngine", "N_CHANNELS", "bad_event_count", "default_spike_threshold"]
 
@@ -427,7 +429,8 @@ class SurrogateEngine:
         self._nan_logit = None           # [n] NaN: the spike logit "at" t0
         self._t0 = 0.0
         self._offset = 0.0
-        self._recordings: list[weakref.ReferenceType] = []   # weak: the user owns a Recording
+        self._sinks: list[weakref.ReferenceType] = []   # weak: whoever made a sink owns it
+        self._sink_rows: dict = {}       # id(sink) -> (rows ndarray | None, rows tensor | None) since init
         self._spike_rows: list[np.ndarray] = []
         self._spike_times: list[float] = []
         self.n_forward = 0
@@ -490,13 +493,23 @@ class SurrogateEngine:
                     "the model carries no segment/synapse tables (model.meta['segments'], "
                     "model.meta['synapses']): pass segments= and synapses= to SurrogateEngine "
                     "to address synapses by (section, x, kind)")
-            from lfdeep_neuron.cosim.cell import ChannelMap
+            from lfdeep_neuron.hay.channels import ChannelMap
 
             self._channel_map = ChannelMap(self.segments, self.synapses)
         return self._channel_map
 
-    def _register(self, cell, art, fire) -> int:
-        """Add an instance (its hoc artificial cell and fire NetCon); returns its local index."""
+    def add_instance(self, cell, art, fire) -> int:
+        """Add an instance; returns its local index (its row in the batch).
+
+        Parameters
+        ----------
+        cell : SurrogateL5PC
+            The Python cell (kept as a weak reference).
+        art : hoc SurrogateCell
+            Its artificial cell (event intake and spike source).
+        fire : hoc NetCon
+            ``NetCon(None, art)`` with ``weight[1] = -1``: ``fire.event(t)`` emits the cell's spike.
+        """
         if self.closed:
             raise RuntimeError("this SurrogateEngine was closed; get a new one with SurrogateEngine.get(model)")
         self._arts.append(art)
@@ -504,6 +517,17 @@ class SurrogateEngine:
         self._gids.append(None)
         self._cell_refs.append(weakref.ref(cell))
         return len(self._arts) - 1
+
+    def set_gid(self, index: int, gid: int | None) -> None:
+        """Record the gid of local instance ``index`` (as reported by :attr:`gids` and :meth:`spikes`).
+
+        This only labels the row; registering the gid with the ParallelContext is the cell's job
+        (:meth:`SurrogateL5PC.register_gid`).
+        """
+        index = int(index)
+        if not 0 <= index < len(self._gids):
+            raise IndexError(f"no local instance {index} (this engine has {len(self._gids)})")
+        self._gids[index] = None if gid is None else int(gid)
 
     # ---- recording ----------------------------------------------------------------------------
 
@@ -530,13 +554,72 @@ class SurrogateEngine:
         Sample 0 is the initial state at t0 (``model.v_rest``), sample k >= 1 step k's prediction.
         """
         rec = Recording(self, cells=cells, segments=segments, inputs=inputs, logits=logits, currents=currents)
-        self._recordings.append(weakref.ref(rec))
-        return rec
+        return self.add_sink(rec)
 
-    def _live_recordings(self) -> list[Recording]:
-        recs = [r() for r in self._recordings]
-        self._recordings = [r for r, rec in zip(self._recordings, recs) if rec is not None]
-        return [rec for rec in recs if rec is not None]
+    # ---- sinks --------------------------------------------------------------------------------
+
+    def add_sink(self, sink: EngineSink) -> EngineSink:
+        """Attach a sink (:class:`~lfdeep_neuron.cosim.sinks.EngineSink`); it gets data from the next
+        ``finitialize`` on. The engine keeps a weak reference: keep the sink alive yourself.
+        Adding a sink twice has no effect. Returns the sink."""
+        if not isinstance(sink, EngineSink):
+            raise TypeError(f"a sink must implement lfdeep_neuron.cosim.sinks.EngineSink, got {type(sink).__name__}")
+        if all(r() is not sink for r in self._sinks):
+            self._sinks.append(weakref.ref(sink))
+        return sink
+
+    def remove_sink(self, sink: EngineSink) -> None:
+        """Detach a sink (no effect if it is not attached)."""
+        self._sinks = [r for r in self._sinks if r() is not None and r() is not sink]
+        self._sink_rows.pop(id(sink), None)
+
+    @property
+    def sinks(self) -> list[EngineSink]:
+        """The attached sinks that are still alive, in the order they were added."""
+        live = [r() for r in self._sinks]
+        self._sinks = [r for r, s in zip(self._sinks, live) if s is not None]
+        return [s for s in live if s is not None]
+
+    def _reset_sinks(self):
+        """finitialize: reset every sink and keep the rows it asked for."""
+        import torch
+
+        self._sink_rows = {}
+        n = self.n_local
+        for sink in self.sinks:
+            rows = sink.reset(self)
+            if rows is None:
+                self._sink_rows[id(sink)] = (None, None)
+                continue
+            rows = np.asarray(rows, np.int64).reshape(-1)
+            if len(rows) and (rows.min() < 0 or rows.max() >= n):
+                raise ValueError(f"{type(sink).__name__}.reset asked for rows outside [0, {n}): "
+                                 f"{rows[(rows < 0) | (rows >= n)][:5].tolist()}")
+            self._sink_rows[id(sink)] = (rows, torch.as_tensor(rows, device=self.device))
+
+    def _active_sinks(self) -> list:
+        """(sink, rows, rows tensor) of the live sinks that were reset at the last init."""
+        out = []
+        for sink in self.sinks:
+            rows = self._sink_rows.get(id(sink))
+            if rows is not None:
+                out.append((sink, rows[0], rows[1]))
+        return out
+
+    def _hand_over(self, sinks, k: int, v, logit, imem, fired: np.ndarray):
+        """Give step k to every sink (its rows only)."""
+        if not sinks:
+            return
+        spiked = np.zeros(self._n_init, bool)
+        spiked[fired] = True
+        t_ms = self.step_time(k)
+        for sink, rows, rows_t in sinks:
+            if rows is None:
+                step = SinkStep(k, t_ms, v, logit, imem, spiked)
+            else:
+                step = SinkStep(k, t_ms, v.index_select(0, rows_t), logit.index_select(0, rows_t),
+                                None if imem is None else imem.index_select(0, rows_t), spiked[rows])
+            sink.append(step)
 
     def spikes(self) -> tuple[np.ndarray, np.ndarray]:
         """Emitted spikes since the last init as ``(gid, t_ms)`` arrays (time order).
@@ -573,8 +656,7 @@ class SurrogateEngine:
             self.timers[key] = 0.0
         n = len(self._arts)
         self._n_init = n
-        for rec in self._live_recordings():
-            rec._reset()
+        self._reset_sinks()
         if n == 0:
             self._stream = None
             return
@@ -592,7 +674,7 @@ class SurrogateEngine:
             self._above = torch.zeros(n, dtype=torch.bool, device=self.device)   # t0: below
         h.cvode.event(self._t0 + self._offset, self._step_callback)
 
-    def _inputs(self, recordings):
+    def _inputs(self, sinks):
         """This engine's inputs of the step as a [n, 1278] tensor on the device; clears them.
 
         The tensor is a buffer reused from step to step (no allocation, no page faults): only
@@ -604,8 +686,9 @@ class SurrogateEngine:
         n, C = self._n_init, N_CHANNELS
         r0 = self._row_start
         rows = _INTAKE.array[r0:r0 + n]
-        for rec in recordings:
-            rec._append_inputs(rows)
+        for sink, sel, _ in sinks:
+            if sink.wants_inputs:
+                sink.append_inputs(rows.copy() if sel is None else rows[sel])
         handle = _INTAKE.handle
         x = self._x
         if self._sparse_now and not handle.touched_overflow(self._slot):
@@ -654,12 +737,11 @@ class SurrogateEngine:
                 f"of {who}): NetCon weight[1] must be an integer channel in [0, {N_CHANNELS}) and the "
                 "target an instance of an open SurrogateEngine; create NetCons with "
                 "SurrogateL5PC.connect() / SurrogateSynapse.connect() / cosim.connect()")
-        recordings = self._live_recordings()
-        x = self._inputs(recordings)
+        sinks = self._active_sinks()
+        x = self._inputs(sinks)
         if self._k == 0:
             # t0: the initial state; the inputs of bin 0 (events at t <= t0) were cleared, not fed
-            for rec in recordings:
-                rec._append(0, self._v0, self._nan_logit, self._imem0)
+            self._hand_over(sinks, 0, self._v0, self._nan_logit, self._imem0, np.zeros(0, np.int64))
             self._k = 1
             h.cvode.event(self._t0 + self.step_ms + self._offset, self._step_callback)
             return
@@ -682,8 +764,7 @@ class SurrogateEngine:
             self._spike_rows.append(fired)
             self._spike_times.append(t_now)
         c3 = clock()
-        for rec in recordings:
-            rec._append(self._k, v, logit, imem)
+        self._hand_over(sinks, self._k, v, logit, imem, fired)
         c4 = clock()
         self.timers["intake"] += c1 - c0
         self.timers["forward"] += c2 - c1

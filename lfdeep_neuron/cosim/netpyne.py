@@ -8,47 +8,70 @@ A NetPyNE spec keeps its usual idioms; one line picks the cell implementation::
     # netParams.cellParams['L5PC'] = hay_cell_params('cell1.asc')           # detailed HayL5PC
     add_syn_mechs(netParams)                          # 'exc' (AMPA+NMDA) and 'inh' (GABA_A)
     netParams.popParams['L5'] = {'cellType': 'L5PC', 'numCells': 20, 'yRange': [900, 1000]}
+    netParams.popParams['bg'] = {'cellModel': 'VecStim', 'numCells': 50, 'spkTimes': [5, 12, 30]}
     netParams.connParams['bg->L5'] = {'preConds': {'pop': 'bg'}, 'postConds': {'pop': 'L5'},
-                                      'sec': 'apic[36]', 'loc': 0.5, 'synMech': 'exc',
+                                      'sec': 'apical', 'loc': 0.5, 'synMech': 'exc',
                                       'weight': 1.0, 'delay': 1.0}
     simConfig.recordTraces = {'V_soma': {'sec': 'soma', 'loc': 0.5, 'var': 'v'}}
     record_surrogate_lfp(simConfig)                   # laminar probe through the column
     sim.createSimulateAnalyze(netParams, simConfig)
-    lfp = surrogate_lfp()                             # rank 0: {'t_ms', 'lfp_mV' [E, T], 'electrodes_um'}
+    lfp = surrogate_lfp()                             # rank 0: {'t_ms' [T], 'lfp_mV' [T, E], 'electrodes_um'}
 
 How it works
 ------------
 NetPyNE builds ``h.<cellModel>()`` point cells but ignores ``sec``/``loc`` for them, so a
 surrogate is instead a :class:`SurrogateCompartCell`: a ``CompartCell`` whose ``secs``/``secLists``
 are the Hay cell's (names ``soma``, ``dend[i]``, ``apic[i]``, ``axon[i]``; lists ``somatic``,
-``basal``, ``apical``, ``dendritic``, ``axonal``, ``all``) but which creates no NEURON section:
-only one :class:`~lfdeep_neuron.cosim.cell.SurrogateL5PC` (one ``SurrogateCell`` artificial cell)
-in the process's :class:`~lfdeep_neuron.cosim.engine.SurrogateEngine`. Every (sec, loc, synMech)
-NetPyNE resolves for a connection becomes that cell's input channel in the NetCon's
-``weight[1]`` (excitatory or inhibitory from the synMech); ``weight`` is in units of the reference
-synapse (1 = one training-data activation) and delays from surrogates should be >= 1 ms (the
-engine's timing rule). :class:`HayCompartCell` is the same spec backed by a real
+``basal``, ``apical``, ``dendritic``, ``axonal``, ``all``: the lists of Hay's template plus
+``dendritic``) but which creates no NEURON section: only one
+:class:`~lfdeep_neuron.cosim.cell.SurrogateL5PC` (one ``SurrogateCell`` artificial cell) in the
+process's :class:`~lfdeep_neuron.cosim.engine.SurrogateEngine`. Every (sec, loc, synMech) NetPyNE
+resolves for a connection becomes that cell's input channel in the NetCon's ``weight[1]``
+(excitatory or inhibitory from the synMech); ``weight`` is in units of the reference synapse
+(1 = one training-data activation) and delays from surrogates should be >= 1 ms (the engine's
+timing rule). :class:`HayCompartCell` is the same spec backed by a real
 :class:`~lfdeep_neuron.hay.HayL5PC`, whose own synapse of the segment serves each (sec, loc,
 synMech), so the two are addressed and weighted identically and can be swapped by one line.
-Importing this module makes NetPyNE pick these classes for cellParams whose ``cellModel`` is
-``'SurrogateL5PC'`` or ``'HayL5PC'`` (a wrapper around ``Pop._resolveCellClass``).
 
-Unknown section names, sections without synaptic channel (soma, axon) and synMechs that are
-neither excitatory nor inhibitory raise ``ValueError`` (NetPyNE itself would silently move such a
-connection to the soma or drop it).
+NetPyNE picks a cell class by ``cellModel`` with no hook for new ones, so :func:`install` wraps
+``netpyne.network.pop.Pop._resolveCellClass`` to return these classes for ``'SurrogateL5PC'`` and
+``'HayL5PC'`` (idempotent; other cell models are untouched). Importing this module patches
+nothing: :func:`surrogate_cell_params` and :func:`hay_cell_params` call :func:`install` (and load
+our mechanisms, ``VecStim`` included); a script that loads a saved netParams instead calls
+``install()`` itself before ``sim.create``.
+
+Input checks (``lfdeep_neuron.errors.InputError``, one line naming the culprit):
+
+* Sections: a connection's ``sec`` may be a section (``'apic[36]'``, ``'soma'``, or NetPyNE's name of
+  an imported Hay template's section, ``'apic_36'``), a section list (``'apical'``, ``'basal'``,
+  ``'dendritic'``, ``'somatic'``, ``'axonal'``, ``'all'``) or a list of sections. A list resolves to
+  its sections that carry synapses (basal and apical; soma and axon have none); a list or section
+  without any, and unknown names, raise naming them (NetPyNE itself would silently move such a
+  connection to the soma).
+* synMechs that are neither excitatory nor inhibitory raise. A synMech's own parameters are not
+  honoured (the cells use their AmpaNmdaSyn/GabaASyn with the Hay reference parameters; a surrogate
+  has only exc/inh channels): parameters that differ from those (e.g. Exp2Syn ``tau1``, ``tau2``,
+  ``e``) give ONE :class:`UnhonouredParameterWarning` per synMech and network, naming them.
+* Weights into a surrogate must be finite and >= 0 (it was never trained on negative ones): a
+  connection with another weight raises naming the weight and the connection, unless the cell rule
+  opts in with ``surrogate_cell_params(..., allow_negative_weights=True)`` (non-finite always raise).
 
 Recording: ``simConfig.recordTraces`` entries with ``'var': 'v'`` and a ``sec``/``loc`` of the
 cell record the surrogate's voltage of that segment into the usual ``simData[key]['cell_<gid>']``
-vectors (samples at ``recordStep``, linear between the surrogate's 1-ms point samples, NaN after
-the last surrogate step, which is at ``duration - 1`` ms for integer durations), so NetPyNE's
-``plotTraces`` and ``plotRaster`` work unchanged.
+Vectors, created when NetPyNE sets up recording (so its "Recording N traces" summary and
+``sim.allSimData`` count them like any cell's; samples at ``recordStep``, linear between the
+surrogate's 1-ms point samples, NaN after the last surrogate step, which is at ``duration - 1`` ms
+for integer durations), so ``plotTraces`` and ``plotRaster`` work unchanged.
 
-LFP: :func:`record_surrogate_lfp` asks for the extracellular potential of the surrogate
-populations at chosen electrodes; it is accumulated every surrogate step on the engine's device
-(:class:`~lfdeep_neuron.lfp.PopulationLFP`: one product for all local cells, each placed and
-rotated as in the network), kept per rank in ``simData['surrogateLFP']['node<rank>']`` and summed
-over ranks by :func:`surrogate_lfp` after NetPyNE's gather. (NetPyNE's own ``recordLFP`` skips
-cells without sections; it still works for :class:`HayCompartCell` populations.)
+LFP: :func:`record_surrogate_lfp` asks for the extracellular potential of the L5PC populations
+(surrogate and detailed) at chosen electrodes, sampled every 1 ms from t = 0. Surrogates: an engine
+sink (:class:`~lfdeep_neuron.lfp.PopulationLFPSink`: one product for all local cells, each placed
+and rotated as in the network) from their predicted voltages or currents; HayL5PC populations:
+:class:`~lfdeep_neuron.lfp.MembraneCurrentLFP` from NEURON's ``i_membrane_`` through the same
+electrode mapping. Each rank keeps its part in ``simData['surrogateLFP']['node<rank>:<source>']``;
+:func:`surrogate_lfp` sums them after NetPyNE's gather. Orientation ``[T, E]`` (time first), as
+NetPyNE's own ``sim.allSimData['LFP']`` (which still works for :class:`HayCompartCell`
+populations and skips surrogates, which have no sections).
 
 Placement: a cell at NetPyNE position (x, y, z) µm has its soma centre there; the morphology keeps
 its file orientation (Hay cell: apical dendrite along +y), turned about y when
@@ -58,17 +81,24 @@ from __future__ import annotations
 
 import itertools
 import warnings
-import weakref
 from pathlib import Path
 
 import numpy as np
 
-from lfdeep_neuron.cosim.engine import default_spike_threshold
 from lfdeep_neuron.cosim.cell import KIND_TYPES, SurrogateL5PC, section_name
+from lfdeep_neuron.cosim.engine import default_spike_threshold
+from lfdeep_neuron.cosim.sinks import EngineSink
+from lfdeep_neuron.errors import InputError
+from lfdeep_neuron.lfp import MembraneCurrentLFP, PopulationLFPSink
 
 __all__ = ["surrogate_cell_params", "hay_cell_params", "add_syn_mechs", "record_surrogate_lfp",
            "surrogate_lfp", "SurrogateCompartCell", "HayCompartCell", "register_model", "install",
-           "SYN_MECHS"]
+           "installed", "SYN_MECHS", "UnhonouredParameterWarning"]
+
+
+class UnhonouredParameterWarning(UserWarning):
+    """A NetPyNE parameter the L5PC cells do not apply (e.g. a synMech's own time constants)."""
+
 
 #: ``mod`` names of synMechs and the surrogate channel type they map to (0 exc, 1 inh).
 MOD_TYPES = {"AmpaNmdaSyn": 0, "GabaASyn": 1}
@@ -95,6 +125,10 @@ def _sec_key(name: str) -> str:
 
 def _canonical(label: str) -> str:
     return section_name(label)
+
+
+#: Parameters of a synMech entry that are NetPyNE bookkeeping, not synapse parameters.
+_SYN_MECH_META = ("mod", "label", "selfNetCon", "loc", "pointerParams", "shape", "plast")
 
 
 def _secs_from_table(table) -> tuple[dict, dict]:
@@ -173,7 +207,7 @@ def _model(spec):
 
 
 def surrogate_cell_params(model, *, spike_threshold: float | None = None, device=None, dtype: str | None = None,
-                          feedback: bool = True) -> dict:
+                          feedback: bool = True, allow_negative_weights: bool = False) -> dict:
     """cellParams rule of a deep-surrogate Hay L5PC (``cellModel: 'SurrogateL5PC'``).
 
     Parameters
@@ -190,7 +224,13 @@ def surrogate_cell_params(model, *, spike_threshold: float | None = None, device
         Engine dtype; 'float64' makes results independent of the split over ranks to round-off.
     feedback : bool
         Closed-loop stepping (the trained regime).
+    allow_negative_weights : bool
+        Accept connections with negative weights into these cells (the surrogate was never trained
+        on them; default False: such a connection raises ``InputError``).
+
+    Calls :func:`install`, so NetPyNE creates :class:`SurrogateCompartCell` cells for this rule.
     """
+    install()
     if isinstance(model, (str, Path)):
         key = str(Path(model).resolve())
         obj = _model(key)
@@ -207,7 +247,7 @@ def surrogate_cell_params(model, *, spike_threshold: float | None = None, device
     return {"cellModel": "SurrogateL5PC", "secs": secs, "secLists": lists,
             "surrogate": {"model": key, "spike_threshold": None if spike_threshold is None else float(spike_threshold),
                           "device": None if device is None else str(device), "dtype": dtype,
-                          "feedback": bool(feedback)}}
+                          "feedback": bool(feedback), "allow_negative_weights": bool(allow_negative_weights)}}
 
 
 def hay_cell_params(morphology) -> dict:
@@ -215,10 +255,11 @@ def hay_cell_params(morphology) -> dict:
 
     Each cell is a :class:`~lfdeep_neuron.hay.HayL5PC` built from ``morphology`` (the biophysics are
     HayL5PC's, not re-expressed as NetPyNE mechs). Set ``simConfig.hParams['v_init'] = -76`` (mV)
-    as for HayL5PC.
+    as for HayL5PC. Calls :func:`install`, so NetPyNE creates :class:`HayCompartCell` cells for it.
     """
     from lfdeep_neuron.hay import HayL5PC
 
+    install()
     path = Path(morphology)
     if not path.is_file():
         raise FileNotFoundError(f"Hay morphology {str(path)!r} not found")
@@ -247,7 +288,12 @@ def add_syn_mechs(netParams) -> dict:
 def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float = 0.3,
                          method: str = "linesource", pops=None, morphology=None, laplacian=None,
                          device=None, source: str = "auto") -> dict:
-    """Ask for the LFP of surrogate populations (sets ``simConfig.recordSurrogateLFP``).
+    """Ask for the LFP of the L5PC populations, surrogate and detailed (sets ``simConfig.recordSurrogateLFP``).
+
+    Sampled every 1 ms from t = 0 and returned by :func:`surrogate_lfp` as ``[T, E]`` (time first, as
+    NetPyNE's ``sim.allSimData['LFP']``). Surrogates contribute from their predictions (``source``),
+    :class:`HayCompartCell` cells from NEURON's ``i_membrane_`` (point samples), through the same
+    electrode mapping.
 
     Parameters
     ----------
@@ -256,7 +302,7 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
         100 µm apart from y = -300 µm, through the centre (sizeX/2, sizeZ/2) of the network.
     sigma_S_per_m, method : conductivity and LFPykit model ('linesource' or 'pointsource').
     pops : list of str, optional
-        Populations to include (default: every surrogate population).
+        Populations to include (default: every SurrogateL5PC and HayL5PC population).
     morphology : path, optional
         Hay morphology used once per process to build the axial Laplacian (needs NEURON, ~1 s);
         default ``$LFDEEP_HAY_MORPHOLOGY`` or ``../shared/hay/cell1.asc`` next to the repository.
@@ -289,10 +335,11 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
 
 
 def surrogate_lfp(sim=None) -> dict | None:
-    """The surrogate populations' LFP after ``sim.gatherData()`` (on rank 0; None elsewhere).
+    """The L5PC populations' LFP after ``sim.gatherData()`` (on rank 0; None elsewhere).
 
-    Returns ``{'t_ms' [T], 'lfp_mV' [E, T], 'electrodes_um' [E, 3]}``: the per-rank sums of
-    ``allSimData['surrogateLFP']`` added up (samples at the surrogate steps, t = 0, 1, ... ms).
+    Returns ``{'t_ms' [T], 'lfp_mV' [T, E], 'electrodes_um' [E, 3]}``: the per-rank, per-source parts
+    of ``allSimData['surrogateLFP']`` added up (samples at t = 0, 1, ... ms). ``lfp_mV`` is time-first,
+    like NetPyNE's own ``sim.allSimData['LFP']``.
     """
     if sim is None:
         from netpyne import sim
@@ -304,8 +351,10 @@ def surrogate_lfp(sim=None) -> dict | None:
                          "creating the network, and gather the data (sim.createSimulateAnalyze does)")
     d = data["surrogateLFP"]
     parts = [np.asarray(v, np.float64) for k, v in d.items() if str(k).startswith("node")]
-    return {"t_ms": np.asarray(d["t_ms"], np.float64), "lfp_mV": np.sum(parts, axis=0).T,
-            "electrodes_um": np.asarray(d["electrodes_um"], np.float64)}
+    t_ms = np.asarray(d["t_ms"], np.float64)
+    electrodes = np.asarray(d["electrodes_um"], np.float64)
+    lfp = np.sum(parts, axis=0) if parts else np.zeros((len(t_ms), len(electrodes)))
+    return {"t_ms": t_ms, "lfp_mV": lfp, "electrodes_um": electrodes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,13 +366,13 @@ def _kind_of_syn_mech(label) -> int:
     from netpyne import sim
 
     if isinstance(label, (list, tuple)):
-        raise ValueError(f"synMech {label!r}: give one synMech per connection")
+        raise InputError(f"synMech {label!r}: give one synMech per connection")
     params = sim.net.params.synMechParams
     if label is None:
-        raise ValueError("connection without 'synMech': surrogate L5PC connections need 'exc' or 'inh' "
+        raise InputError("connection without 'synMech': surrogate L5PC connections need 'exc' or 'inh' "
                          "(add_syn_mechs(netParams) registers them)")
     if label not in params:
-        raise ValueError(f"unknown synMech {label!r}: not in netParams.synMechParams "
+        raise InputError(f"unknown synMech {label!r}: not in netParams.synMechParams "
                          f"({sorted(params)}); add_syn_mechs(netParams) registers 'exc' and 'inh'")
     mod = params[label].get("mod")
     if mod in MOD_TYPES:
@@ -331,8 +380,42 @@ def _kind_of_syn_mech(label) -> int:
     key = str(label).strip().lower()
     if key in KIND_TYPES:
         return KIND_TYPES[key]
-    raise ValueError(f"synMech {label!r} (mod {mod!r}) is neither excitatory nor inhibitory for an L5PC: "
+    raise InputError(f"synMech {label!r} (mod {mod!r}) is neither excitatory nor inhibitory for an L5PC: "
                      f"use mod AmpaNmdaSyn or GabaASyn (add_syn_mechs) or a label in {sorted(KIND_TYPES)}")
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _warn_unhonoured(label) -> None:
+    """ONE warning per network and synMech naming the parameters the L5PC cells will not apply."""
+    from netpyne import sim
+
+    from lfdeep_neuron.hay.cell import EXC_PARAMS, INH_PARAMS
+
+    warned = _net_store()["warned"]
+    if label in warned:
+        return
+    warned.add(label)
+    params = dict(sim.net.params.synMechParams[label])
+    kind = _kind_of_syn_mech(label)
+    own_mod, own = (("AmpaNmdaSyn", EXC_PARAMS), ("GabaASyn", INH_PARAMS))[kind]
+    mod = params.get("mod")
+    reference = own if mod == own_mod else {}
+    ignored = sorted(k for k, v in params.items()
+                     if k not in _SYN_MECH_META and not (k in reference and _same_number(v, reference[k])))
+    if mod != own_mod:
+        ignored = ["mod"] + ignored
+    if ignored:
+        warnings.warn(
+            f"synMech {label!r} (mod {mod!r}): {', '.join(ignored)} not honoured by the L5PC cells "
+            f"(SurrogateL5PC / HayL5PC): its connections use the segment's own {own_mod} with the Hay "
+            "reference parameters, weight in units of that reference synapse", UnhonouredParameterWarning,
+            stacklevel=3)
 
 
 def _placement(cell, centre_um):
@@ -347,48 +430,101 @@ def _placement(cell, centre_um):
 
 
 def _net_store() -> dict:
-    """Per-network state of this module (sinks), kept on ``sim.net``."""
+    """Per-network state of this module (sinks, LFP recorders, warnings given), kept on ``sim.net``."""
     from netpyne import sim
 
     store = getattr(sim.net, "lfdeepNetpyne", None)
     if store is None:
-        store = {"traces": {}, "lfp": {}}
+        store = {"traces": {}, "lfp": {}, "hay_lfp": None, "warned": set()}
         sim.net.lfdeepNetpyne = store
     return store
 
 
+_SYNAPTIC_KINDS = ("dend", "apic")
+
+
 class _L5PCCell:
-    """What both cell classes share: strict (sec, loc, synMech) checks on connections."""
+    """What both cell classes share: section names and lists, synMech and weight checks."""
 
     _private = ()
 
-    def _check_sections(self, params):
-        sec = params.get("sec")
-        if sec is None:
-            raise ValueError(f"connection to {self._what()} without 'sec': name a dendritic section "
-                             "('apic[36]', 'dend[3]') or a secList ('apical', 'basal', 'dendritic')")
-        labels = sec if isinstance(sec, (list, tuple)) else [sec]
-        known = set(self.secs) | set(self.secLists)
-        bad = [s for s in labels if s not in known]
-        if bad:
-            raise ValueError(f"unknown section(s) {bad} on {self._what()}: sections are 'soma', "
-                             f"'dend[0..]', 'apic[0..]', 'axon[0|1]'; secLists {sorted(self.secLists)}")
-
     def _what(self):
         return f"{type(self).__name__} gid={self.gid}"
+
+    def _section_key(self, label):
+        """The ``secs``/``secLists`` key of a name as users write it, or None if unknown."""
+        if isinstance(label, str) and (label in self.secs or label in self.secLists):
+            return label
+        try:
+            key = _sec_key(section_name(label))
+        except (InputError, TypeError):
+            return None
+        return key if key in self.secs else None
+
+    def _unknown(self, bad, where=""):
+        return InputError(f"unknown section(s) {bad}{where} on {self._what()}: sections are 'soma', "
+                          "'dend[0..]', 'apic[0..]', 'axon[0|1]' (or an imported template's 'apic_36'); "
+                          f"secLists {sorted(self.secLists)}")
+
+    def _conn_sections(self, sec):
+        """A connection's ``sec`` resolved to sections with synapses (a key or a list of keys)."""
+        if sec is None:
+            raise InputError(f"connection to {self._what()} without 'sec': name a dendritic section "
+                             "('apic[36]', 'dend[3]') or a secList ('apical', 'basal', 'dendritic')")
+        labels = list(sec) if isinstance(sec, (list, tuple)) else [sec]
+        keys = [self._section_key(lab) for lab in labels]
+        bad = [lab for lab, k in zip(labels, keys) if k is None]
+        if bad:
+            raise self._unknown(bad)
+        synaptic = lambda k: k.split("[")[0] in _SYNAPTIC_KINDS   # noqa: E731
+        if len(keys) == 1 and keys[0] in self.secs:
+            if not synaptic(keys[0]):
+                raise InputError(f"no synaptic input channel on {keys[0]} of {self._what()}: the L5PC's "
+                                 "1278 channels are on the 639 basal and apical segments only")
+            return keys[0]
+        expanded = [s for k in keys for s in (self.secLists[k] if k in self.secLists else [k])]
+        keep = [s for s in expanded if synaptic(s)]
+        if not keep:
+            raise InputError(f"section list {sec!r} on {self._what()} has no section with synapses (soma "
+                             "and axon carry none): use 'apical', 'basal' or 'dendritic'")
+        if isinstance(sec, str) and sec in self.secLists and keep == list(self.secLists[sec]):
+            return sec
+        return keep
+
+    def _trace_section(self, key, params) -> str:
+        """The section key of a recordTraces entry (one section, as users write it)."""
+        sec = params.get("sec", "soma")
+        k = self._section_key(sec)
+        if k is None:
+            raise self._unknown([sec], f" in recordTraces[{key!r}]")
+        if k not in self.secs:
+            raise InputError(f"recordTraces[{key!r}]: 'sec' must name one section, not the list {sec!r}")
+        return k
+
+    @staticmethod
+    def _numeric_weights(weight):
+        if isinstance(weight, (list, tuple, np.ndarray)):
+            return [w for w in weight if isinstance(w, (int, float, np.number))]
+        return [weight] if isinstance(weight, (int, float, np.number)) else []
 
     def addConn(self, params, netStimParams=None):
         from netpyne import sim
 
         if params.get("gapJunction") or params.get("pointer"):
-            raise ValueError(f"{self._what()}: pointer/gap-junction connections are not supported")
-        self._check_sections(params)
+            raise InputError(f"{self._what()}: pointer/gap-junction connections are not supported")
+        params["sec"] = self._conn_sections(params.get("sec"))
         if not params.get("synMech") and sim.net.params.synMechParams:
             params["synMech"] = next(iter(sim.net.params.synMechParams))   # NetPyNE's default
         _kind_of_syn_mech(params.get("synMech"))
+        _warn_unhonoured(params["synMech"])
+        for w in self._numeric_weights(params.get("weight")):
+            self._check_weight(float(w), params)
         n0 = len(self.conns)
         super().addConn(params, netStimParams)
         self._after_conns(self.conns[n0:])
+
+    def _check_weight(self, weight: float, conn) -> None:
+        pass
 
     def _after_conns(self, conns):
         pass
@@ -417,8 +553,9 @@ class SurrogateCompartCell(_L5PCCell, CompartCell):
     def createNEURONObj(self, prop, propLabel=None):
         opts = dict(prop.get("surrogate") or {})
         if "model" not in opts:
-            raise ValueError(f"cellParams {propLabel!r}: no 'surrogate' options; build the rule with "
+            raise InputError(f"cellParams {propLabel!r}: no 'surrogate' options; build the rule with "
                              "surrogate_cell_params(model)")
+        self.allow_negative_weights = bool(opts.get("allow_negative_weights", False))
         self.engine = _engine(opts)
         centre = np.asarray(self.engine.segments["xyz_mid"], np.float64)[0]
         pos, rot = _placement(self, centre)
@@ -438,22 +575,36 @@ class SurrogateCompartCell(_L5PCCell, CompartCell):
     def _channel(self, sec, loc, syn_mech) -> int:
         return self.surrogate.synapse(_canonical(sec), loc, _kind_of_syn_mech(syn_mech)).channel
 
+    def _check_weight(self, weight: float, conn) -> None:
+        """Weights into a surrogate: finite, and >= 0 unless the cell rule opts in."""
+        if np.isfinite(weight) and (weight >= 0 or getattr(self, "allow_negative_weights", False)):
+            return
+        what = (f"connection {conn.get('label', '?')!r} (preGid {conn.get('preGid', '?')} -> {self._what()}, "
+                f"sec {conn.get('sec')!r}, synMech {conn.get('synMech')!r})")
+        if not np.isfinite(weight):
+            raise InputError(f"{what}: weight {weight!r} is not finite")
+        raise InputError(f"{what}: negative weight {weight!r}; the surrogate was never trained on negative "
+                         "weights (use an inhibitory synMech), or opt in with "
+                         "surrogate_cell_params(..., allow_negative_weights=True)")
+
     def _after_conns(self, conns):
         for conn in conns:
             nc = conn.get("hObj")
             if nc is None or "sec" not in conn:
                 continue
+            self._check_weight(float(nc.weight[0]), conn)
             ch = self._channel(conn["sec"], conn["loc"], conn["synMech"])
             nc.weight[1] = float(ch)
             conn["channel"] = ch
 
     def addStim(self, params):
         if params.get("type", "NetStim") != "NetStim":
-            raise ValueError(f"{self._what()}: only NetStim sources can target a surrogate "
-                             f"(got stim type {params.get('type')!r})")
+            raise InputError(f"{self._what()}: only NetStim sources can target a surrogate "
+                             f"(got stim type {params.get('type')!r}; use a VecStim population for spike times)")
         return super().addStim(params)
 
     def recordTraces(self):
+        """Voltage traces of the surrogate: NetPyNE-style Vectors in ``simData[key]['cell_<gid>']``."""
         from netpyne import sim
 
         for key, params in sim.cfg.recordTraces.items():
@@ -462,11 +613,9 @@ class SurrogateCompartCell(_L5PCCell, CompartCell):
             var = params.get("var")
             if var != "v" or any(k in params for k in ("mech", "synMech", "stim", "pointp")):
                 warnings.warn(f"recordTraces[{key!r}]: a surrogate L5PC records only section voltages "
-                              "('var': 'v'); skipped", stacklevel=2)
+                              "('var': 'v'); skipped", UnhonouredParameterWarning, stacklevel=2)
                 continue
-            sec = params.get("sec", "soma")
-            if sec not in self.secs:
-                raise ValueError(f"recordTraces[{key!r}]: unknown section {sec!r} on {self._what()}")
+            sec = self._trace_section(key, params)
             seg = self.engine.channel_map.segment(_canonical(sec), float(params.get("loc", 0.5)))
             _trace_sink(self.engine).add(key, self, seg)
 
@@ -481,7 +630,7 @@ class HayCompartCell(_L5PCCell, CompartCell):
 
         morph = (prop.get("hay") or {}).get("morphology")
         if morph is None:
-            raise ValueError(f"cellParams {propLabel!r}: no Hay morphology; build it with hay_cell_params(path)")
+            raise InputError(f"cellParams {propLabel!r}: no Hay morphology; build it with hay_cell_params(path)")
         cell = HayL5PC(morph, synapses=True)              # placed after: needs the file's soma centre
         pos, rot = _placement(self, cell.soma_centre_file_um)
         cell.set_placement(pos, rot)
@@ -490,13 +639,30 @@ class HayCompartCell(_L5PCCell, CompartCell):
         for key in self.secs:
             self.secs[key]["hObj"] = cell.section(_canonical(key))
             self._sec_names[str(id(self.secs[key]))] = key
+        _setup_hay_lfp()
 
     def addSynMechNEURONObj(self, synMech, synMechLabel, synMechParams, sec, loc, preLoc=None):
         name = self._sec_names.get(str(id(sec)))
         if name is None:
-            raise ValueError(f"{self._what()}: synapse on an unknown section")
+            raise InputError(f"{self._what()}: synapse on an unknown section")
         kind = ("exc", "inh")[_kind_of_syn_mech(synMechLabel)]
         synMech["hObj"] = self.hay.synapse(_canonical(name), float(loc), kind)   # the segment's synapse
+
+    def recordTraces(self):
+        """NetPyNE's own trace recording, with section names resolved as for connections."""
+        from netpyne import sim
+
+        given = sim.cfg.recordTraces
+        resolved = {}
+        for key, params in given.items():
+            if "sec" in params and not ("conds" in params and not self.checkConditions(params["conds"])):
+                params = {**params, "sec": self._trace_section(key, params)}
+            resolved[key] = params
+        sim.cfg.recordTraces = resolved
+        try:
+            super().recordTraces()
+        finally:
+            sim.cfg.recordTraces = given
 
 
 def _engine(opts):
@@ -511,62 +677,71 @@ def _engine(opts):
     want = opts.get("spike_threshold")
     want = default_spike_threshold(eng.model) if want is None else float(want)
     if eng.spike_threshold != want or eng.dtype != dtype:
-        raise ValueError(f"two cellParams use the same surrogate with different options (spike_threshold "
+        raise InputError(f"two cellParams use the same surrogate with different options (spike_threshold "
                          f"{eng.spike_threshold} vs {want}, dtype {eng.dtype} vs {dtype}): one engine per model")
     return eng
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-step sinks (called by the engine like its Recordings: _reset at finitialize, _append per step)
+# Voltage traces: an engine sink writing into NetPyNE's simData Vectors
 # ---------------------------------------------------------------------------------------------
 
-def _attach(engine, sink):
-    engine._recordings.append(weakref.ref(sink))
+class _TraceSink(EngineSink):
+    """Writes surrogate voltages into NetPyNE's ``simData[key]['cell_<gid>']`` Vectors during the run.
 
-
-class _TraceSink:
-    """Writes surrogate voltages into NetPyNE's ``simData[key]['cell_<gid>']`` Vectors during the run."""
+    The Vectors are made when NetPyNE sets up recording (:meth:`add`), so its summary counts them,
+    and are filled in place (never resized during a run: the numpy views stay valid).
+    """
 
     def __init__(self, engine):
         self.engine = engine
-        self.items = {}                  # (key, gid) -> (cell, segment)
+        self.items = {}                  # (key, gid) -> (cell, segment, Vector)
         self._views = []
 
-    def add(self, key, cell, seg):
-        self.items[(key, cell.gid)] = (cell, int(seg))
-
-    def _reset(self):
-        import torch
-        from neuron import h
+    @staticmethod
+    def _samples():
         from netpyne import sim
 
         step = float(sim.cfg.recordStep) if sim.cfg.recordStep != "adaptive" else 0.1
-        self.record_step = step
-        self.n = int(round(float(sim.cfg.duration) / step)) + 1
+        return step, int(round(float(sim.cfg.duration) / step)) + 1
+
+    def add(self, key, cell, seg):
+        """Record segment ``seg`` of ``cell`` under ``simData[key]['cell_<gid>']`` (made now, NaN)."""
+        from neuron import h
+        from netpyne import sim
+
+        vec = h.Vector(self._samples()[1])
+        vec.fill(np.nan)
+        sim.simData[key][f"cell_{cell.gid}"] = vec
+        self.items[(key, cell.gid)] = (cell, int(seg), vec)
+
+    def reset(self, engine):
+        import torch
+        from netpyne import sim
+
+        self.record_step, self.n = self._samples()
         self._views, rows, segs = [], [], []
-        self._vectors = []
-        for (key, gid), (cell, seg) in self.items.items():
-            vec = h.Vector(self.n)
+        for (key, gid), (cell, seg, vec) in self.items.items():
+            if vec.size() != self.n:
+                vec.resize(self.n)
             vec.fill(np.nan)
-            sim.simData[key][f"cell_{gid}"] = vec
-            self._vectors.append(vec)                     # never resized: the views stay valid
+            if key in sim.simData:
+                sim.simData[key][f"cell_{gid}"] = vec
             self._views.append(vec.as_numpy())
             rows.append(cell.surrogate.index)
             segs.append(seg)
-        dev = self.engine.device
+        dev = engine.device
         self._rows = torch.as_tensor(rows, dtype=torch.long, device=dev)
         self._segs = torch.as_tensor(segs, dtype=torch.long, device=dev)
         self._prev = None
         self._next = 0
+        return None
 
-    def _append_inputs(self, rows):
-        pass
-
-    def _append(self, k, v, logit, imem=None):
+    def append(self, step):
         if not self._views:
             return
-        vals = v[self._rows, self._segs].double().cpu().numpy()
-        t_k = self.engine.step_time(k)
+        vals = step.v_mV[self._rows, self._segs].double().cpu().numpy()
+        t_k = step.t_ms
         j1 = min(int(np.floor(t_k / self.record_step + 1e-9)), self.n - 1)
         j0 = self._next
         if j1 >= j0:
@@ -586,65 +761,46 @@ def _trace_sink(engine) -> _TraceSink:
     sink = store.get(id(engine))
     if sink is None or sink.engine is not engine:
         sink = store[id(engine)] = _TraceSink(engine)
-        _attach(engine, sink)
+        engine.add_sink(sink)
     return sink
 
 
-class _LFPSink:
-    """Accumulates this rank's surrogate LFP every step (mV): ``sum_c K_c v_c`` from voltages, or
-    ``sum_c M_c i_c`` from predicted membrane currents (``laplacian`` None)."""
+# ---------------------------------------------------------------------------------------------
+# LFP of the L5PC populations (surrogate: engine sink; HayL5PC: i_membrane_)
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, engine, spec, laplacian):
-        self.engine, self.spec, self.laplacian = engine, spec, laplacian
+def _lfp_electrodes(spec):
+    from netpyne import sim
 
-    def _electrodes(self):
+    from lfdeep_neuron.lfp import ElectrodeArray, laminar_probe
+
+    if spec["electrodes_um"] is not None:
+        return ElectrodeArray(np.asarray(spec["electrodes_um"]), sigma_S_per_m=spec["sigma_S_per_m"])
+    p = sim.net.params
+    return laminar_probe(x_um=p.sizeX / 2.0, z_um=p.sizeZ / 2.0, sigma_S_per_m=spec["sigma_S_per_m"])
+
+
+def _lfp_steps(step_ms: float) -> int:
+    """Samples t = 0, step, 2 step, ... before ``duration`` (the engine's rule)."""
+    from netpyne import sim
+
+    return max(int(np.floor((float(sim.cfg.duration) - float(sim.cfg.dt) / 4.0) / step_ms + 1e-9)) + 1, 0)
+
+
+def _in_pops(cell, spec) -> bool:
+    return spec["pops"] is None or cell.tags.get("pop") in spec["pops"]
+
+
+def _publisher(label: str):
+    """Called after each reset of an LFP recorder: puts its [T, E] array into this rank's simData."""
+    def publish(recorder):
         from netpyne import sim
 
-        from lfdeep_neuron.lfp import ElectrodeArray, laminar_probe
-
-        if self.spec["electrodes_um"] is not None:
-            return ElectrodeArray(np.asarray(self.spec["electrodes_um"]), sigma_S_per_m=self.spec["sigma_S_per_m"])
-        p = sim.net.params
-        return laminar_probe(x_um=p.sizeX / 2.0, z_um=p.sizeZ / 2.0, sigma_S_per_m=self.spec["sigma_S_per_m"])
-
-    def _reset(self):
-        import torch
-        from netpyne import sim
-
-        from lfdeep_neuron.lfp import PopulationLFP, SegmentGeometry
-
-        pops = self.spec["pops"]
-        cells = [c for c in sim.net.cells if isinstance(c, SurrogateCompartCell) and c.engine is self.engine
-                 and (pops is None or c.tags.get("pop") in pops)]
-        self.electrodes = self._electrodes()
-        self.use_currents = self.laplacian is None
-        e = self.electrodes.n_electrodes
-        step = self.engine.step_ms
-        n_steps = int(np.floor((float(sim.cfg.duration) - float(sim.cfg.dt) / 4.0) / step + 1e-9)) + 1
-        self.phi = np.zeros((max(n_steps, 0), e))
-        self.pop = None
-        if cells:
-            geoms = [SegmentGeometry.from_table(c.surrogate.segment_table()) for c in cells]
-            device = self.spec["device"] or self.engine.device
-            self.pop = PopulationLFP.from_geometries(geoms, self.electrodes, self.laplacian,
-                                                     method=self.spec["method"], device=device)
-            self._rows = torch.as_tensor([c.surrogate.index for c in cells], dtype=torch.long,
-                                         device=self.engine.device)
         entry = sim.simData.setdefault("surrogateLFP", {})
-        entry[f"node{sim.rank}"] = self.phi
-        entry["t_ms"] = self.engine.step_time(0) + step * np.arange(len(self.phi))
-        entry["electrodes_um"] = self.electrodes.xyz_um.tolist()
-
-    def _append_inputs(self, rows):
-        pass
-
-    def _append(self, k, v, logit, imem=None):
-        if self.pop is None or k >= len(self.phi):
-            return
-        if self.use_currents:
-            self.phi[k] = self.pop.step_currents(imem.index_select(0, self._rows)).cpu().numpy()
-        else:
-            self.phi[k] = self.pop.step(v.index_select(0, self._rows)).cpu().numpy()
+        entry[f"node{sim.rank}:{label}"] = recorder.lfp_mV
+        entry["t_ms"] = recorder.t_ms
+        entry["electrodes_um"] = recorder.electrodes.xyz_um.tolist()
+    return publish
 
 
 def _default_morphology():
@@ -663,7 +819,7 @@ def _laplacian(spec):
         return AxialLaplacian.load(spec["laplacian"])
     morph = spec.get("morphology") or _default_morphology()
     if morph is None:
-        raise ValueError("surrogate LFP needs the axial Laplacian of the Hay cell: pass morphology= (cell1.asc) "
+        raise InputError("surrogate LFP needs the axial Laplacian of the Hay cell: pass morphology= (cell1.asc) "
                          "or laplacian= (.npz of AxialLaplacian.save) to record_surrogate_lfp, or set "
                          "$LFDEEP_HAY_MORPHOLOGY")
     key = str(Path(morph).resolve())
@@ -677,26 +833,47 @@ def _laplacian(spec):
 
 
 def _setup_lfp_sink(engine):
+    """The surrogate LFP sink of ``engine`` in this network (made once, if the LFP was asked for)."""
     from netpyne import sim
 
     spec = getattr(sim.cfg, "recordSurrogateLFP", None)
     if not spec:
         return
     store = _net_store()["lfp"]
-    sink = store.get(id(engine))
-    if sink is None or sink.engine is not engine:
-        source = spec.get("source", "auto")
-        if source == "currents" and not engine.predicts_currents:
-            raise ValueError("record_surrogate_lfp(source='currents') needs a surrogate with membrane-current "
-                             "tasks (trained with --imem); this one predicts voltages only")
-        if source == "currents" or (source == "auto" and engine.predicts_currents):
-            lap = None                    # M i from the predicted currents: no Laplacian needed
-        else:
-            lap = _laplacian(spec)
-        if lap is not None and lap.n_segments != len(engine.segments["name"]):
-            raise ValueError(f"the Laplacian has {lap.n_segments} segments, the surrogate {len(engine.segments['name'])}")
-        sink = store[id(engine)] = _LFPSink(engine, spec, lap)
-        _attach(engine, sink)
+    if store.get(id(engine), (None,))[0] is engine:
+        return
+    source = spec.get("source", "auto")
+    if source == "currents" and not engine.predicts_currents:
+        raise InputError("record_surrogate_lfp(source='currents') needs a surrogate with membrane-current "
+                         "tasks (trained with --imem); this one predicts voltages only")
+    use_currents = source == "currents" or (source == "auto" and engine.predicts_currents)
+    lap = None if use_currents else _laplacian(spec)   # M i from predicted currents: no Laplacian
+
+    def cells():
+        return [c.surrogate for c in sim.net.cells
+                if isinstance(c, SurrogateCompartCell) and c.engine is engine and _in_pops(c, spec)]
+
+    sink = PopulationLFPSink(_lfp_electrodes(spec), lap, cells=cells, method=spec["method"],
+                             device=spec["device"], n_steps=lambda: _lfp_steps(engine.step_ms),
+                             on_reset=_publisher(f"surrogate{len(store)}"))
+    store[id(engine)] = (engine, sink)
+    engine.add_sink(sink)
+
+
+def _setup_hay_lfp():
+    """The i_membrane_ LFP recorder of this network's HayL5PC cells (made once, if asked for)."""
+    from netpyne import sim
+
+    spec = getattr(sim.cfg, "recordSurrogateLFP", None)
+    store = _net_store()
+    if not spec or store["hay_lfp"] is not None:
+        return
+
+    def cells():
+        return [c.hay for c in sim.net.cells if isinstance(c, HayCompartCell) and _in_pops(c, spec)]
+
+    store["hay_lfp"] = MembraneCurrentLFP(cells, _lfp_electrodes(spec), method=spec["method"], step_ms=1.0,
+                                          n_steps=lambda: _lfp_steps(1.0), on_reset=_publisher("hay"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,10 +883,20 @@ def _setup_lfp_sink(engine):
 CELL_CLASSES = {"SurrogateL5PC": SurrogateCompartCell, "HayL5PC": HayCompartCell}
 
 
-def install():
-    """Make NetPyNE create our cell classes for ``cellModel`` 'SurrogateL5PC' / 'HayL5PC' (idempotent)."""
+def install() -> None:
+    """Make NetPyNE create our cell classes for ``cellModel`` 'SurrogateL5PC' / 'HayL5PC' (idempotent).
+
+    NetPyNE has no registry of cell classes: this wraps ``netpyne.network.pop.Pop._resolveCellClass``
+    so that populations of these two cell models get :class:`SurrogateCompartCell` /
+    :class:`HayCompartCell` (every other population keeps NetPyNE's choice). It also loads our
+    mechanisms (``SurrogateCell``, the Hay channels, ``VecStim``). :func:`surrogate_cell_params` and
+    :func:`hay_cell_params` call it; importing this module does not.
+    """
     from netpyne.network.pop import Pop
 
+    from lfdeep_neuron import mechanisms
+
+    mechanisms.load()
     if getattr(Pop._resolveCellClass, "_lfdeep", False):
         return
     original = Pop._resolveCellClass
@@ -727,4 +914,8 @@ def install():
     Pop._resolveCellClass = _resolveCellClass
 
 
-install()
+def installed() -> bool:
+    """Whether :func:`install` has been applied in this process."""
+    from netpyne.network.pop import Pop
+
+    return bool(getattr(Pop._resolveCellClass, "_lfdeep", False))

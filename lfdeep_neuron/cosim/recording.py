@@ -1,7 +1,8 @@
 """Voltage, input and spike recordings of surrogate instances, to arrays or HDF5.
 
-A :class:`Recording` is made by :meth:`SurrogateEngine.record` before a run. At every surrogate
-step the engine hands it the batched prediction; it keeps the requested rows and segments (on the
+A :class:`Recording` is made by :meth:`SurrogateEngine.record` before a run. It is one of the
+engine's sinks (:mod:`lfdeep_neuron.cosim.sinks`): at every surrogate step the engine hands it the
+prediction of its rows; it keeps the requested rows and segments (on the
 engine's device, one small copy per step) and concatenates them on demand. Spikes are kept by the
 engine for all its instances (:meth:`SurrogateEngine.spikes`).
 
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lfdeep_neuron.cosim.sinks import EngineSink, SinkStep
+
 __all__ = ["Recording", "segment_indices"]
 
 
@@ -60,7 +63,7 @@ def segment_indices(segments, table) -> np.ndarray | None:
             continue
         if table is None:
             raise ValueError("segment names need the model's segment table (model.meta['segments'])")
-        from lfdeep_neuron.cosim.cell import ChannelMap
+        from lfdeep_neuron.hay.channels import ChannelMap
 
         name, x = str(s), None
         if name.endswith(")") and "(" in name:
@@ -75,8 +78,13 @@ def segment_indices(segments, table) -> np.ndarray | None:
     return idx
 
 
-class Recording:
-    """Voltages (and optionally inputs, spike logits) of chosen instances at every step."""
+class Recording(EngineSink):
+    """Voltages (and optionally inputs, spike logits, predicted currents) of chosen instances.
+
+    An :class:`~lfdeep_neuron.cosim.sinks.EngineSink`: made and attached by
+    :meth:`SurrogateEngine.record`; it keeps copies of its rows and segments on the engine's
+    device, one per step, and stacks them on demand.
+    """
 
     def __init__(self, engine, cells=None, segments="all", inputs: bool = False, logits: bool = False,
                  currents: bool = False):
@@ -87,6 +95,7 @@ class Recording:
                 raise ValueError("Recording: a cell given belongs to another SurrogateEngine")
         self._seg = segment_indices(segments, engine.segments)
         self.keep_inputs = bool(inputs)
+        self.wants_inputs = self.keep_inputs
         self.keep_logits = bool(logits)
         self.keep_currents = bool(currents)
         if self.keep_currents and not engine.predicts_currents:
@@ -94,52 +103,44 @@ class Recording:
         self._gids = np.zeros(0, np.int64)
         self._v, self._x, self._logit, self._imem, self._steps = [], [], [], [], []
 
-    def _reset(self):
-        """Called by the engine at finitialize: map cells to rows, forget old samples."""
+    def reset(self, engine):
+        """At finitialize: map cells to rows, forget old samples; returns the rows (None = all)."""
         import torch
 
-        n_local = self.engine.n_local
+        n_local = engine.n_local
         if self._cells is None:
-            rows = np.arange(n_local)
+            rows = None
+            self._gids = engine.gids
         else:
             rows = np.array([c.index for c in self._cells], np.int64)
             if len(rows) and rows.max() >= n_local:
                 raise ValueError("Recording: a cell is no longer an instance of this engine (closed?)")
-        self._rows_np = rows
-        self._gids = self.engine.gids[rows]
-        dev = self.engine.device
-        self._rows = torch.as_tensor(rows, device=dev)
-        self._all_rows = np.array_equal(rows, np.arange(self.engine.n_local))
-        table = self.engine.segments
+            self._gids = engine.gids[rows]
+        table = engine.segments
         self._all_segs = self._seg is None or (
             table is not None and np.array_equal(self._seg, np.arange(len(table["name"]))))
-        self._seg_t = None if self._seg is None else torch.as_tensor(self._seg, device=dev)
+        self._seg_t = None if self._seg is None else torch.as_tensor(self._seg, device=engine.device)
         self._v, self._x, self._logit, self._imem, self._steps = [], [], [], [], []
+        return rows
 
-    def _append_inputs(self, rows: np.ndarray):
-        """Keep the channel sums (float64 [n_local, 1278]) a step is about to consume."""
-        if self.keep_inputs:
-            self._x.append(rows[self._rows_np].copy())
+    def append_inputs(self, inputs: np.ndarray):
+        """Keep the channel sums (float64 [n, 1278], a copy) the step is about to consume."""
+        self._x.append(inputs)
 
-    def _append(self, k: int, v, logit, imem=None):
-        """Keep rows/segments of the batched prediction v [n_local, S] (mV) of step k (and of the
-        predicted membrane currents ``imem`` [n_local, S], nA, with ``currents=True``)."""
-        self._steps.append(k)
+    def append(self, step: SinkStep):
+        """Keep the recorded segments of the step's voltages (mV), logits and currents (nA)."""
+        self._steps.append(step.k)
         if self.keep_logits:
-            lg = logit if self._all_rows else logit.index_select(0, self._rows)
-            self._logit.append(lg.clone() if lg is logit else lg)
+            self._logit.append(step.spike_logit.clone())
         if self._seg is not None and len(self._seg) == 0:
             return
-        self._v.append(self._select(v))
+        self._v.append(self._select(step.v_mV))
         if self.keep_currents:
-            self._imem.append(self._select(imem))
+            self._imem.append(self._select(step.imem_nA))
 
     def _select(self, a):
-        """The recorded rows and segments of a batched [n_local, S] tensor (a copy)."""
-        sel = a if self._all_rows else a.index_select(0, self._rows)
-        if not self._all_segs:
-            sel = sel.index_select(1, self._seg_t)
-        return sel.clone() if sel is a else sel
+        """The recorded segments of a [n, S] tensor (a copy)."""
+        return a.clone() if self._all_segs else a.index_select(1, self._seg_t)
 
     # ---- results ----------------------------------------------------------------------------
 

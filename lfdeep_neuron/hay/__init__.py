@@ -14,8 +14,9 @@ from lfdeep_neuron.hay.cell import (
     SPIKE_THRESHOLD_MV,
     HayL5PC,
 )
+from lfdeep_neuron.hay.channels import ChannelMap, section_name
 from lfdeep_neuron.hay.morphology import MorphologyError, place_points, rotation_matrix
 from lfdeep_neuron.hay.simulate import run_cell
 
-__all__ = ["HayL5PC", "run_cell", "MorphologyError", "N_SEGMENTS", "N_DENDRITIC_SEGMENTS",
-           "N_CHANNELS", "SPIKE_THRESHOLD_MV", "place_points", "rotation_matrix"]
+__all__ = ["HayL5PC", "run_cell", "ChannelMap", "section_name", "MorphologyError", "N_SEGMENTS",
+           "N_DENDRITIC_SEGMENTS", "N_CHANNELS", "SPIKE_THRESHOLD_MV", "place_points", "rotation_matrix"]
