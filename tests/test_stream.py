@@ -161,3 +161,109 @@ def test_streamer_made_in_inference_mode_steps_anywhere():
         got.append(st.step(x)[0])
     for a, b in zip(got, expected[:5] + expected[:1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- spike-capable designs: recurrent backbones, branch routing, direct heads ---------------------------------
+SPIKE_DESIGNS = [dict(backbone="lstm", channels=(6,), compressor=(3,)),
+                 dict(backbone="elm", channels=(5,), compressor=(3,)),
+                 dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,
+                      local_taus=(2.0, 9.0), imem_tasks=True),
+                 dict(backbone="elm", channels=(5,), compressor=(4,), n_branches=2, direct_heads=True,
+                      feedback=False, soma_clip_mV=-55.0)]
+
+
+def _spike_model(cls, over):
+    torch.manual_seed(3)
+    m = cls.from_config("tiny", **over)
+    if m.config.direct_heads:        # direct heads start at zero: give them weights so that the test sees them
+        torch.nn.init.normal_(m.direct.weight)
+    m.set_normalization(torch.linspace(-70, -55, m.n_segments), torch.linspace(1, 6, m.n_segments),
+                        imem_mean=torch.zeros(m.n_segments), imem_std=torch.full((m.n_segments,), 0.5))
+    return m.eval()
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+@pytest.mark.parametrize("over", SPIKE_DESIGNS)
+def test_recurrent_designs_stream_equal_to_full_pass(cls, over):
+    m = _spike_model(cls, over)
+    assert m.receptive_field == -1                                    # recurrent: unbounded memory
+    B, T = 3, 70
+    x = torch.rand(B, m.n_inputs, T) * 2
+    with torch.no_grad():
+        full = m(x)
+    st = m.streamer(B)
+    before = st.state_bytes_per_cell()
+    v, s, imem = _stream(st, x)
+    assert st.state_bytes_per_cell() == before                        # O(1) state
+    torch.testing.assert_close(v, full.v, **TOL)
+    torch.testing.assert_close(s, full.spike_logit, **TOL)
+    if m.config.imem_tasks:
+        torch.testing.assert_close(imem, full.imem, **TOL)
+    assert full.v.std() > 0.05 and s.std() > 1e-4                    # outputs vary with the input
+    # the recurrence remembers: an input at step 5 still changes the output 25 steps later, never earlier ones
+    x2 = x.clone()
+    x2[:, :m.n_channels, 5] += 3.0
+    with torch.no_grad():
+        y2 = m(x2).spike_logit
+    assert torch.equal(y2[:, :5], full.spike_logit[:, :5])
+    assert (y2[:, 30] - full.spike_logit[:, 30]).abs().max() > 1e-6
+    # a reset of one cell equals a fresh streamer for that cell
+    st.reset(cells=[2])
+    v2, _, _ = _stream(st, x[:, :, :20])
+    fresh, _, _ = _stream(m.streamer(1), x[2:3, :, :20])
+    torch.testing.assert_close(v2[2:3], fresh, **TOL)
+
+
+def test_direct_heads_reach_only_soma_and_spike():
+    m = _spike_model(MMoE, SPIKE_DESIGNS[2])
+    x = torch.rand(2, m.n_inputs, 15)
+    with torch.no_grad():
+        y = m(x, all_tasks=True)
+        m.direct.weight.zero_()
+        y0 = m(x, all_tasks=True)
+    changed = (y - y0).abs().amax(dim=(0, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == [0, m.n_segments]   # soma voltage and spike logit
+
+
+def test_a_new_backbone_is_one_class_and_one_registration():
+    """Through the declared interface only: a causal moving average with a learned gain."""
+    from lfdeep_neuron.surrogate.backbone import BACKBONES, Backbone, register_backbone
+
+    @register_backbone("test_ema")
+    class EMA(Backbone):
+        def __init__(self, c_in, width, n_groups):
+            super().__init__()
+            self.c_in, self.c_out, self.n_groups = c_in, width * n_groups, n_groups
+            self.proj = torch.nn.Linear(c_in, self.c_out)
+
+        @classmethod
+        def from_config(cls, c_in, widths, n_groups, config):
+            return cls(c_in, widths[-1], n_groups)
+
+        def forward(self, x):
+            a = self.proj(x.transpose(1, 2))                             # [B, T, H]
+            d = torch.arange(x.shape[2])[:, None] - torch.arange(x.shape[2])[None, :]   # t - s
+            w = torch.where(d >= 0, 0.8 ** d.clamp_min(0).to(x.dtype), torch.zeros((), dtype=x.dtype))
+            return torch.tanh(torch.einsum("ts,bsh->bht", w, a))
+
+        def initial_state(self, batch, device=None, dtype=None):
+            return (torch.zeros(batch, self.c_out, device=device, dtype=dtype),)
+
+        def step(self, x_t, state):
+            acc = 0.8 * state[0] + self.proj(x_t)
+            return torch.tanh(acc), (acc,)
+
+    try:
+        for cls in ARCH_CLASSES:
+            m = _spike_model(cls, dict(backbone="test_ema", channels=(4,), compressor=(2,)))
+            assert isinstance(m.backbones()[0], EMA)
+            x = torch.rand(2, m.n_inputs, 25)
+            with torch.no_grad():
+                full = m(x)
+            v, s, _ = _stream(m.streamer(2), x)
+            torch.testing.assert_close(v, full.v, **TOL)
+            torch.testing.assert_close(s, full.spike_logit, **TOL)
+    finally:
+        BACKBONES.pop("test_ema")
+    with pytest.raises(ValueError, match="unknown backbone 'test_ema'; registered: elm, lstm, tcn"):
+        MH.from_config("tiny", backbone="test_ema")

@@ -2,6 +2,7 @@
 exclusivity masks, configs, and that each architecture can fit a small synthetic sequence."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +187,48 @@ def test_local_synaptic_features():
     assert rows[:, others].abs().sum() == 0                   # no other task (spike task: the soma) sees it
     with pytest.raises(ValueError, match="positive"):
         MMoE.from_config("tiny", local_taus=(0.0,))
+
+
+def test_branch_routing_sums_per_section():
+    from lfdeep_neuron.surrogate.routing import BranchRouting, section_branches
+
+    segments = {"sec_type": np.array(["soma", "dend", "dend", "apic", "apic", "dend"]),
+                "sec_index": np.array([0, 0, 0, 0, 1, 1])}
+    synapses = {"seg_idx": np.tile(np.arange(1, 6), 2), "type": np.repeat([0, 1], 5)}
+    branch, kind, n = section_branches(segments, synapses)
+    assert n == 4 and branch.tolist() == [0, 0, 1, 2, 3] * 2 and kind.tolist() == [0] * 5 + [1] * 5
+    r = BranchRouting(10, n)
+    r.set_branches(branch, kind)
+    with torch.no_grad():
+        r.log_w.copy_(torch.linspace(-1, 1, 10))
+    u = torch.rand(2, 10, 7)
+    out = r(u)                                                # [2, 8, 7]
+    w = torch.exp(r.log_w)
+    ref = torch.zeros(2, 8, 7)
+    for c in range(10):                                       # reference: one channel at a time
+        ref[:, branch[c] + n * kind[c]] += w[c] * u[:, c]
+    torch.testing.assert_close(out, torch.log1p(ref))
+    torch.testing.assert_close(r(u[:, :, 3]), out[:, :, 3])   # a column alone gives the same
+    with pytest.raises(ValueError, match="branch indices must lie in 0..3"):
+        r.set_branches(np.full(10, 4), kind)
+
+
+def test_hay_cell_has_193_branches_and_spike_configs_build():
+    from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, load_checkpoint
+    from lfdeep_neuron.surrogate.routing import section_branches
+
+    path = MODELS_DIR / "l5pc_mmoe_fast_local_imem.pt"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    ck = load_checkpoint(path)
+    segs = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in ck["segments"].items()}
+    syns = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in ck["synapses"].items()}
+    branch, kind, n = section_branches(segs, syns)
+    assert n == 193 and np.bincount(kind).tolist() == [639, 639]
+    for name in ("spike_lstm", "spike_elm"):
+        for cls in ARCH_CLASSES:
+            m = cls.from_config(name, n_branches=n)
+            m.routing.set_branches(branch, kind)
+            assert m.n_features == 2 * 193 and m.num_parameters() < 1_000_000, (name, cls, m.num_parameters())
+            v, s = m.eval()(torch.zeros(1, m.n_inputs, 3))
+            assert v.shape == (1, 642, 3) and s.shape == (1, 3)
