@@ -997,7 +997,8 @@ class MembraneCurrentLFP:
         self.step_ms, self.n_steps, self.on_reset = float(step_ms), n_steps, on_reset
         self._buffer = _LFPBuffer(electrodes.n_electrodes, None)
         self._t0, self._k, self._map, self._pointers, self._gathered = 0.0, 0, None, None, None
-        h.cvode.use_fast_imem(1)
+        self._cvode = h.CVode()                      # NEURON's one integrator (stdrun's h.cvode)
+        self._cvode.use_fast_imem(1)
         self._callback = _WeakCall(self, "_sample")
         self._fih = h.FInitializeHandler(1, _WeakCall(self, "_start"))
 
@@ -1010,7 +1011,7 @@ class MembraneCurrentLFP:
         self._buffer = _LFPBuffer(self.electrodes.n_electrodes, self._n_max)
         self._map = None
         if cells:
-            h.cvode.use_fast_imem(1)
+            self._cvode.use_fast_imem(1)
             maps = [self.electrodes.mapping(SegmentGeometry.from_cell(c), method=self.method) for c in cells]
             self._map = np.hstack(maps)                                  # [E, sum S] mV / nA
             segments = [seg for c in cells for seg in c.segments]
@@ -1021,7 +1022,7 @@ class MembraneCurrentLFP:
         if self.on_reset is not None:
             self.on_reset(self)
         if self._n_max is None or self._n_max > 0:
-            h.cvode.event(self._t0, self._callback)
+            self._cvode.event(self._t0, self._callback)
 
     def _sample(self):
         from neuron import h
@@ -1033,7 +1034,7 @@ class MembraneCurrentLFP:
             self._buffer.put(self._k, self._map @ self._gathered.as_numpy())
         self._k += 1
         if self._n_max is None or self._k < self._n_max:
-            h.cvode.event(self._t0 + self._k * self.step_ms, self._callback)
+            self._cvode.event(self._t0 + self._k * self.step_ms, self._callback)
 
     @property
     def lfp_mV(self) -> np.ndarray:
