@@ -3,8 +3,25 @@
 torch is declared without an upper bound; on CPU-only machines install the
 CPU wheel first (``pip install torch==2.13.0``, which the Makefile does) so
 that pip never pulls the multi-GB CUDA build to satisfy this requirement.
+
+Package data: the repository keeps the NMODL sources (``mod/``) and the
+bundled surrogates (``models/``) at its top level; the build maps them into
+the package as ``lfdeep_neuron/mod`` and ``lfdeep_neuron/models``
+(:mod:`lfdeep_neuron.resources` finds either place).
+
+Out-of-tree builds: setuptools' intermediate folders (``build/``,
+``*.egg-info``) go to a temporary directory that is removed when the build
+process ends, so ``pip wheel .`` / ``pip install .`` / ``python -m build``
+leave the source tree as it was.
 """
+import atexit
+import shutil
+import tempfile
+
 from setuptools import find_packages, setup
+
+_SCRATCH = tempfile.mkdtemp(prefix="lfdeep-neuron-build-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 
 setup(
     name="lfdeep-neuron",
@@ -14,7 +31,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["lfdeep_neuron", "lfdeep_neuron.*"]),
+    packages=find_packages(include=["lfdeep_neuron", "lfdeep_neuron.*"])
+    + ["lfdeep_neuron.mod", "lfdeep_neuron.models"],
+    package_dir={"lfdeep_neuron.mod": "mod", "lfdeep_neuron.models": "models"},
+    package_data={"lfdeep_neuron.mod": ["*.mod"],
+                  "lfdeep_neuron.models": ["DEFAULT", "*.md", "*.pt"]},
+    include_package_data=False,
+    options={"build": {"build_base": f"{_SCRATCH}/build"},
+             "egg_info": {"egg_base": _SCRATCH}},
     install_requires=[
         "neuron>=9.0",
         "netpyne>=1.1",

@@ -23,7 +23,6 @@ calibrated so that cells fire at about ``--target-rate`` Hz.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -35,24 +34,13 @@ SHARED = REPO.parent / "shared" / "hay"
 REFERENCE = SHARED / "reference" / "synaptic_seed1.h5"
 
 
-def _network_example():
-    """examples/network.py (threshold calibration helpers)."""
-    name = "lfdeep_example_network"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "network.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def load_model(path=None, config="paper", seed: int = 0):
     """(model, trained?): a checkpoint, the bundled one (models/DEFAULT), or an untrained MMoE of ``config``."""
     import torch
 
     from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
 
-    ckpt = Path(path) if path else bundled_checkpoint()
+    ckpt = Path(path) if path else bundled_checkpoint(required=False)
     if ckpt is not None:
         return load_surrogate(ckpt), True
     from lfdeep_neuron.data.records import read_record
@@ -231,12 +219,13 @@ def main(argv=None) -> int:
         else:
             import torch
 
-            ex = _network_example()
+            from lfdeep_neuron.recurrent_network import calibrate_threshold
+
             rates = np.zeros(1278)
             rates[:639] = args.conv_exc * args.bkg_rate * 1e-3 / 639
             rates[639:] = args.conv_inh * args.bkg_rate * 1e-3 / 639
-            threshold = ex.calibrate_threshold(model, rates, args.target_rate,
-                                               dtype=torch.float64 if args.dtype == "float64" else None)
+            threshold = calibrate_threshold(model, rates, args.target_rate,
+                                            dtype=torch.float64 if args.dtype == "float64" else None)
         rule = surrogate_cell_params(model, spike_threshold=threshold, dtype=args.dtype)
         if rank == 0 and not trained:
             print("WARNING: no trained surrogate (models/ or --model): using an UNTRAINED "

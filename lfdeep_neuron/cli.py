@@ -3,12 +3,20 @@
 Each subcommand lives in the module that implements it; that module exposes
 ``configure_parser(parser)`` and ``run(args) -> int``. Modules are imported
 lazily, so ``lfdeep-neuron --help`` does not import NEURON or torch.
+
+Bad input (:class:`~lfdeep_neuron.errors.InputError` and its subclasses, a
+missing file) ends every command the same way: one line on stderr naming the
+file and the problem, exit status 2, no traceback. ``--debug`` (before or
+after the command name) shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from lfdeep_neuron.errors import InputError
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -21,26 +29,59 @@ SUBCOMMANDS = {
     "compare": ("lfdeep_neuron.surrogate.compare", "score one record against another (voltages, spikes)"),
 }
 
+#: Exit status of a command stopped by bad input.
+EXIT_BAD_INPUT = 2
 
-def build_parser() -> argparse.ArgumentParser:
+#: Failures that mean "the input is wrong", reported as one line. OSError subclasses that name a
+#: path (a missing file, a folder given for a file, a file that cannot be read) belong here too.
+BAD_INPUT = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The subcommand named in ``argv`` (the first argument that is one), if any."""
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its options (lazy imports)."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = _command_in(argv)
     parser = argparse.ArgumentParser(prog="lfdeep-neuron", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        # Parsers are filled in only for the command actually used (lazy imports).
-        if len(sys.argv) > 1 and sys.argv[1] == name:
+        # SUPPRESS: a --debug given before the command is not reset by the subparser's default
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error instead of one line")
+        if name == chosen:
             importlib.import_module(module).configure_parser(p)
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (its lines joined with '; ')."""
+    text = str(exc).strip() or type(exc).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
-    module = importlib.import_module(args._module)
-    return int(module.run(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # No command opens NEURON's GUI: without this NEURON greets every run without $DISPLAY with two
+    # warning lines on stderr (before its first import; a no-op when NEURON is already loaded).
+    os.environ.setdefault("NEURON_MODULE_OPTIONS", "-nogui")
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        module = importlib.import_module(args._module)
+        return int(module.run(args) or 0)
+    except BAD_INPUT as exc:
+        if args.debug:
+            raise
+        print(f"lfdeep-neuron {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -35,15 +35,24 @@ class MechanismBuildError(RuntimeError):
 def mod_dir() -> Path:
     """The directory holding the project's ``*.mod`` files.
 
-    ``$LFDEEP_MOD_DIR`` overrides; otherwise ``mod/`` at the repository root
-    (the package is installed editable, ``pip install -e .``).
+    ``$LFDEEP_MOD_DIR`` overrides; otherwise the NMODL installed with the package
+    (``lfdeep_neuron/mod``, from a wheel or ``pip install .``), else ``mod/`` of the
+    checkout (editable install).
     """
+    from lfdeep_neuron import resources
+
     env = os.environ.get("LFDEEP_MOD_DIR")
-    d = Path(env) if env else Path(__file__).resolve().parent.parent / "mod"
-    if not d.is_dir() or not list(d.glob("*.mod")):
+    if env:
+        d = Path(env)
+        if not d.is_dir() or not list(d.glob("*.mod")):
+            raise FileNotFoundError(f"no NMODL files (*.mod) in {d} ($LFDEEP_MOD_DIR)")
+        return d
+    d = resources.find("mod", "*.mod")
+    if d is None:
+        looked = " and ".join(str(c) for c in resources.candidates("mod"))
         raise FileNotFoundError(
-            f"no NMODL files found in {d}; set LFDEEP_MOD_DIR or install the "
-            "repository in editable mode (pip install -e .)")
+            f"no NMODL files (*.mod) found in {looked}: the lfdeep-neuron installation is incomplete "
+            "(reinstall it, or set LFDEEP_MOD_DIR to a folder with the .mod files)")
     return d
 
 
@@ -72,12 +81,23 @@ def _library_in(build_dir: Path) -> Path | None:
 
 
 def _nrnivmodl() -> str:
-    exe = Path(sys.executable).parent / "nrnivmodl"
-    if exe.exists():
-        return str(exe)
+    """NEURON's ``nrnivmodl``: next to this interpreter, else in the environment that holds the
+    ``neuron`` package (``<prefix>/bin``: an environment layered on another one), else on PATH."""
+    import importlib.util
+
+    candidates = [Path(sys.executable).parent / "nrnivmodl"]
+    spec = importlib.util.find_spec("neuron")
+    if spec is not None and spec.origin:
+        # <prefix>/lib/pythonX.Y/site-packages/neuron/__init__.py -> <prefix>/bin/nrnivmodl
+        candidates.append(Path(spec.origin).resolve().parents[4] / "bin" / "nrnivmodl")
+    for exe in candidates:
+        if exe.is_file():
+            return str(exe)
     found = shutil.which("nrnivmodl")
     if not found:
-        raise MechanismBuildError("nrnivmodl not found: is NEURON installed in this environment?")
+        raise MechanismBuildError("nrnivmodl not found next to "
+                                  f"{sys.executable}, in {candidates[-1].parent} or on PATH: "
+                                  "is NEURON installed in this environment?")
     return found
 
 

@@ -37,6 +37,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lfdeep_neuron.errors import InputError
+
 __all__ = [
     "RecordFormatError",
     "Record",
@@ -67,7 +69,7 @@ TRACE_CHUNK_MS = 128
 _GZIP_LEVEL = 4
 
 
-class RecordFormatError(ValueError):
+class RecordFormatError(InputError):
     """An HDF5 file is not a simulation record of the expected layout; the message says why."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lfdeep_neuron.errors import InputError
+
 __all__ = [
     "MorphologyError",
     "resolve_morphology_path",
@@ -40,7 +42,7 @@ EXPECTED_SECTIONS = {"soma": 1, "dend": 84, "apic": 109}
 MORPHOLOGY_ENV = "LFDEEP_HAY_MORPHOLOGY"
 
 
-class MorphologyError(ValueError):
+class MorphologyError(InputError):
     """The morphology file is missing, unreadable or not the Hay L5PC; the message says which."""
 
 

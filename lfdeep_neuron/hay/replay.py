@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 
 import numpy as np
 
+from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.hay.simulate import CELSIUS, CVODE_ATOL, FIXED_DT_MS, INTEGRATORS, V_INIT_MV
 
 __all__ = ["configure_parser", "run", "replay"]
@@ -45,7 +45,7 @@ _RUN_ATTRS = ("integrator", "cvode_atol", "cvode_rtol", "dt_ms", "dt_note", "int
               "neuron_version", "model", "notes", "spike_detection", "v_1ms_grid", "segment_order")
 
 
-class ReplayInputError(ValueError):
+class ReplayInputError(InputError):
     """The inputs file holds no usable protocol; the message says what is missing."""
 
 
@@ -195,16 +195,11 @@ def replay(morphology, inputs, out, *, integrator="cvode", dt_ms=FIXED_DT_MS, at
 
 
 def run(args) -> int:
-    from lfdeep_neuron.data.records import RecordFormatError
-    from lfdeep_neuron.hay.morphology import MorphologyError
-
-    try:
-        res = replay(args.morphology, args.inputs, args.out, integrator=args.integrator, dt_ms=args.dt_ms,
-                     atol=args.atol, duration_ms=args.duration_ms, v_init_mV=args.v_init_mV,
-                     record_imem=args.record_imem, progress=not args.no_progress)
-    except (MorphologyError, RecordFormatError, ReplayInputError, FileNotFoundError) as exc:
-        print(f"lfdeep-neuron replay: error: {exc}", file=sys.stderr)
-        return 2
+    """``lfdeep-neuron replay``; bad input (MorphologyError, RecordFormatError, ReplayInputError: all
+    :class:`~lfdeep_neuron.errors.InputError`) is reported by the command line as one line, exit 2."""
+    res = replay(args.morphology, args.inputs, args.out, integrator=args.integrator, dt_ms=args.dt_ms,
+                 atol=args.atol, duration_ms=args.duration_ms, v_init_mV=args.v_init_mV,
+                 record_imem=args.record_imem, progress=not args.no_progress)
     spikes = res["soma_spike_times_ms"]
     print(f"wrote {args.out}: {res['duration_ms']:.0f} ms, {len(spikes)} somatic spikes, "
           f"{res['integrator_steps']} {args.integrator} steps, {res['wall_s']:.1f} s wall")

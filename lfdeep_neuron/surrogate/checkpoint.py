@@ -25,26 +25,30 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lfdeep_neuron import resources
+from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.mtl import ARCHS, Surrogate, SurrogateConfig
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_surrogate", "CheckpointError",
            "CorruptCheckpointError", "ArchitectureError", "SegmentMismatchError", "ChannelMismatchError",
-           "NormalizationError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR"]
+           "NormalizationError", "NoBundledModelError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR"]
 
-#: Bundled checkpoints (``models/`` at the top of the repository); ``models/DEFAULT`` names the recommended one.
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+#: Bundled checkpoints: ``lfdeep_neuron/models`` of an installed wheel, else ``models/`` at the top of the
+#: checkout (editable install); ``DEFAULT`` in it names the recommended one.
+MODELS_DIR = resources.find("models") or resources.candidates("models")[0]
 
 FORMAT = "lfdeep-neuron-surrogate"
 VERSION = 1
 REQUIRED_KEYS = ("arch", "config", "state_dict", "normalization", "segments", "synapses", "dt_ms")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A surrogate checkpoint cannot be used; the message names the file and the problem."""
 
 
@@ -66,6 +70,10 @@ class ChannelMismatchError(CheckpointError):
 
 class NormalizationError(CheckpointError):
     """Normalisation missing, incomplete or invalid."""
+
+
+class NoBundledModelError(CheckpointError):
+    """No bundled checkpoint is installed where :func:`bundled_checkpoint` looked."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -179,12 +187,16 @@ def load_checkpoint(path, map_location=None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"surrogate checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):     # torch.save writes a zip archive; its directory is at the end
+        raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated file?): "
+                                     f"not a complete zip archive, {path.stat().st_size} bytes")
     try:
         ckpt = torch.load(path, map_location=map_location or "cpu", weights_only=True)
     except Exception as err:  # zip/pickle/EOF errors all mean the same thing to the user
+        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise CorruptCheckpointError(
-            f"{path} is not a readable torch checkpoint (corrupt or truncated file?): "
-            f"{type(err).__name__}: {err}") from err
+            f"{path} is not a readable torch checkpoint (corrupt or truncated file?): {type(err).__name__}: "
+            f"{first}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = f"a dict with keys {sorted(ckpt)[:8]}" if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CorruptCheckpointError(f"{path} is not an lfdeep-neuron surrogate checkpoint "
@@ -323,11 +335,28 @@ def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate
     return model.eval()
 
 
-def bundled_checkpoint(models_dir=None) -> Path | None:
-    """Path of the recommended bundled checkpoint, or None when ``models/`` holds none.
+def bundled_checkpoint(models_dir=None, *, required: bool | None = None) -> Path | None:
+    """Path of the recommended bundled checkpoint.
 
-    The file named in ``models/DEFAULT`` (one line: a file name in ``models/``), else the first ``*.pt``
-    in name order. A DEFAULT that names a missing file is an error (a broken install), not a fallback.
+    The file named in ``DEFAULT`` (one line: a file name in the folder), else the first ``*.pt`` in
+    name order, in ``models_dir`` (default :data:`MODELS_DIR`: the models installed with the package).
+    A DEFAULT that names a missing file is an error (a broken install), not a fallback.
+
+    Parameters
+    ----------
+    models_dir : str or Path, optional
+        Folder to look in instead of the installed models.
+    required : bool, optional
+        What to do when the folder holds no checkpoint: raise (True) or return None (False).
+        Default: required for the installed models (a missing model is a broken install), not
+        for a ``models_dir`` given explicitly (a query).
+
+    Raises
+    ------
+    NoBundledModelError
+        When no checkpoint is found and it is required (the message names the folders searched).
+    FileNotFoundError
+        When ``DEFAULT`` names a file that is not there.
     """
     d = Path(models_dir) if models_dir is not None else MODELS_DIR
     default = d / "DEFAULT"
@@ -338,4 +367,11 @@ def bundled_checkpoint(models_dir=None) -> Path | None:
             raise FileNotFoundError(f"{default} names {name!r}, which is not in {d}")
         return path
     found = sorted(d.glob("*.pt")) if d.is_dir() else []
-    return found[0] if found else None
+    if found:
+        return found[0]
+    if not (models_dir is None if required is None else required):
+        return None
+    looked = [d] if models_dir is not None else resources.candidates("models")
+    raise NoBundledModelError(
+        f"no bundled surrogate checkpoint (DEFAULT or *.pt) in {' or '.join(str(p) for p in looked)}: "
+        "pass a checkpoint explicitly (--model CKPT) or reinstall lfdeep-neuron with its models")

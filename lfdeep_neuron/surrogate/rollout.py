@@ -44,6 +44,7 @@ import torch
 
 from lfdeep_neuron.data.dataset import bin_events
 from lfdeep_neuron.data.records import RecordFormatError, read_record, write_record
+from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS, spikes_from_logits
 
 __all__ = ["configure_parser", "run", "load_inputs", "rollout", "rollout_file", "default_threshold"]
@@ -124,8 +125,8 @@ def load_inputs(path, events: str = "auto", duration_ms: int | None = None, n_ch
         else:
             raise RecordFormatError(f"{path}: no duration_ms attribute and no v_1ms; pass --duration-ms")
     T = int(round(float(duration_ms)))
-    if T < 2:
-        raise ValueError(f"duration must be at least 2 ms, got {duration_ms}")
+    if not np.isfinite(float(duration_ms)) or T < 2:
+        raise InputError(f"{path}: duration must be at least 2 ms, got {duration_ms}")
     return rec, syn, t, w, T, used
 
 
@@ -151,7 +152,7 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
 
     C, T = x_syn.shape
     if C != model.n_channels:
-        raise ValueError(f"inputs have {C} channels; the model expects {model.n_channels}")
+        raise InputError(f"inputs have {C} channels; the model expects {model.n_channels}")
     v0 = model.v_rest.detach().cpu() if v0_mV is None else torch.as_tensor(np.asarray(v0_mV), dtype=torch.float32)
     x = torch.as_tensor(x_syn[None, :, 1:], dtype=torch.float32)
     pred = closed_loop(model, x, v0_mV=v0[None], output="mV", device=device, progress=progress)
@@ -202,7 +203,7 @@ def rollout_file(model, inputs, out, events: str = "auto", duration_ms: int | No
     elif v0 == "rest":
         v0_mV = None
     else:
-        raise ValueError(f"v0 must be 'rest' or 'record', got {v0!r}")
+        raise InputError(f"v0 must be 'rest' or 'record', got {v0!r}")
     x = bin_events(syn, t, model.n_channels, 0, T, w)
     res = rollout(model, x, v0_mV, spike_threshold, device, progress)
 
