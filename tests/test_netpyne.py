@@ -222,8 +222,6 @@ def _single_cell_lfps(cells, lfp, laplacian, per_cell, from_currents=False):
 
 
 def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morphology):
-    import torch
-
     from lfdeep_neuron.hay import HayL5PC
     from lfdeep_neuron.lfp import AxialLaplacian
 
@@ -231,8 +229,8 @@ def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morph
     # independent: each cell's LFP from its recorded voltages
     lap = AxialLaplacian.from_cell(HayL5PC(morphology, synapses=False))
     # Recording.v_mV is float32, which the Laplacian amplifies to ~1e-3 of this tiny LFP: use the
-    # engine's float64 samples the Recording holds (no public float64 accessor yet)
-    v64 = torch.stack(rec._v, dim=-1).double().numpy()              # [2, S, T]
+    # engine's float64 samples the Recording holds
+    v64 = rec.array("v_mV", np.float64)                             # [2, S, T]
     assert np.allclose(v64.astype(np.float32), rec.v_mV)
     total = _single_cell_lfps(cells, lfp, lap, v64)
     np.testing.assert_allclose(lfp["lfp_mV"], total, rtol=0, atol=1e-9 * np.abs(total).max())
@@ -240,14 +238,12 @@ def test_population_lfp_is_sum_of_single_cell_lfps(netpyne_sim, tiny_ckpt, morph
 
 def test_population_lfp_from_predicted_currents(netpyne_sim, tiny_imem_ckpt, tiny_ckpt):
     """A model with current tasks: the LFP is sum_c M_c i_c of its predicted currents (no Laplacian)."""
-    import torch
-
     from lfdeep_neuron.cosim import SurrogateEngine
 
     sim = netpyne_sim
     cells, rec, lfp = _two_cell_lfp_run(sim, tiny_imem_ckpt, currents=True)
     assert cells[0].engine.predicts_currents
-    i64 = torch.stack(rec._imem, dim=-1).double().numpy()            # [2, S, T] nA
+    i64 = rec.array("imem_nA", np.float64)                           # [2, S, T] nA
     assert np.allclose(i64.astype(np.float32), rec.imem_nA)
     assert np.all(i64[..., 0] == 0.0) and np.abs(i64[..., 1:]).min(axis=-1).max() > 0
     total = _single_cell_lfps(cells, lfp, None, i64, from_currents=True)

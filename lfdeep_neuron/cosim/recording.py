@@ -161,32 +161,48 @@ class Recording(EngineSink):
         return np.array([self.engine.step_time(k) for k in self._steps], np.float64)
 
     @staticmethod
-    def _stack(chunks, shape_if_empty):
+    def _stack(chunks, shape_if_empty, dtype=np.float32):
         import torch
 
         if not chunks:
-            return np.zeros(shape_if_empty, np.float32)
-        return torch.stack(chunks, dim=-1).to(device="cpu", dtype=torch.float32).numpy()
+            return np.zeros(shape_if_empty, dtype)
+        want = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[np.dtype(dtype)]
+        return torch.stack(chunks, dim=-1).to(device="cpu", dtype=want).numpy()
+
+    def array(self, name: str, dtype=np.float32) -> np.ndarray:
+        """``'v_mV'``, ``'imem_nA'`` or ``'spike_logit'`` as float32 (as the properties) or float64.
+
+        float64 keeps what an engine running in float64 computed (the properties round to float32,
+        which matters e.g. before the axial Laplacian, which amplifies round-off).
+        """
+        n_seg = (len(self._gids), len(self.segment_index), len(self._steps))
+        if name == "v_mV":
+            return self._stack(self._v, n_seg, dtype)
+        if name == "imem_nA":
+            if not self.keep_currents:
+                raise ValueError("currents were not recorded: engine.record(..., currents=True)")
+            return self._stack(self._imem, n_seg, dtype)
+        if name == "spike_logit":
+            if not self.keep_logits:
+                raise ValueError("spike logits were not recorded: engine.record(..., logits=True)")
+            return self._stack(self._logit, (len(self._gids), len(self._steps)), dtype)
+        raise ValueError(f"unknown recorded array {name!r}: 'v_mV', 'imem_nA' or 'spike_logit'")
 
     @property
     def v_mV(self) -> np.ndarray:
         """Voltages, float32 [n_cells, n_segments, T] (mV)."""
-        return self._stack(self._v, (len(self._gids), len(self.segment_index), len(self._steps)))
+        return self.array("v_mV")
 
     @property
     def imem_nA(self) -> np.ndarray:
         """Predicted bin-mean membrane currents, float32 [n_cells, n_segments, T] (nA; needs
         ``currents=True``): column k >= 1 is the mean over (k-1, k] ms, column 0 zero (rest)."""
-        if not self.keep_currents:
-            raise ValueError("currents were not recorded: engine.record(..., currents=True)")
-        return self._stack(self._imem, (len(self._gids), len(self.segment_index), len(self._steps)))
+        return self.array("imem_nA")
 
     @property
     def spike_logit(self) -> np.ndarray:
         """Somatic spike logits, float32 [n_cells, T] (needs ``logits=True``); NaN at sample 0."""
-        if not self.keep_logits:
-            raise ValueError("spike logits were not recorded: engine.record(..., logits=True)")
-        return self._stack(self._logit, (len(self._gids), len(self._steps)))
+        return self.array("spike_logit")
 
     @property
     def inputs(self) -> np.ndarray:
