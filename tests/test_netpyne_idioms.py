@@ -276,3 +276,68 @@ def test_traces_are_reported_like_a_normal_cells(sim, tiny_ckpt, morphology, kin
     net, cfg = _spec(rule, traces={"V_bad": {"sec": "trunk", "loc": 0.5, "var": "v"}})
     with pytest.raises(InputError, match=r"unknown section\(s\) \['trunk'\] in recordTraces\['V_bad'\]"):
         sim.create(netParams=net, simConfig=cfg)
+
+
+MIXED_SCRIPT = '''
+import sys
+
+import numpy as np
+from netpyne import sim, specs
+
+from lfdeep_neuron.cosim.netpyne import (add_syn_mechs, hay_cell_params, record_surrogate_lfp,
+                                         surrogate_cell_params, surrogate_lfp)
+
+ckpt, morphology, out = sys.argv[1:4]
+net = specs.NetParams()
+net.sizeX, net.sizeY, net.sizeZ = 300.0, 100.0, 300.0
+net.rotateCellsRandomly = True
+net.cellParams["S"] = surrogate_cell_params(ckpt, dtype="float64")
+net.cellParams["H"] = hay_cell_params(morphology)
+add_syn_mechs(net)
+net.popParams["surr"] = {"cellType": "S", "numCells": 2}
+net.popParams["hay"] = {"cellType": "H", "numCells": 2}
+net.popParams["bg"] = {"cellModel": "VecStim", "numCells": 3, "spkTimes": [2.0, 4.5, 8.0, 11.0]}
+net.connParams["bg->surr"] = {"preConds": {"pop": "bg"}, "postConds": {"pop": "surr"}, "sec": "apical",
+                              "synMech": "exc", "weight": 3.0, "delay": 1.0, "synsPerConn": 4}
+net.connParams["bg->hay"] = {"preConds": {"pop": "bg"}, "postConds": {"pop": "hay"}, "sec": "basal",
+                             "synMech": "exc", "weight": 20.0, "delay": 1.0, "synsPerConn": 5}
+cfg = specs.SimConfig()
+cfg.duration, cfg.dt, cfg.recordStep = 15.0, 0.025, 0.25
+cfg.hParams["v_init"] = -76.0
+cfg.verbose = cfg.printRunTime = False
+cfg.saveJson = cfg.savePickle = False
+record_surrogate_lfp(cfg)                       # every L5PC population: surrogate and HayL5PC
+sim.createSimulateAnalyze(netParams=net, simConfig=cfg)
+lfp = surrogate_lfp(sim)
+if sim.rank == 0:
+    parts = sorted(k for k in sim.allSimData["surrogateLFP"] if str(k).startswith("node"))
+    np.savez(out, lfp_mV=lfp["lfp_mV"], t_ms=lfp["t_ms"], parts=np.array(parts))
+sim.pc.barrier()
+from lfdeep_neuron.parallel import parallel_context
+
+parallel_context().done()
+'''
+
+
+def test_mixed_network_lfp_with_vecstim_same_on_1_and_2_ranks(tmp_path, tiny_ckpt, morphology):
+    """A fresh script: VecStim drive, surrogate + HayL5PC populations, one LFP request, 1 vs 2 ranks."""
+    import os
+
+    script = tmp_path / "mixed.py"
+    script.write_text(MIXED_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"np{n}.npz"
+        cmd = [sys.executable, str(script), str(tiny_ckpt), str(morphology), str(out)]
+        if n > 1:
+            cmd = [str(os.path.join(os.path.dirname(sys.executable), "mpiexec")), "-n", str(n)] + cmd
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, f"{n} rank(s):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        runs[n] = dict(np.load(out))
+    one, two = runs[1], runs[2]
+    assert one["lfp_mV"].shape == (15, 16) and np.abs(one["lfp_mV"]).max() > 0          # [T, E]
+    assert set(one["parts"]) == {"node0:hay", "node0:surrogate0"}
+    assert set(two["parts"]) == {"node0:hay", "node0:surrogate0", "node1:hay", "node1:surrogate0"}
+    np.testing.assert_array_equal(one["t_ms"], two["t_ms"])
+    np.testing.assert_allclose(two["lfp_mV"], one["lfp_mV"], rtol=0, atol=1e-9 * np.abs(one["lfp_mV"]).max())
