@@ -168,8 +168,10 @@ SPIKE_DESIGNS = [dict(backbone="lstm", channels=(6,), compressor=(3,)),
                  dict(backbone="elm", channels=(5,), compressor=(3,)),
                  dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,
                       local_taus=(2.0, 9.0), imem_tasks=True),
+                 dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,
+                      local_taus=(2.0, 9.0), imem_tasks=True, tower_soft=0, tower_hard=0),   # linear towers
                  dict(backbone="elm", channels=(5,), compressor=(4,), n_branches=2, direct_heads=True,
-                      feedback=False, soma_clip_mV=-55.0)]
+                      feedback=False, soma_clip_mV=-55.0, local_taus=(3.0,), tower_soft=0, tower_hard=0)]
 
 
 def _spike_model(cls, over):

@@ -174,12 +174,13 @@ def test_local_synaptic_features():
     u = torch.zeros(1, m.n_channels, 12)
     u[0, 2, 3] = 1.0                                          # excitatory channel 2 = segment 3, step 3
     u[0, 7, 5] = 0.5                                          # inhibitory channel 7 = segment 3, step 5
-    tr = m.local_traces(u)                                    # [T, B, C, K]
+    tr = m.local_traces(u)                                    # [T, B, S, 2, K]
+    S = m.n_segments
+    assert tr.shape == (12, 1, S, 2, 2)
     k = torch.arange(12.0)
     exc = torch.where(k[:, None] >= 3, torch.exp(-(k - 3)[:, None] / torch.tensor([2.0, 10.0])), torch.zeros(1))
-    torch.testing.assert_close(tr[:, 0, 2], exc)
-    rows = m.local_rows(tr)[:, 0]                             # [T, n_tasks, 4]
-    S = m.n_segments
+    torch.testing.assert_close(tr[:, 0, 3, 0], exc)
+    rows = m.local_rows(tr[:, 0].reshape(12, S, 4))           # [T, n_tasks, 4]
     torch.testing.assert_close(rows[:, 3, :2], exc)           # voltage task of segment 3: its exc traces
     torch.testing.assert_close(rows[:, S + 1 + 3, :2], exc)   # its current task too
     assert rows[:, 3, 2:].abs().sum() > 0 and rows[:5, 3, 2:].abs().sum() == 0      # inh from step 5 on

@@ -90,8 +90,8 @@ class SurrogateConfig:
     last_activation: str = "sigmoid"  # activation of the last TCN block ("relu" = plain TCN)
     n_experts: int = 5               # MMoE / MMoEEx
     compressor: tuple = (16, 8)      # compressor TCN channels (MMoE / MMoEEx gates)
-    tower_soft: int = 10             # tower width for MMoE / MMoEEx
-    tower_hard: int = 25             # tower width for MH
+    tower_soft: int = 10             # tower width for MMoE / MMoEEx (0: linear towers)
+    tower_hard: int = 25             # tower width for MH (0: linear towers)
     exclusivity: float = 0.3         # MMoEEx: probability that a task-expert gate entry is masked
     mask_seed: int = 0               # MMoEEx: seed of the fixed random mask
     backbone: str = "tcn"            # registered Backbone of trunk / experts / compressor ("tcn", "lstm", "elm")
@@ -161,10 +161,10 @@ CONFIGS: dict[str, dict] = {
     # soma target clipped at -55 mV, no voltage feedback, local synaptic traces for the segment towers.
     "spike_lstm": dict(backbone="lstm", channels=(32,), compressor=(8,), n_experts=4, n_branches=193,
                        direct_heads=True, soma_clip_mV=-55.0, feedback=False, dropout=0.0,
-                       local_taus=(2.0, 8.0, 32.0), tower_soft=10, tower_hard=16),
+                       local_taus=(2.0, 8.0, 32.0), tower_soft=0, tower_hard=0),
     "spike_elm": dict(backbone="elm", channels=(32,), compressor=(8,), n_experts=4, n_branches=193,
                       direct_heads=True, soma_clip_mV=-55.0, feedback=False, dropout=0.0,
-                      local_taus=(2.0, 8.0, 32.0), tower_soft=10, tower_hard=16),
+                      local_taus=(2.0, 8.0, 32.0), tower_soft=0, tower_hard=0),
 }
 
 
@@ -226,11 +226,26 @@ class Towers(nn.Module):
     """One ``Linear(C, H) -> ELU -> Linear(H, 1)`` tower per task, all applied at once.
 
     ``forward(h)`` takes rows of features, either shared by all tasks ``[R, C]`` (MH) or per task
-    ``[R, n_tasks, C]`` (MMoE), and returns ``[R, n_tasks]``. R = batch x time rows.
+    ``[R, n_tasks, C]`` (MMoE), and returns ``[R, n_tasks]``. R = batch x time rows. ``mixture`` applies
+    them to a gated mixture of experts.
+
+    ``width = 0`` makes every tower linear (``y_n = w_n . h + b_n``; local features, if any, added linearly
+    to the output): the nonlinearity then lives in the backbones. Per step and cell this costs
+    ``n_tasks * C`` (MH) or ``n_tasks * E * C`` (MMoE, the mixture folded into the readout) multiply-adds
+    instead of ``n_tasks * H * (C + F)`` plus ``n_tasks * H`` activations -- the difference between ~10 and
+    ~100 MB of intermediate tensors per step for 1000 Hay cells.
     """
 
     def __init__(self, n_tasks: int, c_in: int, width: int, n_local: int = 0):
         super().__init__()
+        self.linear = width == 0
+        if self.linear:
+            bound = 1 / math.sqrt(c_in)
+            self.w1 = nn.Parameter(torch.empty(n_tasks, c_in).uniform_(-bound, bound))
+            self.b2 = nn.Parameter(torch.zeros(n_tasks))
+            if n_local:
+                self.w_loc = nn.Parameter(torch.empty(n_tasks, n_local).uniform_(-bound, bound))
+            return
         bound1, bound2 = 1 / math.sqrt(c_in), 1 / math.sqrt(width)  # nn.Linear's default init range
         self.w1 = nn.Parameter(torch.empty(n_tasks, c_in, width).uniform_(-bound1, bound1))
         self.b1 = nn.Parameter(torch.empty(n_tasks, width).uniform_(-bound1, bound1))
@@ -240,8 +255,14 @@ class Towers(nn.Module):
             bound = 1 / math.sqrt(c_in + n_local)
             self.w_loc = nn.Parameter(torch.empty(n_tasks, n_local, width).uniform_(-bound, bound))
 
+    def _linear_local(self, y: torch.Tensor, local: torch.Tensor | None) -> torch.Tensor:
+        return y if local is None else y + (local * self.w_loc).sum(-1)
+
     def forward(self, h: torch.Tensor, local: torch.Tensor | None = None) -> torch.Tensor:
         """``local [R, n_tasks, F]``: per-task extra features (models with ``local_taus``)."""
+        if self.linear:
+            y = torch.addmm(self.b2, h, self.w1.t()) if h.dim() == 2 else (h * self.w1).sum(-1) + self.b2
+            return self._linear_local(y, local)
         n, c, width = self.w1.shape
         if h.dim() == 2:   # shared features [R, C]: one GEMM for all towers
             z = torch.addmm(self.b1.reshape(-1), h, self.w1.permute(1, 0, 2).reshape(c, n * width))
@@ -251,6 +272,15 @@ class Towers(nn.Module):
         if local is not None:
             z = torch.baddbmm(z, local.transpose(0, 1), self.w_loc)           # + each task's own features
         return (torch.bmm(F.elu(z), self.w2[:, :, None])[..., 0] + self.b2[:, None]).t()  # [R, n]
+
+    def mixture(self, gates: torch.Tensor, experts: torch.Tensor, local: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Towers on each task's gated mixture: ``gates [R, E, n_tasks]``, ``experts [R, E, C]`` -> ``[R, n_tasks]``."""
+        if self.linear:    # sum_e g_en (f_e . w_n): the readout of every expert first, one GEMM
+            R, E, C = experts.shape
+            per_expert = (experts.reshape(R * E, C) @ self.w1.t()).view(R, E, -1)   # [R, E, n]
+            return self._linear_local((gates * per_expert).sum(1) + self.b2, local)
+        return self(torch.bmm(gates.transpose(1, 2), experts), local)         # mixture [R, n_tasks, C]
 
 
 def _rows(h: torch.Tensor) -> torch.Tensor:
@@ -435,14 +465,33 @@ class Surrogate(nn.Module):
         B, _, T = x.shape
         feats, u = self.encode(x)
         local = None
-        if self.n_local:                                                 # [T, B, C, K] -> [B*T, n_tasks, F]
-            local = self.local_rows(self.local_traces(u)).transpose(0, 1)
-            local = local.reshape(B * T, self.n_tasks, self.n_local)
+        traces = None
+        if self.n_local:                                                 # [T, B, S, 2, K] -> [B*T, S, F]
+            traces = self.local_traces(u).transpose(0, 1).reshape(B * T, self.n_segments, self.n_local)
         rows = [_rows(b(feats)) for b in self.backbones()]
-        y = self._direct(self._heads(*rows, local=local), rows[0])       # [B*T, n_tasks]
+        y = self._outputs(rows, traces)                                  # [B*T, n_tasks]
         y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
         y = self._add_residual(y, x)
         return y if all_tasks else self.split_tasks(y)
+
+    def _outputs(self, rows: list, traces: torch.Tensor | None) -> torch.Tensor:
+        """Backbone rows (+ local traces ``[R, S, F]``) -> task outputs ``[R, n_tasks]`` (before the residual)."""
+        if traces is None:
+            y = self._heads(*rows)
+        elif self.towers.linear:                 # local features enter the output linearly, per segment
+            y = self._heads(*rows) + self._linear_local(traces)
+        else:                                    # each task's tower reads its segment's traces
+            y = self._heads(*rows, local=self.local_rows(traces))
+        return self._direct(y, rows[0])
+
+    def _linear_local(self, traces: torch.Tensor) -> torch.Tensor:
+        """Linear towers: ``w_loc . traces`` of each task's segment ``[R, n_tasks]`` (the spike task reads the
+        soma, which has no synapses: 0). Slices, not a gather: task n < S is segment n, imem task S+1+s is s."""
+        S, w = self.n_segments, self.towers.w_loc
+        parts = [(traces * w[:S]).sum(-1), traces.new_zeros(traces.shape[0], 1)]
+        if self.config.imem_tasks:
+            parts.append((traces * w[S + 1:]).sum(-1))
+        return torch.cat(parts, dim=1)
 
     def _direct(self, y: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         """Add the direct heads (soma voltage, spike) read from the trunk rows ``[R, H]`` to ``y [R, n_tasks]``."""
@@ -450,24 +499,30 @@ class Surrogate(nn.Module):
             return y
         return y.index_add(1, self.direct_tasks, self.direct(trunk))
 
+    def segment_inputs(self, u_syn: torch.Tensor) -> torch.Tensor:
+        """Transformed channels ``[B, C, ...]`` -> each segment's own (excitatory, inhibitory) input
+        ``[B, S, 2, ...]`` (zeros for segments without synapses)."""
+        pad = torch.cat([u_syn, u_syn.new_zeros(u_syn.shape[0], 1, *u_syn.shape[2:])], dim=1)
+        return pad.index_select(1, self.local_channels.reshape(-1)).view(u_syn.shape[0], self.n_segments, 2,
+                                                                         *u_syn.shape[2:])
+
     @torch.no_grad()
     def local_traces(self, u_syn: torch.Tensor) -> torch.Tensor:
-        """Exponential traces ``[T, B, C, K]`` of transformed synaptic inputs ``u_syn [B, C, T]`` (1 ms steps),
-        starting from zero. Inputs, not parameters: no gradient flows here."""
-        B, C, T = u_syn.shape
-        y = u_syn.new_zeros(B, C, len(self.local_decay))
-        out = u_syn.new_empty(T, B, C, y.shape[-1])
-        for t in range(T):        # a first-order recursion over time (vectorised over cells, channels, taus)
-            y = torch.addcmul(u_syn[:, :, t, None], y, self.local_decay)
+        """Exponential traces ``[T, B, S, 2, K]`` of each segment's transformed synaptic inputs (from
+        ``u_syn [B, C, T]``, 1 ms steps, starting from zero). Inputs, not parameters: no gradient flows here."""
+        seg = self.segment_inputs(u_syn)                                  # [B, S, 2, T]
+        B, S, _, T = seg.shape
+        y = seg.new_zeros(B, S, 2, len(self.local_decay))
+        out = seg.new_empty(T, B, S, 2, y.shape[-1])
+        for t in range(T):        # a first-order recursion over time (vectorised over cells, segments, taus)
+            y = torch.addcmul(seg[..., t, None], y, self.local_decay)
             out[t] = y
         return out
 
     def local_rows(self, traces: torch.Tensor) -> torch.Tensor:
-        """Traces ``[..., C, K]`` -> each task's own features ``[..., n_tasks, 2K]``: the traces of the
-        excitatory then the inhibitory channel of the task's segment (zeros where it has none)."""
-        pad = torch.cat([traces, traces.new_zeros(*traces.shape[:-2], 1, traces.shape[-1])], dim=-2)
-        idx = self.local_channels[self.task_segment].reshape(-1)          # [n_tasks * 2], C = none
-        return pad[..., idx, :].reshape(*traces.shape[:-2], self.n_tasks, self.n_local)
+        """Segment traces ``[R, S, F]`` -> each task's own features ``[R, n_tasks, F]``: the traces of the
+        excitatory then the inhibitory channel of the task's segment (the spike task: the soma's, zeros)."""
+        return traces.index_select(1, self.task_segment)
 
     def _add_residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """With ``config.residual``: voltage outputs = fed-back voltage (z) + tower output. Tasks / raw inputs
@@ -493,8 +548,8 @@ class Surrogate(nn.Module):
                         dtype=dtype)
 
     def initial_state(self, n_cells: int, device=None, dtype=None) -> tuple:
-        """State before the first :meth:`step`: ``(backbone states, (local traces [N, C, K],) or ())``."""
-        local = ((torch.zeros(n_cells, self.n_channels, self.n_local // 2, device=device, dtype=dtype),)
+        """State before the first :meth:`step`: ``(backbone states, (local traces [N, S, 2, K],) or ())``."""
+        local = ((torch.zeros(n_cells, self.n_segments, 2, self.n_local // 2, device=device, dtype=dtype),)
                  if self.n_local else ())
         return tuple(b.initial_state(n_cells, device, dtype) for b in self.backbones()), local
 
@@ -508,11 +563,11 @@ class Surrogate(nn.Module):
             h, s = backbone.step(feats, s)
             rows.append(h)
             new.append(s)
-        loc = None
+        traces = None
         if self.n_local:
-            local = (local[0] * self.local_decay + u[:, :, None],)
-            loc = self.local_rows(local[0])
-        y = self._add_residual(self._direct(self._heads(*rows, local=loc), rows[0]), x_t)
+            local = (torch.addcmul(self.segment_inputs(u)[..., None], local[0], self.local_decay),)  # as forward
+            traces = local[0].view(x_t.shape[0], self.n_segments, self.n_local)
+        y = self._add_residual(self._outputs(rows, traces), x_t)
         return y, (tuple(new), local)
 
     def extra_repr(self) -> str:
@@ -574,8 +629,7 @@ class MMoE(Surrogate):
 
     def _heads(self, experts: torch.Tensor, comp: torch.Tensor, local=None) -> torch.Tensor:
         f = experts.view(-1, self.n_experts, self.expert_width)             # [R, E, C]
-        mix = torch.bmm(self.gates(comp).transpose(1, 2), f)               # [R, n_tasks, C]
-        return self.towers(mix, local)
+        return self.towers.mixture(self.gates(comp), f, local)
 
 
 class MMoEEx(MMoE):
