@@ -59,9 +59,9 @@ delay must be >= the ParallelContext's minimum delay anyway.
 Per step (no Python per event, none per cell except per emitted spike): gather and clear the
 engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, hand the step to the
 attached sinks (:mod:`lfdeep_neuron.cosim.sinks`: recordings, LFP, NetPyNE traces; one
-``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates the time of each phase (``intake``, ``forward``,
-``emit``, ``record``; seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since
-the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
+``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates
+the time of each phase (``intake``, ``forward``, ``emit``, ``record`` = handing over to the sinks;
+seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
 (equal: one per step).
 
 Object lifetimes
@@ -430,7 +430,7 @@ class SurrogateEngine:
         self._t0 = 0.0
         self._offset = 0.0
         self._sinks: list[weakref.ReferenceType] = []   # weak: whoever made a sink owns it
-        self._sink_rows: dict = {}       # id(sink) -> (rows ndarray | None, rows tensor | None) since init
+        self._fed: list[tuple] = []      # (weakref to sink, rows | None, rows tensor | None) reset at the last init
         self._spike_rows: list[np.ndarray] = []
         self._spike_times: list[float] = []
         self.n_forward = 0
@@ -571,7 +571,7 @@ class SurrogateEngine:
     def remove_sink(self, sink: EngineSink) -> None:
         """Detach a sink (no effect if it is not attached)."""
         self._sinks = [r for r in self._sinks if r() is not None and r() is not sink]
-        self._sink_rows.pop(id(sink), None)
+        self._fed = [f for f in self._fed if f[0]() is not None and f[0]() is not sink]
 
     @property
     def sinks(self) -> list[EngineSink]:
@@ -584,27 +584,23 @@ class SurrogateEngine:
         """finitialize: reset every sink and keep the rows it asked for."""
         import torch
 
-        self._sink_rows = {}
+        self._fed = []
         n = self.n_local
         for sink in self.sinks:
             rows = sink.reset(self)
             if rows is None:
-                self._sink_rows[id(sink)] = (None, None)
+                self._fed.append((weakref.ref(sink), None, None))
                 continue
             rows = np.asarray(rows, np.int64).reshape(-1)
             if len(rows) and (rows.min() < 0 or rows.max() >= n):
                 raise ValueError(f"{type(sink).__name__}.reset asked for rows outside [0, {n}): "
                                  f"{rows[(rows < 0) | (rows >= n)][:5].tolist()}")
-            self._sink_rows[id(sink)] = (rows, torch.as_tensor(rows, device=self.device))
+            self._fed.append((weakref.ref(sink), rows, torch.as_tensor(rows, device=self.device)))
 
     def _active_sinks(self) -> list:
-        """(sink, rows, rows tensor) of the live sinks that were reset at the last init."""
-        out = []
-        for sink in self.sinks:
-            rows = self._sink_rows.get(id(sink))
-            if rows is not None:
-                out.append((sink, rows[0], rows[1]))
-        return out
+        """(sink, rows, rows tensor) of the sinks reset at the last init that are still alive."""
+        out = [(ref(), rows, rows_t) for ref, rows, rows_t in self._fed]
+        return [entry for entry in out if entry[0] is not None]
 
     def _hand_over(self, sinks, k: int, v, logit, imem, fired: np.ndarray):
         """Give step k to every sink (its rows only)."""

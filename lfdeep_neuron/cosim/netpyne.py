@@ -347,8 +347,9 @@ def surrogate_lfp(sim=None) -> dict | None:
     if data is None or getattr(sim, "rank", 0) != 0:
         return None
     if "surrogateLFP" not in data:
-        raise ValueError("no surrogate LFP in sim.allSimData: call record_surrogate_lfp(simConfig) before "
-                         "creating the network, and gather the data (sim.createSimulateAnalyze does)")
+        raise InputError("no L5PC LFP in sim.allSimData: call record_surrogate_lfp(simConfig) before creating the "
+                         "network (it covers SurrogateL5PC and HayL5PC populations), build a population of "
+                         "either, and gather the data (sim.createSimulateAnalyze does)")
     d = data["surrogateLFP"]
     parts = [np.asarray(v, np.float64) for k, v in d.items() if str(k).startswith("node")]
     t_ms = np.asarray(d["t_ms"], np.float64)
