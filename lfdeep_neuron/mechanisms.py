@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["mod_dir", "mod_hash", "cache_root", "build", "load"]
+__all__ = ["mod_dir", "mod_hash", "cache_root", "build", "load", "coreneuron_mod_files"]
 
 _LOADED: Path | None = None
 
@@ -101,14 +101,27 @@ def _nrnivmodl() -> str:
     return found
 
 
-def build(directory: Path | None = None, quiet: bool = True) -> Path:
+def coreneuron_mod_files(directory: Path | None = None) -> list[Path]:
+    """The mod files that also compile for CoreNEURON: those without VERBATIM blocks.
+
+    These are the Hay channels, calcium dynamics and synapses (all a detailed cell needs); the
+    co-simulation intake ``SurrogateCell`` and ``VecStim`` use VERBATIM C and are NEURON-only.
+    """
+    directory = directory or mod_dir()
+    return sorted(f for f in directory.glob("*.mod") if "VERBATIM" not in f.read_text())
+
+
+def build(directory: Path | None = None, quiet: bool = True, coreneuron: bool = False) -> Path:
     """Compile the mod files if needed; return the build directory.
 
     Holds an exclusive lock on ``<cache>/<hash>.lock`` while building, so only
-    one process compiles and the others wait for it.
+    one process compiles and the others wait for it. With ``coreneuron=True``
+    the files of :func:`coreneuron_mod_files` are compiled with
+    ``nrnivmodl -coreneuron`` (both NEURON's and CoreNEURON's libraries; a
+    few minutes) into a cache entry of their own.
     """
     directory = directory or mod_dir()
-    key = mod_hash(directory)
+    key = mod_hash(directory) + ("-coreneuron" if coreneuron else "")
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / key
@@ -120,9 +133,11 @@ def build(directory: Path | None = None, quiet: bool = True) -> Path:
             if _library_in(target):          # another process built it meanwhile
                 return target
             tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp", dir=root))
-            for f in directory.glob("*.mod"):
+            files = coreneuron_mod_files(directory) if coreneuron else directory.glob("*.mod")
+            for f in files:
                 shutil.copy2(f, tmp / f.name)
-            proc = subprocess.run([_nrnivmodl()], cwd=tmp, capture_output=True, text=True)
+            cmd = [_nrnivmodl(), "-coreneuron", "."] if coreneuron else [_nrnivmodl()]
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
             if proc.returncode != 0 or not _library_in(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise MechanismBuildError(
@@ -138,21 +153,33 @@ def build(directory: Path | None = None, quiet: bool = True) -> Path:
     return target
 
 
-def load() -> Path:
+def load(coreneuron: bool = False) -> Path:
     """Build if necessary and load the mechanisms into this process, once.
 
     Returns the build directory. Calling it again is a no-op. If mechanisms of
     the same names were already loaded from elsewhere, NEURON would refuse a
     second registration; this function therefore loads exactly one build per
-    process.
+    process. ``coreneuron=True`` loads the CoreNEURON build instead (the Hay
+    cell only, see :func:`coreneuron_mod_files`) and points CoreNEURON at its
+    library (``CORENEURONLIB``); it must come before anything else loads
+    mechanisms, and later plain ``load()`` calls return it.
     """
     global _LOADED
     if _LOADED is not None:
+        if coreneuron and not str(_LOADED).endswith("-coreneuron"):
+            raise MechanismBuildError(
+                f"mechanisms were already loaded from {_LOADED} (NEURON-only build); load the "
+                "CoreNEURON build first, before any cell is made, in a fresh process")
         return _LOADED
-    target = build()
+    target = build(coreneuron=coreneuron)
     from neuron import h
 
     lib = _library_in(target)
+    if coreneuron:
+        core = sorted(target.glob("*/libcorenrnmech.so"))
+        if not core:
+            raise MechanismBuildError(f"no libcorenrnmech.so in the CoreNEURON build {target}")
+        os.environ["CORENEURONLIB"] = str(core[0])
     if not h.nrn_load_dll(str(lib)):
         raise MechanismBuildError(f"NEURON could not load {lib}")
     _LOADED = target
