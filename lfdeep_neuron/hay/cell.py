@@ -400,7 +400,9 @@ class HayL5PC:
         self._event_netcons, self._event_plan = [], []
         for k, (c, weight) in enumerate(uniq):
             nc = h.NetCon(None, self.synapse_by_channel(int(c)))
-            nc.delay = 0.0
+            # NetCon.event(t) delivers at t whatever the delay; a positive delay only keeps
+            # CoreNEURON's minimum-delay check satisfied (it counts these NetCons too).
+            nc.delay = 1.0
             nc.weight[0] = float(weight)
             times = t[order[bounds[k]:bounds[k + 1]]]
             self._event_netcons.append(nc)
