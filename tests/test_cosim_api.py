@@ -319,7 +319,7 @@ def test_touched_list_overflow_falls_back_to_a_dense_read(cosim):
     eng = cosim.SurrogateEngine(_model(), device="cpu")
     cell = cosim.SurrogateL5PC(engine=eng)
     up = cell.channel_target(9).connect(None, weight=1.0)
-    down = cell.channel_target(9).connect(None, weight=-1.0)
+    down = cell.channel_target(9).connect(None, weight=-1.0, allow_negative_weights=True)   # explicit opt-in
     other = cell.channel_target(700).connect(None, weight=2.5)
     n_pairs = N_CH + 4096 + 500                          # more re-listings than the list holds
 
@@ -424,3 +424,19 @@ def test_default_spike_rule_is_one_spike_per_upward_crossing(cosim):
     assert len(eng.spikes()[1]) == 2
     with pytest.raises(ValueError, match="spike_rule"):
         cosim.SurrogateEngine(_model(seed=1), device="cpu", spike_rule="edge")
+
+
+def test_negative_or_non_finite_weights_onto_a_surrogate_are_refused(cosim):
+    from lfdeep_neuron.errors import InputError
+
+    eng = cosim.SurrogateEngine(_model(), device="cpu", segments=_small_tables()[0], synapses=_small_tables()[1])
+    cell = cosim.SurrogateL5PC(engine=eng)
+    syn = cell.synapse("dend[0]", 0.5, "exc")
+    with pytest.raises(InputError, match=r"negative NetCon weight -1\.5 onto SurrogateSynapse\(dend\[0\]"):
+        cosim.connect(None, syn, weight=-1.5)
+    with pytest.raises(InputError, match=r"weight nan .* is not finite"):
+        syn.connect(None, weight=float("nan"))
+    with pytest.raises(InputError, match=r"weight inf"):
+        cell.connect(None, "dend[0]", 0.5, "inh", weight=float("inf"), allow_negative_weights=True)
+    nc = cell.connect(None, "dend[0]", 0.5, "inh", weight=-0.5, allow_negative_weights=True)   # opt-in
+    assert nc.weight[0] == -0.5 and nc.weight[1] == cell.synapse("dend[0]", 0.5, "inh").channel

@@ -18,7 +18,9 @@ of the reference synapse, 1 = one training-data activation). Use one of::
     nc = cell.connect(source_gid, "dend[3]", 0.5, "inh")  # any rank (pc.gid_connect)
     nc = connect(source, syn_or_point_process, weight, delay)  # works for HayL5PC synapses too
 
-or set ``nc.weight[1] = syn.channel`` yourself on ``h.NetCon(src, syn.target)``.
+or set ``nc.weight[1] = syn.channel`` yourself on ``h.NetCon(src, syn.target)``. Weights given to
+these functions must be finite and >= 0 (``lfdeep_neuron.errors.InputError`` otherwise: a surrogate
+was never trained on negative weights); ``allow_negative_weights=True`` is the explicit opt-in.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import numpy as np
 from lfdeep_neuron.cosim.engine import N_CHANNELS, SurrogateEngine
 from lfdeep_neuron.hay.channels import KIND_TYPES, ChannelMap, section_name  # noqa: F401 (re-exported)
 
-__all__ = ["SurrogateL5PC", "SurrogateSynapse", "ChannelMap", "connect", "KIND_TYPES", "section_name"]
+__all__ = ["SurrogateL5PC", "SurrogateSynapse", "ChannelMap", "connect", "check_weight", "KIND_TYPES",
+           "section_name"]
 
 class SurrogateSynapse:
     """A NetCon target on a surrogate: the artificial cell and the channel of ``weight[1]``."""
@@ -42,16 +45,35 @@ class SurrogateSynapse:
         """The hoc object to give to ``h.NetCon`` / ``pc.gid_connect`` as target."""
         return self.cell._art
 
-    def connect(self, source, weight: float = 1.0, delay: float = 1.0, threshold: float | None = None):
+    def connect(self, source, weight: float = 1.0, delay: float = 1.0, threshold: float | None = None,
+                allow_negative_weights: bool = False):
         """NetCon from ``source`` (hoc object, SurrogateL5PC, gid or None) onto this channel."""
-        return connect(source, self, weight=weight, delay=delay, threshold=threshold)
+        return connect(source, self, weight=weight, delay=delay, threshold=threshold,
+                       allow_negative_weights=allow_negative_weights)
 
     def __repr__(self):
         return f"SurrogateSynapse({self.section}({self.x:g}) {self.kind} -> channel {self.channel})"
 
 
+def check_weight(weight, target, allow_negative_weights: bool = False) -> float:
+    """``weight`` as a float if a surrogate can take it, else ``InputError`` naming it and the target.
+
+    A surrogate was trained on non-negative weights in units of the reference synapse: NaN and
+    infinities are always refused, negative weights unless ``allow_negative_weights``.
+    """
+    from lfdeep_neuron.errors import InputError
+
+    w = float(weight)
+    if not np.isfinite(w):
+        raise InputError(f"NetCon weight {w!r} onto {target!r} is not finite")
+    if w < 0 and not allow_negative_weights:
+        raise InputError(f"negative NetCon weight {w!r} onto {target!r}: the surrogate was never trained on "
+                         "negative weights (use the inhibitory synapse), or pass allow_negative_weights=True")
+    return w
+
+
 def connect(source, target, weight: float = 1.0, delay: float = 1.0, threshold: float | None = None,
-            pc=None):
+            pc=None, allow_negative_weights: bool = False):
     """A NetCon from ``source`` to a synapse of a surrogate or of a detailed cell.
 
     Parameters
@@ -64,12 +86,17 @@ def connect(source, target, weight: float = 1.0, delay: float = 1.0, threshold: 
     target : SurrogateSynapse or hoc point process
         ``SurrogateL5PC.synapse(...)`` or a detailed cell's synapse (``HayL5PC.synapse(...)``).
     weight : float
-        In units of the reference synapse (1 = one training-data activation).
+        In units of the reference synapse (1 = one training-data activation). Onto a surrogate it
+        must be finite and >= 0 (``InputError`` otherwise) unless ``allow_negative_weights``.
     delay : float
         ms. From a surrogate it should be ≥ the surrogate step (see the engine's timing rule).
+    allow_negative_weights : bool
+        Explicit opt-in for negative weights onto a surrogate (it was never trained on them).
     """
     from neuron import h
 
+    if isinstance(target, SurrogateSynapse):
+        weight = check_weight(weight, target, allow_negative_weights)
     tgt = target.target if isinstance(target, SurrogateSynapse) else target
     if isinstance(source, (int, np.integer)):
         if pc is None:
@@ -177,10 +204,10 @@ class SurrogateL5PC:
         return SurrogateSynapse(self, ch, section_name(section), float(x), kind)
 
     def connect(self, source, section, x=0.5, kind="exc", weight: float = 1.0, delay: float = 1.0,
-                threshold: float | None = None):
+                threshold: float | None = None, allow_negative_weights: bool = False):
         """NetCon from ``source`` (gid, hoc object, SurrogateL5PC, None) to ``synapse(section, x, kind)``."""
         return connect(source, self.synapse(section, x, kind), weight=weight, delay=delay,
-                       threshold=threshold, pc=self.engine.pc)
+                       threshold=threshold, pc=self.engine.pc, allow_negative_weights=allow_negative_weights)
 
     def channel_target(self, channel: int) -> SurrogateSynapse:
         """Target handle for a raw channel number (0..1277)."""
