@@ -43,7 +43,7 @@ class SurrogateSynapse:
     @property
     def target(self):
         """The hoc object to give to ``h.NetCon`` / ``pc.gid_connect`` as target."""
-        return self.cell._art
+        return self.cell.target
 
     def connect(self, source, weight: float = 1.0, delay: float = 1.0, threshold: float | None = None,
                 allow_negative_weights: bool = False):
@@ -106,7 +106,7 @@ def connect(source, target, weight: float = 1.0, delay: float = 1.0, threshold: 
         nc = pc.gid_connect(int(source), tgt)
     else:
         if isinstance(source, SurrogateL5PC):
-            nc = h.NetCon(source._art, tgt)
+            nc = h.NetCon(source.spike_source(), tgt)
         elif hasattr(source, "spike_netcon"):          # a detailed cell on this rank
             nc = source.spike_netcon(tgt)
         else:
