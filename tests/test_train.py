@@ -1,7 +1,7 @@
 """Training: the CLI end to end on synthetic data, loss pieces, and resumption after interruption."""
 from __future__ import annotations
 
-import csv
+import json
 import os
 import shutil
 import signal
@@ -16,22 +16,31 @@ import torch
 from lfdeep_neuron.cli import main as cli_main
 from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, load_surrogate
 from lfdeep_neuron.surrogate.mtl import MMoE
-from lfdeep_neuron.surrogate.train import lbtw_weights, parse_args, train, with_own_feedback
+from lfdeep_neuron.errors import InputError
+from lfdeep_neuron.surrogate.train import (RECIPES_DIR, Windows, lbtw_weights, parse_args, prepare_batch, train,
+                                           with_own_feedback)
 
 torch.set_num_threads(1)
 DATA = "synthetic:segments=5,sims=4,duration=600"
 
 
+SHORT = ["--window-ms", "100", "--skip-ms", "50"]         # 600-ms synthetic trials
+
+
 def _args(out, *extra):
     return parse_args(["--data", DATA, "--arch", "mmoeex", "--config", "tiny", "--out", str(out),
-                       "--batch", "4", "--window-ms", "100", "--no-progress", *extra])
+                       "--batch", "4", *SHORT, "--no-progress", *extra])
+
+
+def _log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def test_cli_trains_and_writes_checkpoint_log_and_state(tmp_path):
     out = tmp_path / "mh.pt"
     rc = cli_main(["train", "--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
-                   "--steps", "150", "--batch", "4", "--window-ms", "100", "--lr", "3e-3", "--eval-every", "50",
-                   "--val-windows", "4", "--no-progress"])
+                   "--steps", "150", "--batch", "4", *SHORT, "--lr", "3e-3", "--eval-every", "50",
+                   "--val-windows", "4", "--no-progress", "--set", "feedback=true"])
     assert rc == 0
     model = load_surrogate(out, expected_segments=5)
     assert model.arch == "mh" and model.n_segments == 5 and model.n_channels == 8
@@ -39,28 +48,29 @@ def test_cli_trains_and_writes_checkpoint_log_and_state(tmp_path):
     assert meta["provenance"]["data"] == DATA and meta["provenance"]["steps"] == 150
     assert meta["provenance"]["versions"]["torch"] == torch.__version__
     assert list(meta["segments"]["name"][:2]) == ["soma[0]", "dend[0]"]
-    for k in ("val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl"):
+    for k in ("val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl", "val_soma_clip_rmse_mV_cl"):
         assert 0 < meta["metrics"][k] < 50
+    assert 0 <= meta["metrics"]["val_spike_auc"] <= 1
     # normalisation comes from the training data (v0 of the synthetic cell: rest at -70 mV)
     torch.testing.assert_close(model.v_rest, torch.full((5,), -70.0))
-    with open(tmp_path / "mh.pt.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == list(range(10, 151, 10))
-    assert rows[-1]["val_rmse_mV_cl"] and rows[4]["val_rmse_mV_tf"] and not rows[0]["val_rmse_mV_tf"]
+    rows = _log(tmp_path / "mh.pt.jsonl")
+    assert [r["step"] for r in rows] == list(range(10, 151, 10))
+    assert rows[-1]["val_rmse_mV_cl"] and rows[4]["val_rmse_mV_tf"] and "val_rmse_mV_tf" not in rows[0]
     first, end = (sum(float(r["loss_v"]) for r in rs) / 3 for rs in (rows[:3], rows[-3:]))
     assert end < 0.6 * first                                           # it learns
     assert load_checkpoint(tmp_path / "mh.pt.last")["train_state"]["step"] == 150
     # a second run with the same --out has nothing left to do
     summary = train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
-                                "--steps", "150", "--batch", "4", "--window-ms", "100", "--lr", "3e-3",
-                                "--no-progress"]))
+                                "--steps", "150", "--batch", "4", *SHORT, "--lr", "3e-3",
+                                "--no-progress", "--set", "feedback=true"]))
     assert summary["steps_done"] == 150 and summary["resumed_from"] == 150
 
 
 def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
     # dropout, LBTW, the rollout loss and feedback noise all draw on state that must survive the restart
     extra = ["--steps", "12", "--save-every", "4", "--eval-every", "0", "--val-windows", "2", "--lbtw-alpha", "0.5",
-             "--rollout", "2", "--rollout-p", "0.7", "--fb-noise", "0.05", "--set", "dropout=0.1", "--imem"]
+             "--rollout", "2", "--rollout-p", "0.7", "--fb-noise", "0.05", "--set", "dropout=0.1", "--imem",
+             "--set", "feedback=true"]
     whole = train(_args(tmp_path / "a.pt", *extra))
     assert whole["steps_done"] == 12
     part = train(_args(tmp_path / "b.pt", *extra, "--stop-after", "5"))
@@ -73,18 +83,16 @@ def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
     a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
-    with open(tmp_path / "b.pt.csv") as f:
-        steps = [int(r["step"]) for r in csv.DictReader(f)]
-    assert steps == [5, 10, 12]                                        # no duplicated rows after resuming
+    assert [r["step"] for r in _log(tmp_path / "b.pt.jsonl")] == [5, 10, 12]   # no duplicated rows                                        # no duplicated rows after resuming
 
 
 def test_resume_refuses_a_different_model(tmp_path):
     train(_args(tmp_path / "c.pt", "--steps", "3", "--stop-after", "2", "--eval-every", "0"))
     with pytest.raises(CheckpointError, match="was written for arch 'mmoeex'.*pass --restart"):
         train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(tmp_path / "c.pt"),
-                          "--steps", "3", "--batch", "4", "--window-ms", "100", "--no-progress"]))
+                          "--steps", "3", "--batch", "4", *SHORT, "--no-progress"]))
     summary = train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out",
-                                str(tmp_path / "c.pt"), "--steps", "3", "--batch", "4", "--window-ms", "100",
+                                str(tmp_path / "c.pt"), "--steps", "3", "--batch", "4", *SHORT,
                                 "--no-progress", "--restart", "--val-windows", "2"]))
     assert summary["resumed_from"] == 0 and summary["steps_done"] == 3
 
@@ -93,7 +101,7 @@ def test_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     """A real interruption: SIGKILL the training process after its first save, then run it again."""
     out = tmp_path / "k.pt"
     cmd = [sys.executable, "-m", "lfdeep_neuron.cli", "train", "--data", DATA, "--arch", "mh", "--config", "tiny",
-           "--out", str(out), "--steps", "3000", "--batch", "4", "--window-ms", "100", "--save-every", "25",
+           "--out", str(out), "--steps", "3000", "--batch", "4", *SHORT, "--save-every", "25",
            "--eval-every", "0", "--val-windows", "2", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -124,7 +132,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "lfdeep_neuron.cli", "train", "--data", DATA,
            "--arch", "mmoe", "--config", "tiny", "--out", str(out), "--steps", "6", "--batch", "2",
-           "--window-ms", "100", "--save-every", "3", "--eval-every", "0", "--val-windows", "2", "--no-progress"]
+           *SHORT, "--save-every", "3", "--eval-every", "0", "--val-windows", "2", "--no-progress"]
     res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
@@ -170,3 +178,97 @@ def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path):
     assert meta["provenance"]["steps"] == done and meta["metrics"]["stopped_by_time_limit"] == 1.0
     assert 0 < meta["metrics"]["val_rmse_mV_cl"] < 50
     assert load_checkpoint(tmp_path / "t.pt.last")["train_state"]["step"] == done
+
+
+def test_time_limited_runs_resume_to_the_uninterrupted_result(tmp_path):
+    """Rerunning the same time-limited command until done ends where one uninterrupted run ends."""
+    extra = ["--steps", "14", "--save-every", "100", "--eval-every", "0", "--val-windows", "2",
+             "--set", "dropout=0.1", "--spike-balance", "0.5"]
+    whole = train(_args(tmp_path / "a.pt", *extra))
+    assert whole["steps_done"] == 14
+    starts = []
+    for _ in range(20):
+        s = train(_args(tmp_path / "b.pt", *extra, "--time-limit-min", "0.0001"))   # stops after every step
+        starts.append(s["resumed_from"])
+        if s["steps_done"] >= 14 and "stopped_by_time_limit" not in s["metrics"]:
+            break
+    assert starts[:3] == [0, 1, 2] and s["steps_done"] == 14
+    a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
+    assert b["provenance"]["steps"] == 14
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert load_checkpoint(tmp_path / "b.pt.last")["train_state"]["data_position"] == 14
+
+
+def test_recipes_build_and_flags_override_them(tmp_path):
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    assert {"bundled_mmoe_fast_local", "spike_lstm_mh", "spike_lstm_mmoe", "spike_lstm_mmoeex",
+            "spike_elm_mh"} <= set(names)
+    for name in names:
+        args = parse_args(["--recipe", name, "--data", DATA, "--out", str(tmp_path / "x.pt")])
+        assert args.arch in ("mh", "mmoe", "mmoeex") and args.steps >= 1000
+    bundled = parse_args(["--recipe", "bundled_mmoe_fast_local", "--data", DATA, "--out", "x.pt"])
+    ck = load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "l5pc_mmoe_fast_local_imem.pt")
+    old = ck["provenance"]["args"]                                     # how the bundled model was trained
+    for key in ("arch", "imem", "steps", "batch", "window_ms", "spike_balance", "lr", "spike_pos_weight"):
+        assert getattr(bundled, key) == old[key], key
+    assert bundled.skip_ms == 0 and bundled.soma_weight == 0 and bundled.model == {"feedback": False}
+    # flags beat the recipe, --set beats its [model] table
+    args = parse_args(["--recipe", "spike_lstm_mh", "--data", DATA, "--out", "x.pt", "--steps", "7",
+                       "--set", "channels=12"])
+    assert args.steps == 7 and args.model == {"channels": 12} and args.window_ms == 400
+    # a spike recipe trains end to end on the synthetic cell (sections = its segments)
+    out = tmp_path / "s.pt"
+    summary = train(parse_args(["--recipe", "spike_lstm_mmoe", "--data", DATA, "--out", str(out), "--steps", "6",
+                                *SHORT, "--batch", "2", "--val-windows", "2", "--no-progress",
+                                "--set", "channels=6", "--set", "compressor=3"]))
+    model = load_surrogate(out)
+    assert summary["steps_done"] == 6 and model.config.backbone == "lstm" and model.config.n_branches == 4
+    assert model.config.soma_clip_mV == -55.0 and not model.config.feedback
+    assert model.routing.target.tolist() == list(range(4)) + list(range(4, 8))   # one section per dendrite
+    assert "val_spike_auc" in summary["metrics"]
+
+
+def test_bad_recipes_and_data_are_one_line_input_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('arch = "mh"\nstpes = 3\n')
+    with pytest.raises(InputError, match=r"bad.toml: unknown recipe keys \['stpes'\]"):
+        parse_args(["--recipe", str(bad), "--data", DATA, "--out", "x.pt"])
+    bad.write_text('arch = "mh"\nsteps = \n')
+    with pytest.raises(InputError, match="bad.toml: not a valid TOML recipe"):
+        parse_args(["--recipe", str(bad), "--data", DATA, "--out", "x.pt"])
+    bad.write_text('arch = "mh"\nconfig = "tiny"\n[model]\nchanels = 3\n')
+    with pytest.raises(InputError, match=r"bad.toml: unknown config keys \['chanels'\]"):
+        train(parse_args(["--recipe", str(bad), "--data", DATA, "--out", str(tmp_path / "m.pt"), *SHORT]))
+    with pytest.raises(InputError, match="--recipe nosuch: no such file, nor a bundled recipe"):
+        parse_args(["--recipe", "nosuch", "--data", DATA, "--out", "x.pt"])
+    with pytest.raises(InputError, match=r"--arch is required \(or in the recipe\)"):
+        parse_args(["--data", DATA, "--out", "x.pt"])
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.mkdir()
+    for d, what in ((missing, "no such directory"), (empty, r"no simulation records \(\*.h5\) in this folder")):
+        with pytest.raises(InputError, match=f"--data {d}: {what}"):
+            train(parse_args(["--data", str(d), "--arch", "mh", "--out", str(tmp_path / "o" / "m.pt")]))
+    assert not (tmp_path / "o" / "m.pt").exists() and not (tmp_path / "o" / "m.pt.last").exists()
+    res = subprocess.run([sys.executable, "-m", "lfdeep_neuron.cli", "train", "--data", str(empty), "--arch", "mh",
+                          "--out", str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0 and "no simulation records" in res.stderr
+
+
+def test_windows_skip_the_start_and_soma_target_is_clipped():
+    from lfdeep_neuron.surrogate.synthetic import SyntheticDataset
+
+    sims = SyntheticDataset(None, "train", None, n_segments=5, n_sims=2, duration_ms=600, seed=1)
+    w = Windows(sims, 100, 50, skip_ms=500)
+    assert len(w) == 2 and w.index.tolist() == [[0, 500], [1, 500]]
+    item = w[1]
+    torch.testing.assert_close(item["v"], torch.from_numpy(sims.data["v"][1, :, 500:600]))
+    assert len(Windows(sims, 100, 50, skip_ms=0)) == 2 * 11
+    m = MMoE.from_config("tiny", n_segments=5, n_channels=8, soma_clip_mV=-55.0, feedback=False)
+    m.set_normalization(torch.full((5,), -65.0), torch.full((5,), 5.0))
+    b = {k: torch.stack([Windows(sims, 100, 50, 0)[i][k] for i in range(22)]) for k in ("x_syn", "v", "spike")}
+    assert b["v"][:, 0].max() > -55.0                                   # the synthetic soma spikes (+30 mV)
+    _, tgt = prepare_batch(m, b, "cpu")
+    torch.testing.assert_close(m.to_mV(tgt["v"])[:, 0], b["v"][:, 0, 1:].clamp_max(-55.0))
+    torch.testing.assert_close(m.to_mV(tgt["v"])[:, 1:], b["v"][:, 1:, 1:])   # other segments unclipped

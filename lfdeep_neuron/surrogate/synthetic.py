@@ -19,6 +19,8 @@ over (k-1, k] (nA, arbitrary scale), ``spike[k]`` = 1 when the soma fired in (k-
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -233,6 +235,21 @@ class SyntheticDataset(Dataset):
                 "v": torch.from_numpy(d["v"][i, :, sl].copy()),
                 "imem": torch.from_numpy(d["imem"][i, :, sl].copy()),
                 "spike": torch.from_numpy(d["spike"][i, sl].copy())}
+
+    # the simulation-source interface of SimulationDataset (``records``, ``read``), used by training
+    @property
+    def records(self) -> list:
+        """One entry per trial: ``index``, ``n_steps`` (ms), ``spike_times_ms`` (spike bins: ceil(t) = bin)."""
+        return [SimpleNamespace(index=i, n_steps=self.duration_ms,
+                                spike_times_ms=np.flatnonzero(self.data["spike"][i]).astype(np.float64))
+                for i in range(self.n_sims)]
+
+    def read(self, sim_pos: int, t0_ms: int, n_bins: int) -> dict:
+        """Bins ``[t0_ms, t0_ms + n_bins)`` of trial ``sim_pos`` as numpy arrays (``x_syn``, ``v``, ``imem``, ``spike``)."""
+        if t0_ms < 0 or t0_ms + n_bins > self.duration_ms:
+            raise IndexError(f"window [{t0_ms}, {t0_ms + n_bins}) outside the {self.duration_ms} ms of a trial")
+        sl = slice(t0_ms, t0_ms + n_bins)
+        return {k: self.data[k][sim_pos, ..., sl].copy() for k in ("x_syn", "v", "imem", "spike")}
 
     # whole trials, for closed-loop evaluation
     def simulation(self, i: int) -> dict:

@@ -1,125 +1,152 @@
 """Train an MH / MMoE / MMoEEx surrogate: ``lfdeep-neuron train``.
 
-    lfdeep-neuron train --data DIR --arch mmoe --config paper --out models/mmoe.pt --steps 20000
+    lfdeep-neuron train --recipe spike_lstm_mh --data DIR --out runs/mh.pt          # a bundled recipe
+    lfdeep-neuron train --recipe my.toml --data DIR --out CKPT --steps 500          # flags override it
     lfdeep-neuron train --data synthetic:segments=6 --arch mh --config tiny --out /tmp/mh.pt --steps 300
-    torchrun --nproc_per_node=4 -m lfdeep_neuron.cli train --data DIR ... --amp      # several GPUs
+    torchrun --nproc_per_node=4 -m lfdeep_neuron.cli train --recipe ... --amp        # several GPUs
+
+Recipes
+-------
+A recipe is a small TOML file: top-level keys are this command's options (``steps = 2200``, ``window_ms =
+400``, ...), the ``[model]`` table overrides entries of the named model configuration (``channels = [64]``).
+Precedence: built-in defaults < recipe < command-line flags (``--set KEY=VALUE`` over ``[model]``). Bundled
+recipes live in ``lfdeep_neuron/surrogate/recipes/`` (``--recipe NAME``); one reproduces the bundled model.
 
 What one step does
 ------------------
 A batch of windows ``x_syn [B, C, T]`` (raw channel values), ``v [B, S, T]`` (mV), ``spike [B, T]``
-(``imem [B, S, T]``) becomes the model input ``[x_syn[t], z(v[t-1])]`` for t = 1..T-1 and the targets
-``z(v[t])``, ``spike[t]`` (``z(imem[t])``): the feedback input of step t is the true voltage of step t-1
-(teacher forcing). Loss = mean over segments of the per-segment MSE of z-scored voltages
-+ ``spike_weight`` * BCE-with-logits of the spike task (``pos_weight`` for the rare positives)
-(+ ``imem_weight`` * mean per-segment MSE of z-scored currents). With ``--lbtw-alpha a > 0`` each task's
-weight is multiplied by ``(L_i / L_i(0)) ** a`` (loss-balanced task weighting; L_i(0) = the task's loss
-at the first step), renormalised to the same total weight.
+(``imem [B, S, T]``) becomes the model input ``x_syn[t]`` (+ ``z(v[t-1])`` for feedback models: teacher forcing)
+and the targets ``z(v[t])``, ``spike[t]`` (``z(imem[t])``) for t = 1..T-1. With ``config.soma_clip_mV`` the
+soma target is ``min(v_soma, clip)``: the spike lives in the spike output. Loss = mean over segments of the
+per-segment MSE of z-scored voltages + ``soma_weight`` * the soma's MSE + ``spike_weight`` * BCE-with-logits of
+the spike task (``spike_pos_weight``) (+ ``imem_weight`` * mean per-segment MSE of z-scored currents). The
+spike output's bias starts at the logit of the training data's spike probability per ms. ``lbtw_alpha > 0``:
+each task's weight times ``(L_i / L_i(0)) ** alpha`` (loss-balanced task weighting), renormalised.
 
-Closed-loop robustness (``--rollout K``): the model in eval mode is run K times without gradients, each
-time fed its own voltage predictions of the previous pass as feedback (probability ``--rollout-p`` per
-step, else the true voltage), and the final feedback sequence is trained on as a second half of the batch
-(weight ``--rollout-weight``): the model learns to correct errors that look like its own K-step errors
-(scheduled sampling / the "pushforward" trick). ``--fb-noise`` adds Gaussian noise (z units) to the
-teacher-forced feedback. Validation reports teacher-forced *and* closed-loop RMSE (mV), so the effect of
-these switches can be measured. Measured on the synthetic cell (MMoE, 1500 steps, whole 2-s test trials,
-closed-loop RMSE over all segments): teacher forcing only 6.9 / 11.7 mV (two seeds), ``--rollout 2``
-3.6 / 3.4 mV (teacher-forced RMSE 1.5 -> 2.0-2.4 mV), ``--rollout 4`` 3.6 mV, ``--rollout 2 --rollout-p 0.5``
-4.4 mV; hence the default ``--rollout 2`` (about 2x the cost of a teacher-forced step).
+Defaults are the regime that worked on real Hay data: no voltage feedback (feedback models diverged in closed
+loop), no rollout loss, 400-ms windows that skip each simulation's first 500 ms (the initial transient).
+For feedback models, ``rollout K`` runs the model K times on its own predictions and trains on the final
+feedback sequence as a second half of the batch (measured on the synthetic cell: closed-loop RMSE 6.9 / 11.7
+-> 3.6 / 3.4 mV); ``fb_noise`` adds Gaussian noise (z units) to the teacher-forced feedback.
 
-Robustness and bookkeeping: Adam with linear warm-up and cosine decay; gradient clipping; AMP (bf16, or
-fp16 with loss scaling) on CUDA with ``--amp``; DistributedDataParallel when started by ``torchrun``
-(``RANK``/``WORLD_SIZE`` set; NCCL on GPUs, gloo on CPU); ``CKPT.last`` written atomically every
-``--save-every`` steps (a full checkpoint plus optimizer/RNG/step) and picked up automatically by the
-next run with the same ``--out``; batches are a pure function of (seed, step, rank), so a resumed run
-reproduces the uninterrupted one; tqdm progress and a CSV log (``CKPT.csv``).
+Stopping and resuming
+---------------------
+``CKPT.last`` (model, optimiser, step, RNG states) is written atomically every ``save_every`` steps, at
+``stop_after`` and when ``time_limit_min`` runs out; rerunning the same command resumes from it. Batches are
+a pure function of (seed, step, rank) -- the step is the data position -- so a resumed run reproduces the
+uninterrupted one. ``CKPT`` itself is written at the end (and, usable but marked ``stopped_by_time_limit``,
+when time runs out). Progress: a tqdm bar (loss, last validation) and one JSON line per logged step in
+``CKPT.jsonl``. Adam with linear warm-up and cosine decay; gradient clipping; AMP on CUDA (``--amp``);
+DistributedDataParallel under ``torchrun``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib.metadata
+import json
 import math
 import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lfdeep_neuron.surrogate.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint)
+from lfdeep_neuron.errors import InputError
+from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, build_model
 from lfdeep_neuron.surrogate.stream import closed_loop
 
-__all__ = ["configure_parser", "run", "parse_args", "train", "open_datasets", "task_losses"]
+__all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
+           "task_losses", "prepare_batch", "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
+           "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV"]
 
-CSV_FIELDS = ["step", "lr", "loss", "loss_v", "loss_spike", "loss_imem", "loss_rollout", "val_loss_v_tf",
-              "val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl", "val_bce_spike_tf", "wall_s"]
+RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
+SOMA_CLIP_MV = -55.0    # soma voltages are compared clipped at this value (the NeuronIO convention)
+
+#: Built-in defaults of every option (a recipe and flags override them).
+DEFAULTS: dict = dict(
+    data=None, out=None, arch=None, config="paper", set=[], imem=False,
+    steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0,
+    lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
+    soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None, imem_weight=1.0, lbtw_alpha=0.0,
+    rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
+    device="auto", amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16, log_every=10,
+    stop_after=None, time_limit_min=None, restart=False, no_progress=False,
+)
+_FLAGS_ONLY = {"data", "out", "set", "restart", "stop_after", "no_progress", "device", "workers"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line
+# Command line and recipes
 # ---------------------------------------------------------------------------------------------------------
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    def add(group, flag, help, **kw):
+        dest = flag.lstrip("-").replace("-", "_")
+        default = DEFAULTS.get(dest)
+        shown = "" if default in (None, [], False) else f" (default {default})"
+        group.add_argument(flag, default=argparse.SUPPRESS, help=help + shown, **kw)
+
     g = p.add_argument_group("what to train")
-    g.add_argument("--data", required=True,
-                   help="data directory (SimulationDataset), or 'synthetic[:segments=6,sims=8,duration=2000,seed=0]'")
-    g.add_argument("--arch", required=True, choices=sorted(ARCHS))
-    g.add_argument("--config", default="paper", choices=sorted(CONFIGS), help="named model configuration")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry, e.g. --set channels=64,32,16 --set n_experts=8")
-    g.add_argument("--imem", action="store_true", help="add bin-mean membrane currents as tasks (for LFP)")
-    g.add_argument("--out", required=True, help="checkpoint path (CKPT); CKPT.last and CKPT.csv next to it")
+    add(g, "--recipe", "recipe file (TOML), or the name of one in lfdeep_neuron/surrogate/recipes/")
+    add(g, "--data", "data directory (sim_*.h5 of `generate`), or "
+                     "'synthetic[:segments=6,sims=8,duration=2000,seed=0]'")
+    add(g, "--out", "checkpoint path CKPT; CKPT.last and CKPT.jsonl are written next to it")
+    add(g, "--arch", "architecture", choices=sorted(ARCHS))
+    add(g, "--config", "named model configuration", choices=sorted(CONFIGS))
+    add(g, "--set", "override a model config entry, e.g. --set channels=64 (repeatable)", action="append",
+        metavar="KEY=VALUE")
+    add(g, "--imem", "add bin-mean membrane currents as tasks (for the LFP)", action="store_const", const=True)
+    g = p.add_argument_group("data windows")
+    add(g, "--window-ms", "training window length (ms = steps)", type=int)
+    add(g, "--stride-ms", "spacing of training windows (default window/2)", type=int)
+    add(g, "--skip-ms", "leave out each simulation's first ms (initial transient)", type=int)
+    add(g, "--warmup-ms", "steps at the start of each window left out of the loss", type=int)
+    add(g, "--spike-balance", "oversample windows holding a somatic spike to this fraction", type=float)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=5000)
-    g.add_argument("--batch", type=int, default=16, help="windows per step (per process under torchrun)")
-    g.add_argument("--window-ms", type=int, default=300, help="training window length (ms = steps)")
-    g.add_argument("--stride-ms", type=int, default=None, help="spacing of training windows (default window/2)")
-    g.add_argument("--warmup-ms", type=int, default=0, help="steps at the start of each window left out of the loss")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--lr-warmup", type=int, default=None, help="linear LR warm-up steps (default min(200, steps/10))")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    g.add_argument("--spike-weight", type=float, default=1.0)
-    g.add_argument("--spike-pos-weight", default="auto",
-                   help="BCE pos_weight; 'auto' = sqrt(negatives/positives) estimated from the data, "
-                        "clipped to [1, 50]")
-    g.add_argument("--spike-balance", type=float, default=None,
-                   help="passed to the dataset: oversample windows with spikes to this fraction")
-    g.add_argument("--imem-weight", type=float, default=1.0)
-    g.add_argument("--lbtw-alpha", type=float, default=0.0, help="loss-balanced task weighting exponent (0: off)")
-    g = p.add_argument_group("closed-loop robustness")
-    g.add_argument("--rollout", type=int, default=2,
-                   help="K self-feedback passes for the rollout loss (0: off = pure teacher forcing, as the paper)")
-    g.add_argument("--rollout-p", type=float, default=1.0, help="per-step probability of using the own prediction")
-    g.add_argument("--rollout-weight", type=float, default=1.0)
-    g.add_argument("--fb-noise", type=float, default=0.0, help="Gaussian noise (z units) on teacher-forced feedback")
+    add(g, "--steps", "total optimiser steps (the LR schedule spans them)", type=int)
+    add(g, "--batch", "windows per step (per process under torchrun)", type=int)
+    add(g, "--lr", "peak learning rate", type=float)
+    add(g, "--lr-warmup", "linear LR warm-up steps (default min(200, steps/10))", type=int)
+    add(g, "--weight-decay", "Adam weight decay", type=float)
+    add(g, "--clip", "gradient norm clip (0: off)", type=float)
+    add(g, "--soma-weight", "extra weight of the soma voltage MSE", type=float)
+    add(g, "--spike-weight", "weight of the spike BCE", type=float)
+    add(g, "--spike-pos-weight", "BCE pos_weight; 'auto' = sqrt(negatives/positives), clipped to [1, 50]")
+    add(g, "--imem-weight", "weight of the mean membrane-current MSE", type=float)
+    add(g, "--lbtw-alpha", "loss-balanced task weighting exponent (0: off)", type=float)
+    g = p.add_argument_group("feedback models only")
+    add(g, "--rollout", "K self-feedback passes for the rollout loss (0: off)", type=int)
+    add(g, "--rollout-p", "per-step probability of using the own prediction", type=float)
+    add(g, "--rollout-weight", "weight of the rollout half of the batch", type=float)
+    add(g, "--fb-noise", "Gaussian noise (z units) on teacher-forced feedback", type=float)
     g = p.add_argument_group("running")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 if supported, else fp16)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--save-every", type=int, default=200, help="write CKPT.last every N steps")
-    g.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: only at the end)")
-    g.add_argument("--val-windows", type=int, default=16, help="validation windows (closed loop: streamed)")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--stop-after", type=int, default=None,
-                   help="stop after N steps in this invocation (saving CKPT.last); a later run resumes")
-    g.add_argument("--time-limit-min", type=float, default=None,
-                   help="wall-clock budget of this invocation: stop there and write CKPT as final (the LR "
-                        "schedule still follows --steps, so size --steps to the budget)")
-    g.add_argument("--restart", action="store_true", help="ignore an existing CKPT.last")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
+    add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
+    add(g, "--workers", "DataLoader worker processes", type=int)
+    add(g, "--seed", "seed of initialisation and batches", type=int)
+    add(g, "--save-every", "write CKPT.last every N steps", type=int)
+    add(g, "--eval-every", "validate every N steps (0: only at the end)", type=int)
+    add(g, "--val-windows", "validation windows", type=int)
+    add(g, "--log-every", "log every N steps", type=int)
+    add(g, "--stop-after", "stop after N steps in this invocation (CKPT.last); a later run resumes", type=int)
+    add(g, "--time-limit-min", "wall-clock budget of this invocation: stop there, write CKPT.last (and a usable "
+                               "CKPT); the same command resumes", type=float)
+    add(g, "--restart", "ignore an existing CKPT.last", action="store_const", const=True)
+    add(g, "--no-progress", "no tqdm bar", action="store_const", const=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Parse ``lfdeep-neuron train`` arguments (for scripts and tests)."""
+    """Parse ``lfdeep-neuron train`` arguments and resolve them against the recipe and the defaults."""
     p = argparse.ArgumentParser(prog="lfdeep-neuron train")
     configure_parser(p)
-    return p.parse_args(argv)
+    return resolve(p.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,9 +154,61 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------------------
+def _recipe_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if bundled.is_file():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+    raise InputError(f"--recipe {name}: no such file, nor a bundled recipe (bundled: {known})")
+
+
+def load_recipe(name: str) -> tuple[dict, dict, Path]:
+    """``(options, model overrides, path)`` of a recipe file (see the module docstring)."""
+    path = _recipe_path(name)
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not a valid TOML recipe ({err})") from err
+    model = recipe.pop("model", {})
+    if not isinstance(model, dict):
+        raise InputError(f"{path}: 'model' must be a table of model config entries ([model])")
+    bad = sorted(set(recipe) - (set(DEFAULTS) - _FLAGS_ONLY))
+    if bad:
+        raise InputError(f"{path}: unknown recipe keys {bad}; known: {sorted(set(DEFAULTS) - _FLAGS_ONLY)}")
+    return recipe, model, path
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults < recipe < flags; ``args.model`` = the model config overrides (recipe ``[model]`` < ``--set``)."""
+    if getattr(args, "_resolved", False):
+        return args
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    recipe, model, path = ({}, {}, None) if not given.get("recipe") else load_recipe(given["recipe"])
+    settings = {**DEFAULTS, **recipe, **given}
+    model = dict(model)
+    try:
+        model.update(_parse_kv(settings["set"] or [], "--set"))
+    except ValueError as err:
+        raise InputError(str(err)) from err
+    settings.update(model=model, recipe=str(path) if path else None)
+    for key in ("data", "out", "arch"):
+        if settings[key] is None:
+            where = " (or in the recipe)" if key == "arch" else ""
+            raise InputError(f"lfdeep-neuron train: --{key} is required{where}")
+    if settings["arch"] not in ARCHS:
+        raise InputError(f"{path or '--arch'}: unknown arch {settings['arch']!r}; expected one of {sorted(ARCHS)}")
+    if settings["config"] not in CONFIGS:
+        raise InputError(f"{path or '--config'}: unknown config {settings['config']!r}; known: {sorted(CONFIGS)}")
+    if int(settings["steps"]) < 1:
+        raise InputError(f"--steps must be >= 1, got {settings['steps']}")
+    out = argparse.Namespace(**settings)
+    out._resolved = True
+    return out
+
+
 def _parse_value(text: str):
     low = text.strip().lower()
     if low in ("true", "false"):
@@ -156,42 +235,84 @@ def _parse_kv(items, what: str) -> dict:
     return out
 
 
-def open_datasets(args) -> tuple:
-    """(train, val) datasets for ``args.data``: a SimulationDataset directory or a synthetic spec."""
-    window = args.window_ms
-    stride = args.stride_ms or max(1, window // 2)
+# ---------------------------------------------------------------------------------------------------------
+# Data: whole simulations, cut into windows here
+# ---------------------------------------------------------------------------------------------------------
+def open_data(args) -> tuple:
+    """(train, val) simulation sources for ``args.data``: each has ``records`` (``n_steps``,
+    ``spike_times_ms`` per simulation), ``read(pos, t0_ms, n_bins)``, ``segments``, ``synapses``, ``stats``."""
     if str(args.data).startswith("synthetic"):
         from lfdeep_neuron.surrogate.synthetic import SyntheticDataset
         spec = str(args.data).partition(":")[2]
-        opts = _parse_kv([s for s in spec.split(",") if s], "--data synthetic")
+        try:
+            opts = _parse_kv([s for s in spec.split(",") if s], "--data synthetic")
+        except ValueError as err:
+            raise InputError(str(err)) from err
         names = {"segments": "n_segments", "sims": "n_sims", "duration": "duration_ms", "seed": "seed",
                  "cell_seed": "cell_seed"}
         bad = set(opts) - set(names)
         if bad:
-            raise ValueError(f"--data synthetic: unknown options {sorted(bad)}; known: {sorted(names)}")
+            raise InputError(f"--data synthetic: unknown options {sorted(bad)}; known: {sorted(names)}")
         kw = {names[k]: int(v) for k, v in opts.items()}
         kw.setdefault("seed", args.seed)
         val_kw = {**kw, "n_sims": max(2, kw.get("n_sims", 8) // 4)}
-        train_ds = SyntheticDataset(None, "train", window, stride, args.spike_balance, **kw)
-        val_ds = SyntheticDataset(None, "val", window, window, None, **val_kw)
-        return train_ds, val_ds
+        return SyntheticDataset(None, "train", None, **kw), SyntheticDataset(None, "val", None, **val_kw)
     root = Path(args.data)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {root}: no such directory")
-    try:
-        from lfdeep_neuron.data.dataset import SimulationDataset
-    except ImportError as err:
-        raise RuntimeError(f"cannot read {root}: lfdeep_neuron.data.dataset is not available ({err}); "
-                           "use --data synthetic for a dry run") from err
+    if not root.is_dir():
+        raise InputError(f"--data {root}: no such directory")
+    if not any(root.glob("*.h5")):
+        raise InputError(f"--data {root}: no simulation records (*.h5) in this folder; create them with "
+                         "`lfdeep-neuron generate`")
+    from lfdeep_neuron.data.dataset import SimulationDataset
+    from lfdeep_neuron.data.records import RecordFormatError
     fields = ("x_syn", "v", "spike") + (("imem",) if args.imem else ())
-    train_ds = SimulationDataset(root, split="train", window_ms=window, stride_ms=stride,
-                                 spike_balance=args.spike_balance, seed=args.seed, fields=fields)
-    val_ds = SimulationDataset(root, split="val", window_ms=window, stride_ms=window, seed=args.seed, fields=fields)
-    return train_ds, val_ds
+    try:
+        return tuple(SimulationDataset(root, split=split, window_ms=None, seed=args.seed, fields=fields)
+                     for split in ("train", "val"))
+    except (RecordFormatError, ValueError, FileNotFoundError) as err:
+        raise InputError(f"--data {root}: {err}") from err
+
+
+class Windows(torch.utils.data.Dataset):
+    """Windows ``[t0, t0 + window_ms)`` of every simulation of ``sims``, with ``t0 = skip_ms, skip_ms + stride_ms,
+    ...``; items are dicts of tensors (``x_syn``, ``v``, ``spike``, ``imem`` as ``sims.read`` gives them).
+
+    ``spike_balance`` (0..1): windows holding a somatic spike are repeated until about that fraction of the
+    index holds one (a fixed index: the sampler's draws are what vary)."""
+
+    def __init__(self, sims, window_ms: int, stride_ms: int, skip_ms: int = 0, spike_balance: float | None = None):
+        self.sims, self.window_ms = sims, int(window_ms)
+        self.segments, self.synapses = sims.segments, sims.synapses
+        rows, spiking = [], []
+        for pos, rec in enumerate(sims.records):
+            starts = np.arange(int(skip_ms), int(rec.n_steps) - self.window_ms + 1, int(stride_ms))
+            bins = np.sort(np.ceil(np.asarray(rec.spike_times_ms, dtype=np.float64)).astype(np.int64))
+            n_in = np.searchsorted(bins, starts + self.window_ms) - np.searchsorted(bins, starts)
+            rows.append(np.stack([np.full(starts.size, pos), starts], axis=1))
+            spiking.append(n_in > 0)
+        self.index = np.concatenate(rows) if rows else np.zeros((0, 2), np.int64)
+        has = np.concatenate(spiking) if spiking else np.zeros(0, bool)
+        if spike_balance is not None and 0 < has.sum() < has.size:
+            f = float(spike_balance)
+            reps = max(1, int(round(f / max(1e-9, 1 - f) * (~has).sum() / has.sum())))
+            self.index = np.concatenate([self.index[~has], np.repeat(self.index[has], reps, axis=0)])
+            has = np.concatenate([np.zeros((~has).sum(), bool), np.ones(has.sum() * reps, bool)])
+        self.spiking_fraction = float(has.mean()) if has.size else 0.0
+
+    @property
+    def stats(self) -> dict:
+        return self.sims.stats
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        pos, t0 = (int(v) for v in self.index[i])
+        return {k: torch.as_tensor(v) for k, v in self.sims.read(pos, t0, self.window_ms).items()}
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Random batches that are a pure function of (seed, step, rank): resuming reproduces them."""
+    """Random batches that are a pure function of (seed, step, rank): resuming at a step reproduces them."""
 
     def __init__(self, n: int, batch: int, start: int, stop: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch, self.start, self.stop = n, batch, start, stop
@@ -206,22 +327,71 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield torch.randint(self.n, (self.batch,), generator=g).tolist()
 
 
-def _estimate_spike_fraction(ds, n: int = 64, seed: int = 0) -> float:
+def _spike_probability(train_ds, n: int = 64, seed: int = 0) -> float:
+    """Mean of the per-ms spike label over up to ``n`` training windows."""
     g = np.random.default_rng(seed)
-    idx = g.choice(len(ds), size=min(n, len(ds)), replace=False)
-    spikes = [ds[int(i)]["spike"].float() for i in idx]
-    return float(torch.cat(spikes).mean())
+    idx = g.choice(len(train_ds), size=min(n, len(train_ds)), replace=False)
+    return float(torch.cat([train_ds[int(i)]["spike"].float() for i in idx]).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------
+def build(args, train_ds) -> Surrogate:
+    """The model of ``args`` (arch, config, model overrides) sized for the data, with its normalisation."""
+    from lfdeep_neuron.surrogate.routing import section_branches
+
+    segments, synapses = train_ds.segments, train_ds.synapses
+    over = {"feedback": False, **args.model}           # no feedback unless asked for
+    for key, value in (("n_segments", len(segments["name"])), ("n_channels", len(synapses["syn_idx"]))):
+        if key in over and over[key] != value:
+            raise InputError(f"model setting {key}={over[key]} but the data have {value}")
+        over[key] = value
+    if args.imem:
+        over["imem_tasks"] = True
+    routed = over.get("n_branches", CONFIGS[args.config].get("n_branches", 0))
+    if routed:
+        branch, kind, over["n_branches"] = section_branches(segments, synapses)
+    try:
+        model = build_model(args.arch, args.config, **over)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{args.recipe or 'model settings'}: {err}") from err
+    if model.routing is not None:
+        model.routing.set_branches(branch, kind)
+    if model.n_local:
+        _check_local_channels(model, synapses)
+    s = train_ds.stats
+    model.set_normalization(s["v_mean"], s["v_std"], s.get("v0"), s.get("imem_mean"), s.get("imem_std"))
+    return model
+
+
+def _check_local_channels(model: Surrogate, synapses: dict) -> None:
+    """A model with ``local_taus`` assumes the channel layout of ARCHITECTURE.md; the data must have it."""
+    seg = np.asarray(synapses["seg_idx"]).astype(np.int64)
+    typ = np.asarray(synapses["type"]).astype(np.int64)
+    chan = model.local_channels.cpu().numpy()                       # [S, 2]
+    got = np.full_like(chan, model.n_channels)
+    got[seg, typ] = np.arange(len(seg))
+    if not np.array_equal(got, chan):
+        raise InputError("local_taus: the data's synapse table (synapses/seg_idx, type) does not follow the "
+                         "channel layout (channel c < n: excitatory on segment c + 1, n + c its inhibitory "
+                         "partner) that the local features assume")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------------
 def prepare_batch(model: Surrogate, batch: dict, device) -> tuple[torch.Tensor, dict]:
-    """Window dict -> (teacher-forced input ``[B, n_inputs, T-1]``, targets dict of z-scored tensors)."""
+    """Window dict -> (model input ``[B, n_inputs, T-1]``, targets dict of z-scored tensors). With
+    ``config.soma_clip_mV`` the soma target is clipped there (the feedback input is not)."""
     x_syn = batch["x_syn"].to(device, non_blocking=True)
     v = batch["v"].to(device, non_blocking=True)
     x = model.make_inputs(x_syn[..., 1:], v[..., :-1])
-    tgt = {"v": model.to_z(v[..., 1:]), "spike": batch["spike"].to(device)[..., 1:].float()}
+    v_tgt = v[..., 1:]
+    clip = model.config.soma_clip_mV
+    if clip is not None:
+        v_tgt = torch.cat([v_tgt[:, :1].clamp_max(clip), v_tgt[:, 1:]], dim=1)
+    tgt = {"v": model.to_z(v_tgt), "spike": batch["spike"].to(device)[..., 1:].float()}
     if model.config.imem_tasks:
         tgt["imem"] = model.imem_to_z(batch["imem"].to(device)[..., 1:])
     return x, tgt
@@ -243,10 +413,14 @@ def task_losses(model: Surrogate, y: torch.Tensor, tgt: dict, warmup: int = 0,
     return torch.cat(parts)
 
 
-def base_task_weights(model: Surrogate, spike_weight: float, imem_weight: float) -> torch.Tensor:
-    """Weights that make the total = mean voltage MSE + spike_weight * BCE (+ imem_weight * mean imem MSE)."""
+def base_task_weights(model: Surrogate, spike_weight: float, imem_weight: float,
+                      soma_weight: float = 0.0) -> torch.Tensor:
+    """Weights making the total = mean voltage MSE + soma_weight * soma MSE + spike_weight * BCE
+    (+ imem_weight * mean imem MSE)."""
     S = model.n_segments
-    w = [torch.full((S,), 1.0 / S), torch.tensor([spike_weight])]
+    wv = torch.full((S,), 1.0 / S)
+    wv[0] += soma_weight
+    w = [wv, torch.tensor([spike_weight])]
     if model.config.imem_tasks:
         w.append(torch.full((S,), imem_weight / S))
     return torch.cat(w)
@@ -276,46 +450,75 @@ def with_own_feedback(model: Surrogate, x: torch.Tensor, v_pred_z: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(model: Surrogate, val_ds, n_windows: int, device, warmup: int = 0, batch: int = 16) -> dict:
-    """Teacher-forced and closed-loop errors on ``n_windows`` evenly spaced validation windows.
+    """Errors on ``n_windows`` evenly spaced validation windows (after ``warmup`` steps of each).
 
-    Closed loop: streamed from the window's first sample (the true voltage at the window start is the
-    initial feedback), the model's own predictions fed back afterwards. RMSE in mV over all segments and
-    steps (after ``warmup``), and at the soma (segment 0).
-    """
+    Voltages in mV: RMSE over all segments, teacher-forced (``_tf``) and closed loop (``_cl``: streamed from
+    the window's first true voltage, own predictions fed back; for models without feedback the same as
+    teacher-forced), the soma's closed-loop RMSE and its RMSE with both traces clipped at -55 mV; the spike
+    logit's AUC (per ms bin vs the spike label; NaN when the windows hold no spike)."""
+    from lfdeep_neuron.surrogate.metrics import spike_auc
+
     was_training = model.training
     model.eval()
     idx = np.unique(np.linspace(0, len(val_ds) - 1, num=min(n_windows, len(val_ds))).astype(int))
-    sq_tf = sq_cl = sq_soma = n_el = n_soma = 0.0
+    sq = {"tf": 0.0, "cl": 0.0, "soma": 0.0, "soma_clip": 0.0}
+    n_el = n_soma = 0
     lv_sum = bce_sum = 0.0
-    n_batches = 0
-    for start in range(0, len(idx), batch):
+    logits, labels = [], []
+    S = model.n_segments
+    for n_batches, start in enumerate(range(0, len(idx), batch), start=1):
         items = [val_ds[int(i)] for i in idx[start:start + batch]]
         b = {k: torch.stack([it[k] for it in items]) for k in items[0]}
         x, tgt = prepare_batch(model, b, device)
         y = model(x, all_tasks=True)
         losses = task_losses(model, y, tgt, warmup)
-        S = model.n_segments
         lv_sum += float(losses[:S].mean())
         bce_sum += float(losses[S])
-        n_batches += 1
         v_true = b["v"].to(device)[..., 1:][..., warmup:]
         v_tf = model.to_mV(y[:, :S])[..., warmup:]
-        pred = closed_loop(model, b["x_syn"].to(device)[..., 1:], v0_mV=b["v"].to(device)[..., 0], output="mV")
-        v_cl = pred.v[..., warmup:]
-        sq_tf += float((v_tf - v_true).pow(2).sum())
-        sq_cl += float((v_cl - v_true).pow(2).sum())
-        sq_soma += float((v_cl[:, 0] - v_true[:, 0]).pow(2).sum())
+        if model.config.feedback:
+            v_cl = closed_loop(model, b["x_syn"].to(device)[..., 1:], v0_mV=b["v"].to(device)[..., 0],
+                               output="mV").v[..., warmup:]
+        else:
+            v_cl = v_tf
+        sq["tf"] += float((v_tf - v_true).pow(2).sum())
+        sq["cl"] += float((v_cl - v_true).pow(2).sum())
+        sq["soma"] += float((v_cl[:, 0] - v_true[:, 0]).pow(2).sum())
+        sq["soma_clip"] += float((v_cl[:, 0].clamp_max(SOMA_CLIP_MV) - v_true[:, 0].clamp_max(SOMA_CLIP_MV))
+                                 .pow(2).sum())
         n_el += v_true.numel()
         n_soma += v_true[:, 0].numel()
+        logits.append(y[:, S, warmup:].float().cpu().reshape(-1))
+        labels.append(tgt["spike"][..., warmup:].cpu().reshape(-1))
     model.train(was_training)
+    lab = torch.cat(labels).numpy()
+    auc = float(spike_auc(torch.cat(logits).numpy(), lab)) if 0 < lab.sum() < lab.size else float("nan")
     return {"val_loss_v_tf": lv_sum / n_batches, "val_bce_spike_tf": bce_sum / n_batches,
-            "val_rmse_mV_tf": math.sqrt(sq_tf / n_el), "val_rmse_mV_cl": math.sqrt(sq_cl / n_el),
-            "val_soma_rmse_mV_cl": math.sqrt(sq_soma / n_soma)}
+            "val_rmse_mV_tf": math.sqrt(sq["tf"] / n_el), "val_rmse_mV_cl": math.sqrt(sq["cl"] / n_el),
+            "val_soma_rmse_mV_cl": math.sqrt(sq["soma"] / n_soma),
+            "val_soma_clip_rmse_mV_cl": math.sqrt(sq["soma_clip"] / n_soma), "val_spike_auc": auc}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Set-up helpers
+# Checkpoints, log, set-up helpers
 # ---------------------------------------------------------------------------------------------------------
+class JsonlLog:
+    """One JSON object per line; on resume, lines after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        keep = []
+        if path.exists() and resume_step > 0:
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip()
+                    and json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, row: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
 def _distributed() -> tuple[int, int, int]:
     """(rank, world, local_rank); initialises torch.distributed when started by torchrun."""
     env = os.environ
@@ -327,12 +530,21 @@ def _distributed() -> tuple[int, int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(env.get("LOCAL_RANK", 0))
 
 
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` OR-ed over all ranks (so that all of them leave the loop at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _device(arg: str, local_rank: int) -> torch.device:
     if arg == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     dev = torch.device(arg)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+        raise InputError("--device cuda requested but CUDA is not available")
     return dev
 
 
@@ -356,105 +568,80 @@ def _lr_at(step: int, args) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _config_overrides(args, train_ds) -> dict:
-    S, C = len(train_ds.segments["name"]), len(train_ds.synapses["syn_idx"])
-    over = _parse_kv(args.set, "--set")
-    for key, value in (("n_segments", S), ("n_channels", C)):
-        if key in over and over[key] != value:
-            raise ValueError(f"--set {key}={over[key]} but the data have {value}")
-        over[key] = value
-    if args.imem:
-        over["imem_tasks"] = True
-    return over
+def _rng_states(device, world: int) -> tuple:
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    if world > 1:   # every rank's RNG, so that each resumes its own stream
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (rng_cpu, rng_cuda))
+        rng_cpu, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered]
+    return rng_cpu, rng_cuda
 
 
-def _check_local_channels(model: Surrogate, synapses: dict) -> None:
-    """A model with ``local_taus`` assumes the channel layout of DESIGN.md; the data must have it."""
-    seg = np.asarray(synapses["seg_idx"]).astype(np.int64)
-    typ = np.asarray(synapses["type"]).astype(np.int64)
-    chan = model.local_channels.cpu().numpy()                       # [S, 2]
-    got = np.full_like(chan, model.n_channels)
-    got[seg, typ] = np.arange(len(seg))
-    if not np.array_equal(got, chan):
-        raise ValueError("local_taus: the data's synapse table (synapses/seg_idx, type) does not follow the "
-                         "channel layout of DESIGN.md (channel c < n: excitatory on segment c + 1, n + c its "
-                         "inhibitory partner) that the local features assume")
+def _restore_rng(state: dict, rank: int, device) -> None:
+    pick = lambda s: s[rank] if isinstance(s, list) else s  # noqa: E731
+    torch.set_rng_state(pick(state["rng_cpu"]))
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(pick(state["rng_cuda"]), device)
 
 
-class CsvLog:
-    """Append-only CSV; on resume, rows after the resumed step are dropped (they will be redone)."""
+def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
+    """Load ``CKPT.last`` into ``model``; return its ``train_state`` (None: start afresh)."""
+    if restart or not last.exists():
+        return None
+    ckpt = load_checkpoint(last)
+    if ckpt.get("arch") != model.arch or ckpt.get("config") != model.config.to_dict():
+        raise CheckpointError(f"{last} was written for arch {ckpt.get('arch')!r} with config "
+                              f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}; "
+                              "pass --restart to discard it or choose another --out")
+    model.load_state_dict(ckpt["state_dict"])
+    n = ckpt["normalization"]   # keep the normalisation the weights were trained with
+    model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+    return ckpt["train_state"]
 
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        rows = []
-        if path.exists() and resume_step > 0:
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
 
-    def write(self, row: dict) -> None:
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items() if k in CSV_FIELDS})
+def _spike_pos_weight(args, train_ds) -> tuple[float, float]:
+    """(BCE pos_weight, spike probability per ms of the training windows)."""
+    p = _spike_probability(train_ds, seed=args.seed)
+    if str(args.spike_pos_weight) == "auto":
+        return (float(np.clip(math.sqrt((1 - p) / p), 1.0, 50.0)) if p > 0 else 1.0), p
+    try:
+        return float(args.spike_pos_weight), p
+    except ValueError as err:
+        raise InputError(f"--spike-pos-weight must be a number or 'auto', got {args.spike_pos_weight!r}") from err
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
-def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
-    """``flag`` OR-ed over all ranks (so that all of them leave the loop at the same step)."""
-    if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     """Run (or resume) a training; returns a summary dict (final metrics, paths, steps done).
 
-    ``datasets`` = (train, val) overrides ``args.data`` (for scripts that build their own datasets).
+    ``datasets`` = (train, val) simulation sources (see :func:`open_data`) overriding ``args.data``.
     """
+    args = resolve(args)
     rank, world, local_rank = _distributed()
     device = _device(args.device, local_rank)
     main_proc = rank == 0
     out = Path(args.out)
-    last = out.with_name(out.name + ".last")
-    log_path = out.with_name(out.name + ".csv")
+    last, log_path = out.with_name(out.name + ".last"), out.with_name(out.name + ".jsonl")
     if main_proc:
         out.parent.mkdir(parents=True, exist_ok=True)
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     torch.manual_seed(args.seed + rank)
 
-    train_ds, val_ds = datasets if datasets is not None else open_datasets(args)
+    # -- data ---------------------------------------------------------------------------------------------
+    train_sims, val_sims = datasets if datasets is not None else open_data(args)
+    window = int(args.window_ms)
+    train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
+    val_ds = Windows(val_sims, window, window, args.skip_ms)
     if len(train_ds) == 0 or len(val_ds) == 0:
-        raise ValueError(f"empty dataset (train {len(train_ds)} windows, val {len(val_ds)}): "
-                         f"shorter --window-ms or more data needed")
-    model = build_model(args.arch, args.config, **_config_overrides(args, train_ds))
-    if model.n_local:
-        _check_local_channels(model, train_ds.synapses)
-    stats = train_ds.stats
-    model.set_normalization(stats["v_mean"], stats["v_std"], stats.get("v0"), stats.get("imem_mean"),
-                            stats.get("imem_std"))
-    model.to(device)
+        raise InputError(f"--data {args.data}: no {window}-ms windows after skipping {args.skip_ms} ms (train "
+                         f"{len(train_ds)}, val {len(val_ds)}): shorter --window-ms / --skip-ms or longer "
+                         "simulations needed")
 
-    # -- resume or start ------------------------------------------------------------------------------------
-    state = None
-    if last.exists() and not args.restart:
-        ckpt = load_checkpoint(last)
-        if ckpt.get("arch") != model.arch or ckpt.get("config") != model.config.to_dict():
-            raise CheckpointError(f"{last} was written for arch {ckpt.get('arch')!r} with config "
-                                  f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}; "
-                                  "pass --restart to discard it or choose another --out")
-        model.load_state_dict(ckpt["state_dict"])
-        norm = ckpt["normalization"]   # keep the normalisation the weights were trained with
-        model.set_normalization(norm["v_mean"], norm["v_std"], norm.get("v_rest"), norm.get("imem_mean"),
-                                norm.get("imem_std"))
-        state = ckpt["train_state"]
+    # -- model (fresh, or resumed from CKPT.last) ---------------------------------------------------------
+    model = build(args, train_ds).to(device)
+    state = _resume(last, model, args.restart)
     start = int(state["step"]) if state else 0
     if state and start >= args.steps and out.exists():
         if main_proc:
@@ -462,91 +649,77 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         return {"steps_done": start, "out": str(out), "metrics": load_checkpoint(out).get("metrics", {}),
                 "resumed_from": start}
 
+    # -- optimiser, loss weights ------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
     use_amp = bool(args.amp and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    base_w = base_task_weights(model, args.spike_weight, args.imem_weight).to(device)
-
+    base_w = base_task_weights(model, args.spike_weight, args.imem_weight, args.soma_weight).to(device)
     if state:
         opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         pos_weight = state["pos_weight"].to(device)
         lbtw_l0 = state["lbtw_l0"].to(device) if state.get("lbtw_l0") is not None else None
-        torch.set_rng_state(state["rng_cpu"][rank] if isinstance(state["rng_cpu"], list) else state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"][rank] if isinstance(state["rng_cuda"], list)
-                                     else state["rng_cuda"], device)
+        _restore_rng(state, rank, device)
         wall0 = float(state.get("wall_s", 0.0))
     else:
-        if args.spike_pos_weight == "auto":
-            p = _estimate_spike_fraction(train_ds, seed=args.seed)
-            pw = float(np.clip(math.sqrt((1 - p) / p), 1.0, 50.0)) if p > 0 else 1.0
-        else:
-            pw, p = float(args.spike_pos_weight), None
+        pw, p = _spike_pos_weight(args, train_ds)
         pos_weight = torch.tensor(pw, device=device)
-        if p is not None and p > 0:   # start the spike tower at the (weighted) base rate
+        if 0 < p < 1:   # the spike output starts at the (pos-weighted) base rate
             with torch.no_grad():
                 model.towers.b2[model.n_segments] = math.log(p * pw / (1 - p))
-        lbtw_l0 = None
-        wall0 = 0.0
+        lbtw_l0, wall0 = None, 0.0
 
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=StepBatchSampler(len(train_ds), args.batch, start, stop, args.seed, rank, world),
         num_workers=args.workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed))   # own generator: the global RNG stays resumable
 
-    csv_log = CsvLog(log_path, start) if main_proc else None
-    provenance = {"data": str(args.data), "dataset": getattr(train_ds, "provenance", None),
-                  "neuron_version": (getattr(train_ds, "provenance", None) or {}).get("neuron_version"),
-                  "versions": _versions(), "arch": model.arch, "config_name": args.config,
-                  "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    # -- checkpoints and log ------------------------------------------------------------------------------
+    provenance = {"data": str(args.data), "dataset": getattr(train_sims, "provenance", None),
+                  "neuron_version": (getattr(train_sims, "provenance", None) or {}).get("neuron_version"),
+                  "versions": _versions(), "arch": model.arch, "config_name": args.config, "recipe": args.recipe,
+                  "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                           if not k.startswith("_")}}
+    t_start = time.time()
 
     def save(path: Path, step: int, metrics: dict, with_state: bool) -> None:
         extra = None
         if with_state:
-            rng_cpu = torch.get_rng_state()
-            rng_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-            if world > 1:   # every rank's RNG, so that each resumes its own stream
-                gathered = [None] * world
-                torch.distributed.all_gather_object(gathered, (rng_cpu, rng_cuda))
-                rng_cpu, rng_cuda = [g[0] for g in gathered], [g[1] for g in gathered]
+            rng_cpu, rng_cuda = _rng_states(device, world)
             extra = {"train_state": {
-                "step": step, "optimizer": opt.state_dict(),
+                "step": step, "data_position": step, "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "pos_weight": pos_weight.detach().cpu(), "lbtw_l0": None if lbtw_l0 is None else lbtw_l0.cpu(),
                 "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "wall_s": wall0 + time.time() - t_start}}
         if main_proc:
             save_checkpoint(path, model, segments=train_ds.segments, synapses=train_ds.synapses,
-                            dt_ms=float(getattr(train_ds, "dt_ms", 1.0)),
+                            dt_ms=float(getattr(train_sims, "dt_ms", 1.0)),
                             provenance={**provenance, "steps": step}, metrics=metrics, extra=extra)
 
-    if main_proc:
-        print(f"training {model.arch} ({args.config}): {model.num_parameters():,} parameters, receptive field "
-              f"{model.receptive_field} ms, {len(train_ds)} train / {len(val_ds)} val windows, device {device}, "
-              f"{world} process(es)" + (f", AMP {str(amp_dtype).split('.')[-1]}" if use_amp else "")
-              + (" (--amp ignored: no CUDA device)" if args.amp and not use_amp else "")
-              + (f"; resuming at step {start}" if start else ""))
+    log = JsonlLog(log_path, start) if main_proc else None
     bar = None
-    if main_proc and not args.no_progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=args.steps, initial=start, desc=f"train {model.arch}", unit="step", dynamic_ncols=True)
+    if main_proc:
+        rf = model.receptive_field
+        print(f"training {model.arch} ({args.config}{', ' + Path(args.recipe).name if args.recipe else ''}): "
+              f"{model.num_parameters():,} parameters, memory {'unbounded (recurrent)' if rf < 0 else f'{rf} ms'}, "
+              f"{len(train_ds)} train / {len(val_ds)} val windows of {window} ms, device {device}, "
+              f"{world} process(es)" + (f", AMP {str(amp_dtype).split('.')[-1]}" if use_amp else "")
+              + (f"; resuming at step {start}" if start else ""))
+        if not args.no_progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=args.steps, initial=start, desc=f"train {model.arch}", unit="step", dynamic_ncols=True)
 
-    t_start = time.time()
+    # -- the loop -----------------------------------------------------------------------------------------
     rollout = args.rollout > 0 and model.config.feedback   # without feedback there is nothing to roll out
     deadline = None if args.time_limit_min is None else t_start + 60.0 * args.time_limit_min
-    timed_out = False
+    timed_out, running, metrics, step = False, {}, {}, start
     model.train()
-    running = {}
-    step = start
-    metrics = {}
     for batch in loader:
         lr = _lr_at(step, args)
         for g in opt.param_groups:
@@ -574,8 +747,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         loss = (w * losses).sum()
         loss_ro = None
         if rollout:
-            losses_ro = task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)
-            loss_ro = (w * losses_ro).sum()
+            loss_ro = (w * task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)).sum()
             loss = loss + args.rollout_weight * loss_ro
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
@@ -588,20 +760,18 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         scaler.update()
         step += 1
 
+        # -- bookkeeping: log, validate, save ---------------------------------------------------------------
         S = model.n_segments
-        for k, v in (("loss", loss), ("loss_v", losses[:S].mean()), ("loss_spike", losses[S]),
-                     ("loss_imem", losses[S + 1:].mean() if model.config.imem_tasks else None),
-                     ("loss_rollout", loss_ro)):
+        for k, v in (("loss", loss), ("loss_v", losses[:S].mean()), ("loss_soma", losses[0]),
+                     ("loss_spike", losses[S]), ("loss_imem", losses[S + 1:].mean() if model.config.imem_tasks
+                                                 else None), ("loss_rollout", loss_ro)):
             if v is not None:
                 running.setdefault(k, []).append(float(v.detach()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
         if deadline is not None:
             timed_out = _any_rank(time.time() > deadline, world, device)
         is_eval = (args.eval_every and step % args.eval_every == 0) or step == args.steps or timed_out
         if main_proc and (step % args.log_every == 0 or is_eval or step == stop):
-            row = {"step": step, "lr": lr, "wall_s": wall0 + time.time() - t_start,
+            row = {"step": step, "lr": lr, "wall_s": round(wall0 + time.time() - t_start, 3),
                    **{k: float(np.mean(v)) for k, v in running.items()}}
             running = {}
             if is_eval:
@@ -609,7 +779,13 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
                 row.update(metrics)
                 if bar is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-            csv_log.write(row)
+            log.write(row)
+        if bar is not None:
+            bar.update(1)
+            post = {"loss": f"{float(loss):.4f}"}
+            if metrics:
+                post.update(auc=f"{metrics['val_spike_auc']:.3f}", soma=f"{metrics['val_soma_clip_rmse_mV_cl']:.2f}mV")
+            bar.set_postfix(post)
         if step % args.save_every == 0 or step == stop or timed_out:
             save(last, step, metrics, with_state=True)
         if world > 1 and is_eval:
@@ -619,15 +795,17 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     if bar is not None:
         bar.close()
 
+    # -- the final checkpoint ---------------------------------------------------------------------------
     summary = {"steps_done": step, "resumed_from": start, "out": str(out), "last": str(last),
                "log": str(log_path), "metrics": metrics}
     if timed_out and main_proc:
-        print(f"time limit of {args.time_limit_min} min reached at step {step} of {args.steps}")
+        print(f"time limit of {args.time_limit_min} min reached at step {step} of {args.steps}; "
+              f"{last} holds the state: the same command resumes")
     if step >= args.steps or timed_out:
         if not metrics and main_proc:   # e.g. resumed exactly at the end: nothing was validated in this run
             metrics = validate(model, val_ds, args.val_windows, device, args.warmup_ms)
         final = {**metrics, "steps": step, "wall_s": wall0 + time.time() - t_start,
-                 **({"stopped_by_time_limit": 1.0} if timed_out else {})}
+                 **({"stopped_by_time_limit": 1.0} if timed_out and step < args.steps else {})}
         save(out, step, final, with_state=False)
         summary["metrics"] = final
         if main_proc:
@@ -639,3 +817,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         torch.distributed.destroy_process_group()
     return summary
 
+
+# A namespace with every option at its default (for scripts): ``train(defaults(data=..., out=..., arch=...))``.
+def defaults(**options) -> argparse.Namespace:
+    """Settings from the built-in defaults and ``options`` (recipe not applied unless ``recipe=`` is given)."""
+    return resolve(SimpleNamespace(**options))
