@@ -194,11 +194,11 @@ def _model(spec):
     if spec in _MODELS:
         return _MODELS[spec]
     if str(spec).startswith("model:"):
-        raise ValueError(f"surrogate model {spec!r} is not registered in this process: call "
+        raise InputError(f"surrogate model {spec!r} is not registered in this process: call "
                          "surrogate_cell_params(model) (or register_model) in every rank's script")
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"surrogate checkpoint {str(path)!r} not found")
+        raise InputError(f"surrogate checkpoint {str(path)!r} not found")
     from lfdeep_neuron.surrogate.checkpoint import load_surrogate
 
     model = load_surrogate(path)
@@ -230,7 +230,6 @@ def surrogate_cell_params(model, *, spike_threshold: float | None = None, device
 
     Calls :func:`install`, so NetPyNE creates :class:`SurrogateCompartCell` cells for this rule.
     """
-    install()
     if isinstance(model, (str, Path)):
         key = str(Path(model).resolve())
         obj = _model(key)
@@ -238,12 +237,13 @@ def surrogate_cell_params(model, *, spike_threshold: float | None = None, device
         key = next((k for k, m in _MODELS.items() if m is model), None) or register_model(model)
         obj = model
     if dtype not in (None, "float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+        raise InputError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
     table = (getattr(obj, "meta", None) or {}).get("segments")
     if table is None:
-        raise ValueError("the surrogate carries no segment table (model.meta['segments']); load it with "
+        raise InputError("the surrogate carries no segment table (model.meta['segments']); load it with "
                          "load_surrogate or set model.meta = dict(segments=..., synapses=..., dt_ms=...)")
     secs, lists = _secs_from_table(table)
+    install()
     return {"cellModel": "SurrogateL5PC", "secs": secs, "secLists": lists,
             "surrogate": {"model": key, "spike_threshold": None if spike_threshold is None else float(spike_threshold),
                           "device": None if device is None else str(device), "dtype": dtype,
@@ -259,10 +259,10 @@ def hay_cell_params(morphology) -> dict:
     """
     from lfdeep_neuron.hay import HayL5PC
 
-    install()
     path = Path(morphology)
     if not path.is_file():
-        raise FileNotFoundError(f"Hay morphology {str(path)!r} not found")
+        raise InputError(f"Hay morphology {str(path)!r} not found")
+    install()
     cell = HayL5PC(path, synapses=False)
     table = cell.segment_table()
     del cell
@@ -317,9 +317,9 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
         (default): currents when the model predicts them, else voltages.
     """
     if source not in ("auto", "currents", "voltages"):
-        raise ValueError(f"source must be 'auto', 'currents' or 'voltages', got {source!r}")
+        raise InputError(f"source must be 'auto', 'currents' or 'voltages', got {source!r}")
     if method not in ("linesource", "pointsource"):
-        raise ValueError(f"method must be 'linesource' or 'pointsource', got {method!r}")
+        raise InputError(f"method must be 'linesource' or 'pointsource', got {method!r}")
     spec = {"electrodes_um": None if electrodes_um is None else np.asarray(electrodes_um, float).tolist(),
             "sigma_S_per_m": float(sigma_S_per_m), "method": method,
             "pops": None if pops is None else list(pops),
@@ -329,7 +329,7 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
     if spec["electrodes_um"] is not None:
         arr = np.asarray(spec["electrodes_um"])
         if arr.ndim != 2 or arr.shape[1] != 3 or len(arr) == 0:
-            raise ValueError(f"electrodes_um must be [E, 3] µm with E >= 1, got shape {arr.shape}")
+            raise InputError(f"electrodes_um must be [E, 3] µm with E >= 1, got shape {arr.shape}")
     simConfig.recordSurrogateLFP = spec
     return spec
 
