@@ -37,6 +37,13 @@ EXIT_BAD_INPUT = 2
 BAD_INPUT = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line too (``-h`` still prints the usage)."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def _command_in(argv: list[str]) -> str | None:
     """The subcommand named in ``argv`` (the first argument that is one), if any."""
     return next((a for a in argv if a in SUBCOMMANDS), None)
@@ -46,7 +53,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` gets its options (lazy imports)."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = _command_in(argv)
-    parser = argparse.ArgumentParser(prog="lfdeep-neuron", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lfdeep-neuron", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
