@@ -56,14 +56,14 @@ def mod_dir() -> Path:
     return d
 
 
-def mod_hash(directory: Path | None = None) -> str:
-    """SHA-256 (16 hex digits) over the names and contents of the mod files."""
+def mod_hash(directory: Path | None = None, files=None) -> str:
+    """SHA-256 (16 hex digits) over the names and contents of the mod files (or of ``files``)."""
     import neuron
 
     directory = directory or mod_dir()
     digest = hashlib.sha256()
     digest.update(f"neuron={neuron.__version__};arch={platform.machine()}".encode())
-    for f in sorted(directory.glob("*.mod")):
+    for f in sorted(directory.glob("*.mod") if files is None else files):
         digest.update(f.name.encode())
         digest.update(f.read_bytes())
     return digest.hexdigest()[:16]
@@ -121,7 +121,10 @@ def build(directory: Path | None = None, quiet: bool = True, coreneuron: bool = 
     few minutes) into a cache entry of their own.
     """
     directory = directory or mod_dir()
-    key = mod_hash(directory) + ("-coreneuron" if coreneuron else "")
+    if coreneuron:   # keyed by the files it compiles: editing a NEURON-only mod file does not rebuild it
+        key = mod_hash(directory, coreneuron_mod_files(directory)) + "-coreneuron"
+    else:
+        key = mod_hash(directory)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / key
