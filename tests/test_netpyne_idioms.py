@@ -154,7 +154,10 @@ def _hay_lfp_run(sim, morphology, fast_imem):
     net, cfg = _spec(hay_cell_params(morphology), conns=conns, n_cells=2, duration=20.0, lfp=True)
     net.rotateCellsRandomly = True
     cfg.use_fast_imem = fast_imem            # False (NetPyNE's default) turns it off before the run
-    sim.create(netParams=net, simConfig=cfg)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sim.create(netParams=net, simConfig=cfg)
+    assert not [w for w in got if "recordLFP" in str(w.message)]      # NetPyNE's recordLFP not set here
     cells = [c for c in sim.net.cells if c.tags["pop"] == "L5"]
     vecs = None
     if fast_imem:                            # independent: NEURON records every i_membrane_ at 0, 1, ... ms
@@ -182,6 +185,31 @@ def test_hay_population_lfp_from_i_membrane_in_netpyne_orientation(sim, morpholo
     _reset(sim)
     _, default, _ = _hay_lfp_run(sim, morphology, fast_imem=False)
     np.testing.assert_allclose(default["lfp_mV"], want, rtol=0, atol=1e-9 * np.abs(want).max())
+
+
+def test_netpyne_record_lfp_idiom_warns_and_lends_its_contacts(sim, tiny_ckpt):
+    """NetPyNE's own recordLFP sums only its exact CompartCell class (zeros for these cells): one warning,
+    and record_surrogate_lfp takes its contacts."""
+    from lfdeep_neuron.cosim.netpyne import UnhonouredParameterWarning, record_surrogate_lfp, surrogate_cell_params
+    from lfdeep_neuron.cosim.netpyne import surrogate_lfp
+
+    net, cfg = _spec(surrogate_cell_params(tiny_ckpt, dtype="float64"), n_cells=2, duration=10.0,
+                     conns={"a": {"sec": "apical", "synMech": "exc", "weight": 3.0, "synsPerConn": 5}})
+    contacts = [[150.0, y, 150.0] for y in (-200.0, 400.0, 1000.0)]
+    cfg.recordLFP = contacts
+    cfg.recordStep = 1.0
+    record_surrogate_lfp(cfg, morphology=None)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        sim.create(netParams=net, simConfig=cfg)
+    ours = [w for w in got if issubclass(w.category, UnhonouredParameterWarning) and "recordLFP" in str(w.message)]
+    assert len(ours) == 1
+    sim.simulate()
+    lfp = surrogate_lfp(sim)
+    np.testing.assert_array_equal(lfp["electrodes_um"], contacts)
+    assert lfp["lfp_mV"].shape == (10, 3) and np.abs(lfp["lfp_mV"]).max() > 0
+    netpyne_lfp = np.asarray(sim.allSimData["LFP"])
+    assert netpyne_lfp.shape == (10, 3) and not netpyne_lfp.any()            # NetPyNE's: [T, E], zeros here
 
 
 def test_negative_and_non_finite_weights_into_a_surrogate(sim, tiny_ckpt):

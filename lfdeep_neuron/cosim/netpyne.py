@@ -70,8 +70,10 @@ and rotated as in the network) from their predicted voltages or currents; HayL5P
 :class:`~lfdeep_neuron.lfp.MembraneCurrentLFP` from NEURON's ``i_membrane_`` through the same
 electrode mapping. Each rank keeps its part in ``simData['surrogateLFP']['node<rank>:<source>']``;
 :func:`surrogate_lfp` sums them after NetPyNE's gather. Orientation ``[T, E]`` (time first), as
-NetPyNE's own ``sim.allSimData['LFP']`` (which still works for :class:`HayCompartCell`
-populations and skips surrogates, which have no sections).
+NetPyNE's own ``sim.allSimData['LFP']``. NetPyNE's ``simConfig.recordLFP`` itself sees no L5PC
+cell of either class (it sums only cells whose type is exactly its ``CompartCell``: its LFP of these
+populations is zero), so the glue warns once when it is set and :func:`record_surrogate_lfp` takes
+its contacts by default.
 
 Placement: a cell at NetPyNE position (x, y, z) µm has its soma centre there; the morphology keeps
 its file orientation (Hay cell: apical dendrite along +y), turned about y when
@@ -298,7 +300,8 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
     Parameters
     ----------
     electrodes_um : array [E, 3], optional
-        Contact positions (µm, network coordinates). Default: a 16-contact laminar probe along y,
+        Contact positions (µm, network coordinates). Default: ``simConfig.recordLFP`` when set (NetPyNE's
+        own LFP request, which does not see these cells), else a 16-contact laminar probe along y,
         100 µm apart from y = -300 µm, through the centre (sizeX/2, sizeZ/2) of the network.
     sigma_S_per_m, method : conductivity and LFPykit model ('linesource' or 'pointsource').
     pops : list of str, optional
@@ -320,6 +323,8 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
         raise InputError(f"source must be 'auto', 'currents' or 'voltages', got {source!r}")
     if method not in ("linesource", "pointsource"):
         raise InputError(f"method must be 'linesource' or 'pointsource', got {method!r}")
+    if electrodes_um is None and getattr(simConfig, "recordLFP", None):
+        electrodes_um = simConfig.recordLFP
     spec = {"electrodes_um": None if electrodes_um is None else np.asarray(electrodes_um, float).tolist(),
             "sigma_S_per_m": float(sigma_S_per_m), "method": method,
             "pops": None if pops is None else list(pops),
@@ -561,6 +566,7 @@ class SurrogateCompartCell(_L5PCCell, CompartCell):
         centre = np.asarray(self.engine.segments["xyz_mid"], np.float64)[0]
         pos, rot = _placement(self, centre)
         self.surrogate = SurrogateL5PC(engine=self.engine, position_um=pos, rotation=rot)
+        _warn_netpyne_lfp()
         _setup_lfp_sink(self.engine)
 
     def associateGid(self, threshold=None):
@@ -640,6 +646,7 @@ class HayCompartCell(_L5PCCell, CompartCell):
         for key in self.secs:
             self.secs[key]["hObj"] = cell.section(_canonical(key))
             self._sec_names[str(id(self.secs[key]))] = key
+        _warn_netpyne_lfp()
         _setup_hay_lfp()
 
     def addSynMechNEURONObj(self, synMech, synMechLabel, synMechParams, sec, loc, preLoc=None):
@@ -769,6 +776,20 @@ def _trace_sink(engine) -> _TraceSink:
 # ---------------------------------------------------------------------------------------------
 # LFP of the L5PC populations (surrogate: engine sink; HayL5PC: i_membrane_)
 # ---------------------------------------------------------------------------------------------
+
+def _warn_netpyne_lfp() -> None:
+    """Once per network: NetPyNE's own recordLFP returns zeros for these cells."""
+    from netpyne import sim
+
+    warned = _net_store()["warned"]
+    if not getattr(sim.cfg, "recordLFP", None) or "recordLFP" in warned:
+        return
+    warned.add("recordLFP")
+    warnings.warn("simConfig.recordLFP does not see SurrogateL5PC / HayL5PC cells (NetPyNE sums only cells of "
+                  "its own CompartCell class, so their part of sim.allSimData['LFP'] is zero): call "
+                  "record_surrogate_lfp(simConfig) (it takes the recordLFP contacts) and read surrogate_lfp()",
+                  UnhonouredParameterWarning, stacklevel=3)
+
 
 def _lfp_electrodes(spec):
     from netpyne import sim
