@@ -143,7 +143,7 @@ def lfp_figure(path, lfp):
 
     keep = lfp["t_ms"] >= 5.0                                             # skip the start-up transient
     t, xyz = lfp["t_ms"][keep], lfp["electrodes_um"]
-    raw = lfp["lfp_mV"][:, keep] * 1e3                                    # µV
+    raw = lfp["lfp_mV"][keep].T * 1e3                                     # [E, T] µV (lfp_mV is [T, E])
     dc = raw.mean(axis=1)
     phi = raw - dc[:, None]                                               # fluctuations around the time mean
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 5), gridspec_kw={"width_ratios": [1.3, 1, 0.45]})
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
               f"({l5.sum() / args.n_cells / args.tstop * 1e3:.1f} Hz)")
         lfp = None if args.hay else surrogate_lfp(sim)
         if lfp is not None:
-            rms = np.sqrt(np.mean((lfp["lfp_mV"] - lfp["lfp_mV"].mean(1, keepdims=True)) ** 2, axis=1)) * 1e3
+            rms = np.std(lfp["lfp_mV"], axis=0) * 1e3                    # per contact ([T, E])
             print("LFP RMS per contact (µV, y = -300 .. 1200 µm): " + " ".join(f"{r:.2f}" for r in rms))
             if args.out_dir and not args.no_figures:
                 lfp_figure(Path(args.out_dir) / "lfp.png", lfp)
