@@ -777,6 +777,14 @@ def _trace_sink(engine) -> _TraceSink:
 # LFP of the L5PC populations (surrogate: engine sink; HayL5PC: i_membrane_)
 # ---------------------------------------------------------------------------------------------
 
+def _fast_imem_guard() -> None:
+    """FInitializeHandler(0): no sections in this process -> fast_imem off (nothing to compute)."""
+    from neuron import h
+
+    if next(iter(h.allsec()), None) is None:
+        h.CVode().use_fast_imem(0)
+
+
 def _warn_netpyne_lfp() -> None:
     """Once per network: NetPyNE's own recordLFP returns zeros for these cells."""
     from netpyne import sim
@@ -785,6 +793,11 @@ def _warn_netpyne_lfp() -> None:
     if not getattr(sim.cfg, "recordLFP", None) or "recordLFP" in warned:
         return
     warned.add("recordLFP")
+    from neuron import h
+
+    # NEURON 9 aborts (assertion in nrn_calc_fast_imem) when fast_imem is on and the process has no
+    # section, as on a rank with surrogates only: NetPyNE's recordLFP turns it on, so turn it off there.
+    _net_store()["fast_imem_guard"] = h.FInitializeHandler(0, _fast_imem_guard)
     warnings.warn("simConfig.recordLFP does not see SurrogateL5PC / HayL5PC cells (NetPyNE sums only cells of "
                   "its own CompartCell class, so their part of sim.allSimData['LFP'] is zero): call "
                   "record_surrogate_lfp(simConfig) (it takes the recordLFP contacts) and read surrogate_lfp()",
