@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--archs", nargs="+", default=["mh", "mmoe", "mmoeex"])
     p.add_argument("--configs", nargs="+", default=["paper", "fast"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override for every model timed, e.g. --set channels=64 (repeatable)")
     p.add_argument("--n-cells", nargs="+", type=int, default=[1, 10, 100, 1000])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch CPU thread counts to time")
     p.add_argument("--device", nargs="+", default=["auto"], help="'auto' (cpu + cuda if present), cpu, cuda")
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
     import torch
 
     from lfdeep_neuron.surrogate.mtl import build_model
+    from lfdeep_neuron.surrogate.train import parse_overrides
+
+    overrides = parse_overrides(args.set, "--set")
 
     # -- NEURON -------------------------------------------------------------------------------------------
     torch.set_num_threads(1)
@@ -149,7 +154,7 @@ def main(argv=None) -> int:
     for config in args.configs:
         for arch in args.archs:
             torch.manual_seed(0)
-            model = build_model(arch, config).eval()
+            model = build_model(arch, config, **overrides).eval()
             n_par = model.num_parameters()
             for label, device, threads, cores in settings:
                 torch.set_num_threads(threads)

@@ -7,25 +7,32 @@ quantities is a *task* with its own tower; task order is ``[v_0 .. v_{S-1}, spik
 Architectures
 -------------
 ``MH`` (hard parameter sharing)
-    one TCN trunk shared by all tasks -> per-task tower.
+    one trunk shared by all tasks -> per-task tower.
 ``MMoE`` (multi-gate mixture of experts)
-    E TCN experts (run as one grouped TCN); a small *compressor* TCN reads the same input and feeds one
-    softmax gate per task (so gate parameters do not grow with the 1920-wide input); each task's tower reads
+    E experts (one grouped backbone); a small *compressor* backbone reads the same input and feeds one
+    softmax gate per task (so gate parameters do not grow with the input width); each task's tower reads
     its gate-weighted mixture of the experts.
 ``MMoEEx`` (MMoE with exclusivity)
     as MMoE, but a fixed random mask removes a subset of experts from each task's gate (probability
     ``exclusivity`` per task-expert pair, at least one expert kept per task); masked gate entries are exactly 0.
 
+Trunk, experts and compressor are :class:`~lfdeep_neuron.surrogate.backbone.Backbone` s named by
+``config.backbone``: ``"tcn"`` (causal TCN, the paper's), ``"lstm"``, ``"elm"`` (recurrent, O(1) state) or
+any registered one. Options for spiking (issue 11): ``n_branches`` routes the channels through the dendritic
+sections before the backbones (:mod:`~lfdeep_neuron.surrogate.routing`); ``direct_heads`` adds a linear path
+from the whole trunk (all experts) to the soma voltage and the spike logit; ``soma_clip_mV`` records that the
+soma task learns a clipped target.
+
 Local synaptic features (``config.local_taus``, ours, not in the paper): a tower reads the experts'
 mixture (or MH's trunk), which is 8 channels wide, so it cannot see *its own* segment's inputs, which
 dominate a dendritic segment's voltage (a local EPSP) and membrane current. With ``local_taus``, the
-first tower layer also reads 2K features of its segment: exponential traces (time constants
-``local_taus`` ms, fixed) of the segment's excitatory and inhibitory channel (channel layout of DESIGN.md).
-They cost O(C K) state per cell when streaming.
+first tower layer (linear towers: the output) also reads 2K features of its segment: exponential traces
+(time constants ``local_taus`` ms, fixed) of the segment's excitatory and inhibitory channel (the channel
+layout of ARCHITECTURE.md). They cost O(S K) state per cell when streaming.
 
 Towers are ``Linear(C, H) -> ELU -> Linear(H, 1)`` per task, stored as stacked weights ``[n_tasks, C, H]``
-and applied with batched matrix products over tasks (addmm / baddbmm / bmm); the gates of all tasks are one
-matmul and the expert mixture one bmm. There is no Python loop over tasks or experts.
+and applied with batched matrix products over tasks (addmm / baddbmm / bmm), or linear (width 0); the gates of
+all tasks are one matmul and the expert mixture one bmm. There is no Python loop over tasks or experts.
 
 Units and conventions (input and output)
 ----------------------------------------

@@ -65,7 +65,7 @@ from lfdeep_neuron.surrogate.stream import closed_loop
 
 __all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
            "task_losses", "prepare_batch", "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
-           "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV"]
+           "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV", "parse_overrides"]
 
 RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
 SOMA_CLIP_MV = -55.0    # soma voltages are compared clipped at this value (the NeuronIO convention)
@@ -190,7 +190,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     settings = {**DEFAULTS, **recipe, **given}
     model = dict(model)
     try:
-        model.update(_parse_kv(settings["set"] or [], "--set"))
+        model.update(parse_overrides(settings["set"] or [], "--set"))
     except ValueError as err:
         raise InputError(str(err)) from err
     settings.update(model=model, recipe=str(path) if path else None)
@@ -225,7 +225,8 @@ def _parse_value(text: str):
     return text
 
 
-def _parse_kv(items, what: str) -> dict:
+def parse_overrides(items, what: str) -> dict:
+    """``["channels=64", "feedback=false"]`` -> ``{"channels": 64, "feedback": False}`` (commas make tuples)."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -245,7 +246,7 @@ def open_data(args) -> tuple:
         from lfdeep_neuron.surrogate.synthetic import SyntheticDataset
         spec = str(args.data).partition(":")[2]
         try:
-            opts = _parse_kv([s for s in spec.split(",") if s], "--data synthetic")
+            opts = parse_overrides([s for s in spec.split(",") if s], "--data synthetic")
         except ValueError as err:
             raise InputError(str(err)) from err
         names = {"segments": "n_segments", "sims": "n_sims", "duration": "duration_ms", "seed": "seed",
