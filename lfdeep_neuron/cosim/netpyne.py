@@ -38,7 +38,7 @@ NetPyNE picks a cell class by ``cellModel`` with no hook for new ones, so :func:
 ``'HayL5PC'`` (idempotent; other cell models are untouched). Importing this module patches
 nothing: :func:`surrogate_cell_params` and :func:`hay_cell_params` call :func:`install` (and load
 our mechanisms, ``VecStim`` included); a script that loads a saved netParams instead calls
-``install()`` itself before ``sim.create``.
+``install()`` itself before ``sim.create`` (``installed()`` tells whether it was applied).
 
 Input checks (``lfdeep_neuron.errors.InputError``, one line naming the culprit):
 
