@@ -83,12 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         module = importlib.import_module(args._module)
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
     except BAD_INPUT as exc:
         if args.debug:
             raise
         print(f"lfdeep-neuron {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        code = EXIT_BAD_INPUT
+    if code != 0:       # under mpiexec: let mpiexec stop the other ranks instead of waiting for them
+        from lfdeep_neuron.parallel import mark_failed_exit
+
+        mark_failed_exit()
+    return code
 
 
 if __name__ == "__main__":

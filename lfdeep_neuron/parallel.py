@@ -28,15 +28,29 @@ import ``lfdeep_neuron`` to name ``SurrogateL5PC``. If NetPyNE has already
 counted its hosts before ``lfdeep_neuron`` was imported, no fix is possible in
 this process: :func:`check_netpyne_hosts` raises :class:`MPISetupError` saying
 what to do.
+
+Exit: NEURON initialises MPI but, unless the script ends with ``h.quit()``,
+never finalises it. A rank that leaves Python without ``MPI_Finalize`` makes
+the pip MPICH's ``mpiexec`` (hydra) kill every other rank at once: rank 0,
+still writing its figures or results after the last collective call (the
+usual ``if sim.rank == 0: ...`` ending of a NetPyNE script), is killed silently
+(exit status 0, file missing), and a rank still completing a collective may
+see the connection vanish and abort ("Please see the FAQ page"). The exit
+hook :func:`finalize_mpi_at_exit` therefore calls ``MPI_Finalize`` when the
+interpreter ends normally, so ``mpiexec`` waits for every rank. After an
+uncaught exception it does not (finalising could wait forever for ranks
+blocked in a collective): the job is torn down as before.
 """
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import sys
 from pathlib import Path
 
 __all__ = ["configure_mpi_env", "launched_under_mpi", "mpi_world_size", "prepare_mpi", "parallel_context",
-           "rank_size", "check_netpyne_hosts", "MPISetupError"]
+           "rank_size", "check_netpyne_hosts", "finalize_mpi_at_exit", "mark_failed_exit", "MPISetupError"]
 
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 _SIZE_ENV_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
@@ -91,6 +105,7 @@ def prepare_mpi() -> None:
     configure_mpi_env()
     if not launched_under_mpi():
         return
+    finalize_mpi_at_exit()
     if "neuron" in sys.modules or "hoc" in sys.modules:
         parallel_context()
         check_netpyne_hosts()
@@ -141,3 +156,52 @@ def check_netpyne_hosts() -> None:
             "sim.initialize()/sim.create() ran before NEURON's MPI was initialised. Import "
             "lfdeep_neuron (or lfdeep_neuron.cosim.netpyne) before calling sim.initialize/sim.create, "
             "or start the script with NEURON_INIT_MPI=1 in the environment.")
+
+
+_EXIT_HOOK = {"registered": False, "uncaught": False}
+
+
+def finalize_mpi_at_exit() -> None:
+    """Call ``MPI_Finalize`` when the interpreter ends normally (once; a no-op without MPI).
+
+    Registered by :func:`prepare_mpi` under ``mpiexec``. Skipped after an uncaught exception or
+    :func:`mark_failed_exit` (a finalised rank counts as done for ``mpiexec``, which would then
+    wait forever for ranks blocked in a collective; exiting without it lets ``mpiexec`` tear the
+    job down) and when MPI is not initialised or already finalised (``h.quit()``, mpi4py).
+    A script that stops one rank on an error should raise rather than ``sys.exit(code)``, or call
+    :func:`mark_failed_exit` first.
+    """
+    if _EXIT_HOOK["registered"]:
+        return
+    _EXIT_HOOK["registered"] = True
+    previous = sys.excepthook
+
+    def note_uncaught(exc_type, exc, tb):
+        _EXIT_HOOK["uncaught"] = True
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = note_uncaught
+    atexit.register(_finalize_mpi)
+
+
+def mark_failed_exit() -> None:
+    """This process is ending on an error: leave MPI unfinalised so that ``mpiexec`` stops the job."""
+    _EXIT_HOOK["uncaught"] = True
+
+
+def _finalize_mpi() -> None:
+    path = os.environ.get("MPI_LIB_NRN_PATH")
+    if _EXIT_HOOK["uncaught"] or not path:
+        return
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)     # the library NEURON loaded: same handle
+    except OSError:
+        return
+    flag = ctypes.c_int(0)
+    if lib.MPI_Initialized(ctypes.byref(flag)) != 0 or not flag.value:
+        return
+    if lib.MPI_Finalized(ctypes.byref(flag)) != 0 or flag.value:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    lib.MPI_Finalize()

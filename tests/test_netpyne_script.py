@@ -92,3 +92,39 @@ def test_netpyne_initialised_before_lfdeep_import_fails_with_one_clear_error(tmp
     assert proc.returncode != 0
     assert "MPISetupError: NetPyNE counted 1 host(s) but NEURON runs on 2 MPI ranks" in proc.stderr, proc.stderr[-3000:]
     assert "Import lfdeep_neuron" in proc.stderr
+
+
+EXIT_SCRIPT = """
+import sys, time
+import lfdeep_neuron
+from lfdeep_neuron.parallel import parallel_context
+pc = parallel_context()
+rank = int(pc.id())
+pc.barrier()                         # the last collective call
+if sys.argv[1] == "late-rank-0":     # rank 0 still works after rank 1 has left (plots, results)
+    if rank == 0:
+        time.sleep(2.0)
+        open("rank0_result.txt", "w").write("written after the other rank exited")
+elif sys.argv[1] == "raise" and rank == 1:
+    raise RuntimeError("an error on rank 1 only")
+elif sys.argv[1] == "raise" and rank == 0:
+    pc.barrier()                     # waits for rank 1, which never comes
+"""
+
+
+@pytest.mark.parametrize("mode", ["late-rank-0", "raise"])
+def test_mpi_exit_waits_for_every_rank_and_errors_still_stop_the_job(tmp_path, mode):
+    """Without MPI_Finalize at exit, mpiexec killed rank 0 (exit 0, result missing) as soon as rank 1
+    left Python: the flake of the NetPyNE example. An uncaught error on one rank must still end the job."""
+    if not MPIEXEC.exists():
+        pytest.skip(f"mpiexec not found next to {sys.executable} (pip install mpich)")
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, str(script), mode], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    if mode == "late-rank-0":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (tmp_path / "rank0_result.txt").is_file(), "rank 0 was killed before writing its result"
+    else:
+        assert proc.returncode != 0 and "an error on rank 1 only" in proc.stderr, proc.stderr[-2000:]
