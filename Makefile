@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`.
+# Two entry points (see README): `make demo` and `make test` (the whole suite, slow tests included:
+# wheel build and install, NetPyNE on 1 and 2 MPI ranks; `make test PYTEST_ARGS="-m 'not slow'"` skips them).
 # Both create the virtual environment if it is missing and install the package.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_OPTS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Keep a torch that is already importable (e.g. a CUDA build on a GPU machine,
