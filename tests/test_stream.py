@@ -269,3 +269,16 @@ def test_a_new_backbone_is_one_class_and_one_registration():
         BACKBONES.pop("test_ema")
     with pytest.raises(ValueError, match="unknown backbone 'test_ema'; registered: elm, lstm, tcn"):
         MH.from_config("tiny", backbone="test_ema")
+
+
+def test_spike_design_streams_in_float64_like_the_engine():
+    """The co-simulation engine may step in float64: the recurrent / routed design follows its float32 pass."""
+    m = _spike_model(MMoEEx, SPIKE_DESIGNS[3])
+    x = torch.rand(2, m.n_inputs, 40)
+    with torch.no_grad():
+        full = m(x)
+    st = m.streamer(2, dtype=torch.float64, output="mV")
+    v, s, imem = _stream(st, x.double())
+    assert v.dtype == torch.float64 and imem is not None
+    torch.testing.assert_close(v, m.to_mV(full.v).double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s, full.spike_logit.double(), rtol=1e-5, atol=2e-5)
