@@ -42,6 +42,7 @@ from lfdeep_neuron.errors import InputError
 __all__ = [
     "RecordFormatError",
     "Record",
+    "to_float16",
     "write_record",
     "read_record",
     "open_record",
@@ -129,6 +130,27 @@ class Record(dict):
 # --------------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------------
+
+def to_float16(x, mantissa_bits: int = 10) -> np.ndarray:
+    """``x`` as float16, rounded to nearest with only ``mantissa_bits`` of the 10 mantissa bits kept.
+
+    The dropped bits are zero, which byte-shuffled gzip compresses well: storage for quantities that
+    need a relative precision (e.g. membrane currents for the LFP), not a fixed absolute one. The
+    relative error is at most 2^-(mantissa_bits+1) + 2^-11 (two roundings) for normal numbers. Values beyond float16's range (|x| > 65504) become ±inf: check before storing.
+    """
+    if not 1 <= int(mantissa_bits) <= 10:
+        raise ValueError(f"mantissa_bits must lie in 1..10, got {mantissa_bits}")
+    h = np.asarray(x, dtype=np.float16)
+    drop = 10 - int(mantissa_bits)
+    if drop == 0:
+        return h
+    bits = h.view(np.uint16).astype(np.uint32)
+    sign = bits & 0x8000
+    mag = ((bits & 0x7FFF) + (1 << (drop - 1))) >> drop << drop     # a carry into the exponent rounds up
+    mag = np.minimum(mag, 0x7C00)                                    # ... but never past inf into NaN
+    mag = np.where((bits & 0x7C00) == 0x7C00, bits & 0x7FFF, mag)   # inf and NaN stay as they were
+    return (sign | mag).astype(np.uint16).view(np.float16)
+
 
 def _to_storable(name: str, value) -> np.ndarray:
     """Array ready for h5py: str -> fixed-length bytes, everything else as a numpy array."""

@@ -2,13 +2,21 @@
 
 Each simulation ``i`` of a dataset with seed ``S``:
 
-1. draws its inputs with the published generator (:func:`~lfdeep_neuron.data.inputs.beniaguev_inputs`)
-   from its own seed ``sim_seed(S, i)`` (a ``numpy.random.RandomState``; stored as the record's ``seed``
-   attribute, so ``beniaguev_inputs(seed)`` redraws the same events);
+1. draws its inputs with the published generator (:func:`~lfdeep_neuron.data.inputs.beniaguev_inputs`),
+   or a named variant of it (``--generator``, :data:`~lfdeep_neuron.data.inputs.GENERATORS`), from its own
+   seed ``sim_seed(S, i)`` (a ``numpy.random.RandomState``; stored as the record's ``seed`` attribute, so
+   ``beniaguev_inputs(seed)`` redraws the same events);
 2. drops the events of dead synapses (BIOPHYSICS.md §6.4) and runs the detailed cell on the rest;
 3. writes ``DIR/sim_<i:06d>.h5`` (the layout of :mod:`~lfdeep_neuron.data.records` plus
    ``imem_mean_1ms`` [S, T], the 1-ms bin-mean membrane currents in nA) through a temporary file that is
    renamed when whole; the root attribute ``complete`` is written last.
+
+The default solve is the fast path measured in ``benchmarks/generation.py``: Crank-Nicolson at dt = 0.05 ms
+on CoreNEURON (same trajectories as NEURON), recording v alone; the bin-mean currents are ``-L v_mean``
+(exact, :mod:`lfdeep_neuron.hay.simulate`). ``--integrator cvode --engine neuron`` is the published
+integrator (CVODE, atol 1e-3). Storage ``compact`` (default) keeps ``v_1ms`` as float16 (0.015 mV RMS
+rounding) and ``imem_mean_1ms`` as float16 rounded to 7 mantissa bits (0.2 % RMS relative rounding):
+~1.5 MB per simulated second; ``float32`` keeps both exact (~4 MB/s).
 
 Parallelism: ``--workers K`` worker processes (``spawn``: NEURON is not fork-safe once initialised), or
 ``mpiexec -n K lfdeep-neuron generate ...`` where rank ``r`` simulates ``r, r+K, r+2K, ...``.
@@ -40,6 +48,7 @@ import numpy as np
 __all__ = [
     "GenerationConfig",
     "generate",
+    "dataset_status",
     "sim_seed",
     "split_key",
     "assign_splits",
@@ -57,7 +66,10 @@ TIMING_LOG = "timing.jsonl"
 RECORD_GLOB = "sim_*.h5"
 _RECORD_RE = re.compile(r"^sim_(\d+)\.h5$")
 _TMP_RE = re.compile(r"^\.sim_(\d+)\.h5\..*\.tmp$")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+STORAGES = ("compact", "float32")
+#: Mantissa bits kept by the compact storage of ``imem_mean_1ms`` (float16 has 10).
+COMPACT_IMEM_MANTISSA_BITS = 7
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 # Datasets every generated record must hold (checked when resuming).
 REQUIRED_DATASETS = ("segments", "synapses", "input", "input_effective", "v_1ms", "t_1ms",
@@ -159,30 +171,48 @@ class GenerationConfig:
     n_sims: int
     duration_ms: int = 6000
     seed: int = 0
-    integrator: str = "cvode"
-    dt_ms: float = 0.025
+    integrator: str = "fixed_cn"
+    dt_ms: float = 0.05
+    engine: str = "coreneuron"
+    generator: str = "published"
     v_init_mV: float = -76.0
-    voltage_dtype: str = "float32"
+    storage: str = "compact"
     compression: str | None = "gzip"
     split_fractions: dict = field(default_factory=lambda: dict(DEFAULT_SPLIT_FRACTIONS))
     morphology_sha256: str = ""
 
     def __post_init__(self):
-        if self.n_sims < 0:
-            raise ValueError(f"n_sims must be >= 0, got {self.n_sims}")
+        from lfdeep_neuron.data.inputs import GENERATORS
+        from lfdeep_neuron.errors import InputError
+        from lfdeep_neuron.hay.simulate import ENGINES, INTEGRATORS
+
+        if int(self.n_sims) != self.n_sims or self.n_sims < 1:
+            raise InputError(f"n_sims must be a whole number >= 1, got {self.n_sims}")
         if int(self.duration_ms) != self.duration_ms or self.duration_ms < 2:
-            raise ValueError(f"duration_ms must be an integer number of ms >= 2, got {self.duration_ms}")
+            raise InputError(f"duration_ms must be a whole number of ms >= 2, got {self.duration_ms}")
         self.duration_ms = int(self.duration_ms)
-        if self.integrator not in ("cvode", "fixed"):
-            raise ValueError(f"integrator must be 'cvode' or 'fixed', got {self.integrator!r}")
-        if self.voltage_dtype not in ("float32", "float16"):
-            raise ValueError(f"voltage_dtype must be 'float32' or 'float16', got {self.voltage_dtype!r}")
+        if self.integrator not in INTEGRATORS:
+            raise InputError(f"integrator must be one of {INTEGRATORS}, got {self.integrator!r}")
+        if self.integrator != "cvode" and not (0 < self.dt_ms <= 1 and float(1.0 / self.dt_ms).is_integer()):
+            raise InputError(f"dt_ms must divide 1 ms (e.g. 0.025, 0.05), got {self.dt_ms}")
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "coreneuron" and self.integrator == "cvode":
+            raise InputError("engine 'coreneuron' needs a fixed-step integrator (fixed or fixed_cn), not cvode")
+        if self.generator not in GENERATORS:
+            raise InputError(f"generator must be one of {sorted(GENERATORS)}, got {self.generator!r}")
+        if self.storage not in STORAGES:
+            raise InputError(f"storage must be one of {STORAGES}, got {self.storage!r}")
         if not 0 <= int(self.seed) < 2**63:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+            raise InputError(f"seed must be a non-negative integer, got {self.seed}")
+        try:
+            assign_splits([], 0, self.split_fractions)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         if not self.morphology_sha256:
             p = Path(self.morphology)
             if not p.is_file():
-                raise FileNotFoundError(f"morphology file not found: {p}")
+                raise InputError(f"{p}: morphology file not found")
             self.morphology_sha256 = file_sha256(p)
 
     def identity(self) -> dict:
@@ -206,9 +236,14 @@ class Simulator:
         from lfdeep_neuron.data.inputs import dendritic_lengths_um
         from lfdeep_neuron.hay import HayL5PC
 
-        mechanisms.load()
+        from lfdeep_neuron.lfp import AxialLaplacian
+
+        mechanisms.load(coreneuron=cfg.engine == "coreneuron")
         self.cfg = cfg
         self.cell = HayL5PC(cfg.morphology)
+        # bin-mean membrane currents = -L v_mean (exact for every integrator; recording i_membrane_
+        # itself would cost ~30 % more)
+        self.laplacian = AxialLaplacian.from_cell(self.cell).matrix
         self.segments = _as_table(self.cell.segment_table())
         self.sections = _as_table(self.cell.section_table())
         self.synapses = _as_table(self.cell.synapse_table())
@@ -219,20 +254,30 @@ class Simulator:
         """Run simulation ``index``; return (``write_record`` kwargs, timing info)."""
         import neuron
 
-        from lfdeep_neuron.data.inputs import beniaguev_inputs, effective_events
+        from lfdeep_neuron.data.inputs import GENERATORS, beniaguev_inputs, effective_events
+        from lfdeep_neuron.data.records import to_float16
         from lfdeep_neuron.hay.simulate import run_cell
 
         cfg = self.cfg
         seed = sim_seed(cfg.seed, index)
         syn, t_ms, draw = beniaguev_inputs(seed, self.lengths_um, self.n_basal, cfg.duration_ms,
-                                           rng=np.random.RandomState(seed))
+                                           config=GENERATORS[cfg.generator], rng=np.random.RandomState(seed))
         eff_syn, eff_t, dead = effective_events(syn, t_ms, self.n_channels)
         self.cell.set_input_events(eff_syn, eff_t)
         out = run_cell(self.cell, float(cfg.duration_ms), integrator=cfg.integrator, dt_ms=cfg.dt_ms,
-                       v_init_mV=cfg.v_init_mV, record_imem=True)
+                       v_init_mV=cfg.v_init_mV, bin_means=True, engine=cfg.engine)
         v = np.asarray(out["v_1ms"], dtype=np.float32)
         err16 = v.astype(np.float16).astype(np.float64) - v
         spikes = np.asarray(out["soma_spike_times_ms"], dtype=np.float64)
+        imem = -(self.laplacian @ np.asarray(out["v_mean_1ms"], dtype=np.float64))
+        if cfg.storage == "compact":
+            v_store, imem_store = v.astype(np.float16), to_float16(imem, COMPACT_IMEM_MANTISSA_BITS)
+            storage_note = (f"v_1ms float16 (round to nearest); imem_mean_1ms float16 rounded to "
+                            f"{COMPACT_IMEM_MANTISSA_BITS} mantissa bits (relative error <= "
+                            f"2^-{COMPACT_IMEM_MANTISSA_BITS + 1} + 2^-11)")
+        else:
+            v_store, imem_store = v, imem.astype(np.float32)
+            storage_note = "v_1ms and imem_mean_1ms float32"
 
         attrs = {
             "protocol": "synaptic_beniaguev",
@@ -240,6 +285,10 @@ class Simulator:
             "v_init_mV": float(out["v_init_mV"]),
             "celsius": float(out["celsius"]),
             "integrator": cfg.integrator,
+            "engine": cfg.engine,
+            "generator": cfg.generator,
+            "storage": cfg.storage,
+            "storage_note": storage_note,
             "cvode_atol": float(out["cvode_atol"]),
             "cvode_rtol": float(out["cvode_rtol"]),
             "dt_ms": float(out["dt_ms"]),
@@ -253,14 +302,14 @@ class Simulator:
             "n_input_effective_events": np.int64(eff_syn.size),
             "morphology_name": Path(cfg.morphology).name,
             "morphology_sha256": cfg.morphology_sha256,
-            "voltage_dtype": cfg.voltage_dtype,
             "v_1ms_float16_rmse_mV": float(np.sqrt(np.mean(err16**2))),
             "v_1ms_float16_max_abs_err_mV": float(np.abs(err16).max()),
             "segment_order": "soma, dend (basal), apic, axon; sections by index; segments by increasing x",
             "spike_detection": "upward crossing of 0 mV at soma[0](0.5) (NetCon threshold)",
             "v_1ms_grid": "t = 0,1,...,T-1 ms (point samples); v_soma_0p1ms: t = 0,0.1,...,T-0.1 ms",
-            "imem_mean_1ms_note": ("nA; mean of i_membrane_ (fast_imem) of each segment over the bin (k-1, k] ms; "
-                                   "column 0 holds the value at t = 0"),
+            "imem_mean_1ms_note": ("nA; mean of i_membrane_ of each segment over the bin (k-1, k] ms, computed "
+                                   "exactly as -L v_mean (L: axial Laplacian, v_mean: the integrator's bin "
+                                   "mean of v); column 0 holds the value at t = 0"),
             "inputs_note": ("input = generated events (channel, ms); input_effective = input without the events of "
                             "synapses/dead (an event at t = 0 silences a synapse in the original, BIOPHYSICS 6.4); "
                             "the cell was driven by input_effective"),
@@ -269,8 +318,8 @@ class Simulator:
         attrs["complete"] = np.int8(1)  # the root attributes are written after every dataset
         traces = {
             "t_1ms": np.asarray(out["t_1ms"], dtype=np.float64),
-            "v_1ms": v.astype(np.float16) if cfg.voltage_dtype == "float16" else v,
-            "imem_mean_1ms": np.asarray(out["imem_mean_1ms"], dtype=np.float32),
+            "v_1ms": v_store,
+            "imem_mean_1ms": imem_store,
             "soma_spike_times_ms": spikes,
             "t_0p1ms": np.asarray(out["t_0p1ms"], dtype=np.float64),
             "v_soma_0p1ms": np.asarray(out["v_soma_0p1ms"], dtype=np.float32),
@@ -278,9 +327,17 @@ class Simulator:
         kwargs = dict(segments=self.segments, sections=self.sections, synapses={**self.synapses, "dead": dead},
                       traces=traces, attrs=attrs, inputs=(syn, t_ms), inputs_effective=(eff_syn, eff_t),
                       compression=cfg.compression)
-        timing = {"index": int(index), "wall_s": float(out["wall_s"]),
+        timing = {"index": int(index), "solve_wall_s": float(out["wall_s"]),
                   "integrator_steps": int(out["integrator_steps"]), "n_soma_spikes": int(spikes.size)}
         return kwargs, timing
+
+    def run_idle(self) -> None:
+        """Simulate the cell without inputs for one duration and keep nothing (MPI lockstep padding)."""
+        from lfdeep_neuron.hay.simulate import run_cell
+
+        self.cell.clear_input_events()
+        run_cell(self.cell, float(self.cfg.duration_ms), integrator=self.cfg.integrator, dt_ms=self.cfg.dt_ms,
+                 v_init_mV=self.cfg.v_init_mV, engine=self.cfg.engine)
 
     def run_and_write(self, index: int) -> dict:
         from lfdeep_neuron.data.records import write_record
@@ -314,7 +371,8 @@ def record_is_complete(path, cfg: GenerationConfig, index: int) -> bool:
                 return False
             expect = {"sim_index": index, "seed": sim_seed(cfg.seed, index), "dataset_seed": cfg.seed,
                       "duration_ms": float(cfg.duration_ms), "integrator": cfg.integrator,
-                      "morphology_sha256": cfg.morphology_sha256, "voltage_dtype": cfg.voltage_dtype}
+                      "engine": cfg.engine, "generator": cfg.generator,
+                      "morphology_sha256": cfg.morphology_sha256, "storage": cfg.storage}
             for k, v in expect.items():
                 got = a.get(k)
                 if isinstance(got, bytes):
@@ -386,11 +444,11 @@ def _summarise(cfg: GenerationConfig) -> dict:
         "n_channels": 1278,
         "record_pattern": "sim_{index:06d}.h5",
         "voltage_storage": {
-            "dtype": cfg.voltage_dtype,
+            "storage": cfg.storage,
             "float16_rmse_mV": float(np.sqrt(f16_sq / (sim_s * 1000.0))) if sim_s else None,
             "float16_max_abs_err_mV": max((r["v_1ms_float16_max_abs_err_mV"] for r in records), default=None),
-            "note": (f"v_1ms stored as {cfg.voltage_dtype}; the float16_* figures are the error float16 "
-                     "storage gives (measured on these records; half-ulp 0.031 mV for 64 <= |v| < 128 mV)"),
+            "note": ("the float16_* figures are the error float16 storage of v_1ms gives (measured on these "
+                     "records; half-ulp 0.031 mV for 64 <= |v| < 128 mV); 'compact' stores it"),
         },
         "splits": splits,
         "records": records,
@@ -399,17 +457,19 @@ def _summarise(cfg: GenerationConfig) -> dict:
 
 
 def _check_or_start_meta(cfg: GenerationConfig) -> None:
+    from lfdeep_neuron.errors import InputError
+
     out_dir = Path(cfg.out_dir)
     meta = read_meta(out_dir)
     if meta is not None:
         if meta.get("format") != "lfdeep-neuron simulation dataset":
-            raise ValueError(f"{out_dir / META_NAME}: not an lfdeep-neuron dataset description")
+            raise InputError(f"{out_dir / META_NAME}: not an lfdeep-neuron dataset description")
         old = meta.get("generation", {})
         new = cfg.identity()
         diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
         if diff:
             lines = ", ".join(f"{k}: existing {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"{out_dir} already holds a dataset generated with other settings ({lines}); "
+            raise InputError(f"{out_dir} already holds a dataset generated with other settings ({lines}); "
                              "use another --out directory or the same settings to resume")
         return
     _write_json_atomic(out_dir / META_NAME, {"format": "lfdeep-neuron simulation dataset",
@@ -430,15 +490,25 @@ def _log_timing(out_dir: Path, entries) -> None:
 _WORKER_SIM: Simulator | None = None
 
 
-def _worker_init(cfg_dict: dict) -> None:
-    global _WORKER_SIM
+class SimulationFailed(RuntimeError):
+    """A simulation failed in a worker process or MPI rank; the message names it and the cause."""
+
+
+def _worker_setup() -> None:
+    """Pool initializer: nothing that can fail (a failing initializer is respawned forever)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    _WORKER_SIM = Simulator(GenerationConfig(**cfg_dict))
 
 
-def _worker_run(index: int) -> dict:
-    return _WORKER_SIM.run_and_write(index)
+def _worker_run(cfg_dict: dict, index: int) -> dict:
+    """Simulate one index in a worker; the cell is built on the first call (errors reach the parent)."""
+    global _WORKER_SIM
+    try:
+        if _WORKER_SIM is None:
+            _WORKER_SIM = Simulator(GenerationConfig(**cfg_dict))
+        return _WORKER_SIM.run_and_write(index)
+    except Exception as exc:
+        raise SimulationFailed(f"simulation {index} failed: {type(exc).__name__}: {exc}") from None
 
 
 def _pending(cfg: GenerationConfig, indices) -> list[int]:
@@ -451,11 +521,12 @@ def _pending(cfg: GenerationConfig, indices) -> list[int]:
     return todo
 
 
-def _progress(total: int, done: int, desc: str, enabled: bool):
+def _progress(total_s: float, done_s: float, desc: str, enabled: bool):
+    """A bar over simulated seconds (with rate and ETA)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, desc=desc, unit="sim", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.1)
+    return tqdm(total=round(total_s, 3), initial=round(done_s, 3), desc=desc, unit="sim s",
+                disable=not enabled, dynamic_ncols=True, smoothing=0.05)
 
 
 class _Terminated(Exception):
@@ -466,23 +537,27 @@ def _raise_terminated(signum, frame):
     raise _Terminated(f"received signal {signum}")
 
 
-def _run_workers(cfg: GenerationConfig, todo: list[int], workers: int, bar) -> None:
+def _run_workers(cfg: GenerationConfig, sim: Simulator, todo: list[int], workers: int, bar) -> None:
+    """Simulate ``todo`` here (one worker: ``sim``, already built) or in a pool of worker processes."""
     import multiprocessing as mp
 
     out_dir = Path(cfg.out_dir)
+    step_s = cfg.duration_ms / 1000.0
     if workers <= 1:
-        sim = Simulator(cfg)
         for i in todo:
             _log_timing(out_dir, [sim.run_and_write(i)])
-            bar.update(1)
+            bar.update(step_s)
         return
     ctx = mp.get_context("spawn")
     old = signal.signal(signal.SIGTERM, _raise_terminated)
-    pool = ctx.Pool(processes=min(workers, len(todo)), initializer=_worker_init, initargs=(asdict(cfg),))
+    pool = ctx.Pool(processes=min(workers, len(todo)), initializer=_worker_setup)
     try:
-        for timing in pool.imap_unordered(_worker_run, todo, chunksize=1):
+        import functools
+
+        run_one = functools.partial(_worker_run, asdict(cfg))
+        for timing in pool.imap_unordered(run_one, todo, chunksize=1):
             _log_timing(out_dir, [timing])
-            bar.update(1)
+            bar.update(step_s)
         pool.close()
     except BaseException:
         pool.terminate()
@@ -495,6 +570,10 @@ def _run_workers(cfg: GenerationConfig, todo: list[int], workers: int, bar) -> N
 def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool = True) -> dict:
     """Generate (or complete) a dataset; return the final ``meta.json`` content (None on MPI ranks > 0).
 
+    The cell is built (morphology read, mechanisms compiled) before anything is written or any worker
+    starts, so that a bad morphology fails at once and leaves no dataset behind. The first failing
+    simulation stops the run (:class:`SimulationFailed`); complete records stay and a rerun resumes.
+
     Parameters
     ----------
     cfg : GenerationConfig
@@ -502,7 +581,7 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
         Worker processes when not under MPI (default: the number of CPU cores). Under ``mpiexec`` each
         rank simulates its share in-process and ``workers`` is ignored.
     progress : bool
-        Show a tqdm bar (rank 0 only under MPI).
+        Show a tqdm bar over simulated seconds, with ETA (rank 0 only under MPI).
     """
     from lfdeep_neuron.parallel import launched_under_mpi
 
@@ -513,24 +592,34 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
 
         pc = parallel_context()
         rank, size = int(pc.id()), int(pc.nhost())
-        problem = None
-        if rank == 0:
-            try:
+        problem, sim = None, None
+        try:
+            sim = Simulator(cfg)                       # every rank: a bad morphology stops all of them
+            if rank == 0:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 _check_or_start_meta(cfg)
-            except (OSError, ValueError) as exc:
-                problem = exc
+        except (OSError, ValueError) as exc:
+            problem = exc
         if pc.allreduce(1.0 if problem is not None else 0.0, 1) > 0:  # every rank stops together
-            raise problem if problem is not None else ValueError("rank 0 refused the output directory")
-        mine = indices[rank::size]
-        _clean_temporaries(out_dir, set(mine))
-        todo = _pending(cfg, mine)
-        with _progress(len(mine), len(mine) - len(todo), f"rank 0/{size}", progress and rank == 0) as bar:
-            if todo:
-                sim = Simulator(cfg)
-                for i in todo:
-                    _log_timing(out_dir, [sim.run_and_write(i)])
-                    bar.update(1)
+            raise problem if problem is not None else SimulationFailed("another rank refused to start")
+        # Rank 0 finds what is left and deals it out round-robin; every rank then runs the same number
+        # of rounds (CoreNEURON's psolve is collective: a rank without a simulation in the last round
+        # runs the cell without inputs and discards it).
+        if rank == 0:
+            _clean_temporaries(out_dir)
+        pc.barrier()
+        todo = pc.py_broadcast(_pending(cfg, indices) if rank == 0 else None, 0)
+        rounds = -(-len(todo) // size)
+        step_s = cfg.duration_ms / 1000.0
+        with _progress(cfg.n_sims * step_s, (cfg.n_sims - len(todo)) * step_s, f"{size} ranks",
+                       progress and rank == 0) as bar:
+            for r in range(rounds):
+                k = r * size + rank
+                if k < len(todo):
+                    _log_timing(out_dir, [sim.run_and_write(todo[k])])
+                else:
+                    sim.run_idle()
+                bar.update(step_s * min(size, len(todo) - r * size))
         pc.barrier()
         meta = None
         if rank == 0:
@@ -539,17 +628,70 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
         pc.barrier()
         return meta
 
+    sim = Simulator(cfg)                               # preflight: fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_or_start_meta(cfg)
     _clean_temporaries(out_dir)
     todo = _pending(cfg, indices)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
-    with _progress(len(indices), len(indices) - len(todo), "simulations", progress) as bar:
+    step_s = cfg.duration_ms / 1000.0
+    with _progress(len(indices) * step_s, (len(indices) - len(todo)) * step_s, "simulated", progress) as bar:
         if todo:
-            _run_workers(cfg, todo, workers, bar)
+            if workers > 1:
+                del sim                                # the workers build their own cells
+                sim = None
+            _run_workers(cfg, sim, todo, workers, bar)
     meta = _summarise(cfg)
     _write_json_atomic(out_dir / META_NAME, meta)
     return meta
+
+
+def dataset_status(out_dir) -> dict:
+    """How far a dataset directory is: its settings, complete records, simulated seconds and spikes.
+
+    Reads ``meta.json`` for the settings and counts the complete records on disk (a run in progress
+    rewrites ``meta.json`` only at its end). Timing comes from ``timing.jsonl``.
+    """
+    from lfdeep_neuron.errors import InputError
+
+    out_dir = Path(out_dir)
+    meta = read_meta(out_dir) if out_dir.is_dir() else None
+    if meta is None or "generation" not in meta:
+        raise InputError(f"{out_dir}: not a dataset directory (no {META_NAME} written by generate)")
+    gen = meta["generation"]
+    done, spikes, rates = 0, 0, []
+    import h5py
+
+    for index, path in list_records(out_dir).items():
+        try:
+            with h5py.File(path, "r") as f:
+                if int(f.attrs.get("complete", 0)) != 1:
+                    continue
+                n = int(f.attrs["n_soma_spikes"])
+                dur = float(f.attrs["duration_ms"])
+        except (OSError, KeyError):
+            continue
+        done += 1
+        spikes += n
+        rates.append(n / (dur / 1000.0))
+    cpu_s, sims_timed = 0.0, 0
+    log = out_dir / TIMING_LOG
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                e = json.loads(line)
+                cpu_s += float(e["cpu_s"])
+                sims_timed += 1
+    dur_s = gen["duration_ms"] / 1000.0
+    rates = np.asarray(rates)
+    return {
+        "dir": str(out_dir), "generation": gen, "records_done": done,
+        "simulated_s": done * dur_s, "soma_spikes": spikes,
+        "rate_hz_quantiles": {q: float(np.quantile(rates, q)) for q in (0.1, 0.5, 0.9)} if rates.size else {},
+        "fraction_firing_ge_2hz": float(np.mean(rates >= 2.0)) if rates.size else 0.0,
+        "cpu_s_per_simulated_s": cpu_s / (sims_timed * dur_s) if sims_timed else None,
+        "bytes": sum(p.stat().st_size for p in list_records(out_dir).values()),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -557,34 +699,77 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
 # --------------------------------------------------------------------------------------------------
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from lfdeep_neuron.data.inputs import GENERATORS
+    from lfdeep_neuron.hay.simulate import ENGINES, INTEGRATORS
+
     p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY"),
                    help="Hay cell morphology (cell1.asc); default $LFDEEP_HAY_MORPHOLOGY")
-    p.add_argument("--out", required=True, help="dataset directory (created; resumed if it exists)")
-    p.add_argument("--n-sims", type=int, required=True, help="number of simulations")
+    p.add_argument("--out", help="dataset directory (created; resumed if it exists)")
+    p.add_argument("--status", metavar="DIR", default=None,
+                   help="print how far the dataset in DIR is (records, simulated s, spikes, rates) and exit")
+    p.add_argument("--n-sims", type=int, help="number of simulations")
     p.add_argument("--duration-ms", type=int, default=6000, help="length of each simulation (ms)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; simulation i uses sim_seed(seed, i)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: CPU cores; ignored under mpiexec, where ranks share the work)")
-    p.add_argument("--integrator", choices=("cvode", "fixed"), default="cvode",
-                   help="cvode (atol 1e-3, as the published data) or fixed dt")
-    p.add_argument("--dt-ms", type=float, default=0.025, help="time step of the fixed-dt integrator (ms)")
-    p.add_argument("--voltage-dtype", choices=("float32", "float16"), default="float32",
-                   help="storage type of v_1ms (float16 adds <= 0.031 mV quantisation error)")
+    p.add_argument("--integrator", choices=INTEGRATORS, default="fixed_cn",
+                   help="fixed_cn: Crank-Nicolson, fixed step (default); fixed: backward Euler; "
+                        "cvode: variable step, atol 1e-3, as the published data (needs --engine neuron)")
+    p.add_argument("--dt-ms", type=float, default=0.05, help="time step of the fixed-step integrators (ms)")
+    p.add_argument("--engine", choices=ENGINES, default="coreneuron",
+                   help="coreneuron (default: same trajectories, faster; fixed step only) or neuron")
+    p.add_argument("--generator", choices=sorted(GENERATORS), default="published",
+                   help="input generator: the published one, or 'excited' (inhibition shifted down: more firing)")
+    p.add_argument("--storage", choices=STORAGES, default="compact",
+                   help="compact: float16 voltages and currents (~1.5 MB per simulated s); float32: exact")
+    p.add_argument("--splits", default="0.8,0.1,0.1",
+                   help="train,val,test fractions by simulation (e.g. 1,0,0 for a training-only variant)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _print_status(st: dict) -> None:
+    g = st["generation"]
+    print(f"{st['dir']}: {st['records_done']} complete simulations of {g['duration_ms']} ms "
+          f"({st['simulated_s']:.1f} simulated s), {st['soma_spikes']} somatic spikes, "
+          f"{st['bytes'] / 1e6:.1f} MB")
+    print(f"  settings: generator {g.get('generator', 'published')}, integrator {g['integrator']} "
+          f"dt {g['dt_ms']} ms, engine {g.get('engine', 'neuron')}, storage {g.get('storage', g.get('voltage_dtype'))}, "
+          f"seed {g['seed']}")
+    if st["rate_hz_quantiles"]:
+        q = st["rate_hz_quantiles"]
+        print(f"  somatic rate per simulation: 10/50/90 % = {q[0.1]:.2f} / {q[0.5]:.2f} / {q[0.9]:.2f} Hz; "
+              f"{100 * st['fraction_firing_ge_2hz']:.0f} % fire >= 2 Hz")
+    if st["cpu_s_per_simulated_s"]:
+        print(f"  cost: {st['cpu_s_per_simulated_s']:.2f} CPU s per simulated s (timing.jsonl)")
+
+
 def run(args) -> int:
+    from lfdeep_neuron.errors import InputError
+
+    if args.status:
+        _print_status(dataset_status(args.status))
+        return 0
+    if not args.out or args.n_sims is None:
+        raise InputError("generate: --out and --n-sims are required (or --status DIR)")
     if not args.morphology:
-        print("generate: --morphology (or $LFDEEP_HAY_MORPHOLOGY) is required", file=sys.stderr)
-        return 2
+        raise InputError("generate: --morphology (or $LFDEEP_HAY_MORPHOLOGY) is required")
     try:
-        cfg = GenerationConfig(morphology=str(Path(args.morphology).resolve()), out_dir=args.out,
-                               n_sims=args.n_sims, duration_ms=args.duration_ms, seed=args.seed,
-                               integrator=args.integrator, dt_ms=args.dt_ms, voltage_dtype=args.voltage_dtype)
+        fractions = dict(zip(("train", "val", "test"), (float(x) for x in args.splits.split(","))))
+    except ValueError:
+        raise InputError(f"generate: --splits must be three numbers train,val,test, got {args.splits!r}") from None
+    if len(fractions) != 3:
+        raise InputError(f"generate: --splits must be three numbers train,val,test, got {args.splits!r}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise InputError(f"{args.out}: exists and is not a directory")
+    cfg = GenerationConfig(morphology=str(Path(args.morphology).resolve()), out_dir=args.out,
+                           n_sims=args.n_sims, duration_ms=args.duration_ms, seed=args.seed,
+                           integrator=args.integrator, dt_ms=args.dt_ms, engine=args.engine,
+                           generator=args.generator, storage=args.storage, split_fractions=fractions)
+    try:
         meta = generate(cfg, workers=args.workers, progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"generate: {exc}", file=sys.stderr)
-        return 2
+    except SimulationFailed as exc:
+        print(f"generate: {exc}; complete records are kept: rerun the same command to resume", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, _Terminated):
         print("generate: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

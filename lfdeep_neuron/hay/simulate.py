@@ -9,14 +9,24 @@ stored steps are harvested every ``chunk_ms`` of simulated time (bounded memory)
   integrator steps** (what the reference script does; CVODE's own interpolation polynomial would
   differ during spikes);
 * ``v_soma_0p1ms``: soma(0.5) the same way at t = k/10 ms;
-* ``imem_mean_1ms`` [S, T] (``record_imem=True``): mean of NEURON's ``i_membrane_`` (fast_imem, nA)
-  over each 1-ms bin (k-1, k] — the exact integral of the piecewise-linear current between CVODE
-  steps, or of the per-step current of the fixed-step (backward Euler) method; column 0 holds the
-  value at t = 0 (the bin (-1, 0] is empty). ``v_mean_1ms`` is the same mean of v, so that
-  ``imem_mean = -L v_mean`` holds exactly for the axial Laplacian L of the cell.
+* ``v_mean_1ms`` [S, T] (``bin_means=True``): the mean of v over each 1-ms bin (k-1, k] in the sense
+  of the integrator's membrane current, so that ``imem_mean_1ms = -L v_mean_1ms`` holds exactly for
+  the axial Laplacian L of the cell (:class:`lfdeep_neuron.lfp.AxialLaplacian`): the integral of the
+  piecewise-linear v between CVODE steps; for Crank-Nicolson the trapezoid of the step values (its
+  ``i_membrane_`` of a step is -L times the step's mid-point voltage (v_j-1 + v_j)/2); for backward
+  Euler the mean of the step-end values. Column 0 holds the value at t = 0 (the bin (-1, 0] is empty).
+  This is all the LFP needs, at the cost of recording v alone.
+* ``imem_mean_1ms`` [S, T] (``record_imem=True``, implies ``bin_means``): NEURON's ``i_membrane_``
+  (fast_imem, nA) itself, recorded and averaged the same way (the check of the identity above).
 
-Somatic spikes are NEURON NetCon threshold events: upward crossings of 0 mV at soma(0.5), with
-CVODE's interpolated crossing time.
+Somatic spikes are upward crossings of 0 mV at soma(0.5): NetCon threshold events with CVODE's
+interpolated crossing time; with a fixed step, the crossing linearly interpolated between the two
+recorded steps that bracket it (a NetCon would report the step's end, up to dt late).
+
+Engines (fixed step only for CoreNEURON): ``engine='neuron'`` advances with ``fadvance``;
+``engine='coreneuron'`` hands the same model to CoreNEURON (``ParallelContext.psolve`` in chunks), which
+gives the same trajectories (tested to 1e-6 mV) faster. It needs mechanisms compiled for CoreNEURON
+(:func:`lfdeep_neuron.hay.coreneuron.load_mechanisms`, called before the cell is built).
 """
 from __future__ import annotations
 
@@ -24,9 +34,11 @@ import time
 
 import numpy as np
 
-__all__ = ["run_cell", "INTEGRATORS", "CVODE_ATOL", "CVODE_RTOL", "FIXED_DT_MS", "V_INIT_MV", "CELSIUS"]
+__all__ = ["run_cell", "INTEGRATORS", "ENGINES", "CVODE_ATOL", "CVODE_RTOL", "FIXED_DT_MS", "V_INIT_MV",
+           "CELSIUS", "upward_crossings"]
 
 INTEGRATORS = ("cvode", "fixed", "fixed_cn")
+ENGINES = ("neuron", "coreneuron")
 CVODE_ATOL = 1e-3     # the published data set's setting (BIOPHYSICS.md §2.3)
 CVODE_RTOL = 0.0
 FIXED_DT_MS = 0.025
@@ -66,10 +78,22 @@ def _integral_rows(t: np.ndarray, y: np.ndarray, tq: np.ndarray, mode: str) -> n
     return cum[:, j] + (tq - t[j]) * y[:, j + 1]
 
 
+def upward_crossings(t_ms: np.ndarray, v_mV: np.ndarray, threshold_mV: float = 0.0) -> np.ndarray:
+    """Times at which ``v`` crosses ``threshold_mV`` upwards, linearly interpolated between samples.
+
+    A crossing is a pair of consecutive samples with ``v[j-1] < threshold <= v[j]`` (NetCon's rule).
+    """
+    v = np.asarray(v_mV, dtype=np.float64)
+    t = np.asarray(t_ms, dtype=np.float64)
+    j = np.flatnonzero((v[:-1] < threshold_mV) & (v[1:] >= threshold_mV)) + 1
+    frac = (threshold_mV - v[j - 1]) / (v[j] - v[j - 1])
+    return t[j - 1] + frac * (t[j] - t[j - 1])
+
+
 def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float = CVODE_ATOL,
              rtol: float = CVODE_RTOL, dt_ms: float = FIXED_DT_MS, v_init_mV: float = V_INIT_MV,
-             celsius: float = CELSIUS, record_imem: bool = False, chunk_ms: float = 100.0,
-             progress: bool = False) -> dict:
+             celsius: float = CELSIUS, record_imem: bool = False, bin_means: bool = False,
+             engine: str = "neuron", chunk_ms: float | None = None, progress: bool = False) -> dict:
     """Simulate ``cell`` (with whatever inputs it holds) for ``duration_ms``.
 
     NEURON holds one model per process: every cell that exists is simulated, only ``cell`` is
@@ -90,9 +114,15 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
     celsius : float
         Sets NEURON's global ``celsius`` (6.3 °C in the references; it only enters the Nernst eca).
     record_imem : bool
-        Also return ``imem_mean_1ms`` and ``v_mean_1ms`` (bin means, see the module docstring).
-    chunk_ms : float
-        Harvest interval of the recorded steps (memory bound: S x steps-per-chunk doubles).
+        Also record ``i_membrane_`` and return ``imem_mean_1ms`` and ``v_mean_1ms`` (bin means, see the
+        module docstring). Costs ~30 % more than recording v alone.
+    bin_means : bool
+        Return ``v_mean_1ms`` (from the recorded v alone; ``imem_mean_1ms = -L v_mean_1ms``).
+    engine : {'neuron', 'coreneuron'}
+        Who integrates (see the module docstring); 'coreneuron' needs a fixed-step integrator.
+    chunk_ms : float, optional
+        Harvest interval of the recorded steps (memory bound: S x steps-per-chunk doubles); default
+        100 ms with NEURON, 500 ms with CoreNEURON (each ``psolve`` call transfers the model).
     progress : bool
         Show a tqdm bar over simulated time.
 
@@ -102,7 +132,8 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         ``t_1ms`` [T] ms, ``v_1ms`` float32 [S, T] mV, ``t_0p1ms`` [10T] ms, ``v_soma_0p1ms`` float32 mV,
         ``soma_spike_times_ms`` float64, ``integrator_steps`` (fadvance calls), ``wall_s``, the run
         settings (``integrator``, ``cvode_atol``, ``cvode_rtol``, ``dt_ms``, ``v_init_mV``, ``celsius``,
-        ``duration_ms``) and with ``record_imem`` ``imem_mean_1ms``, ``v_mean_1ms`` float32 [S, T] (nA, mV).
+        ``duration_ms``, ``engine``), with ``bin_means`` ``v_mean_1ms`` and with ``record_imem`` also
+        ``imem_mean_1ms`` float32 [S, T] (mV, nA).
     """
     from neuron import h
 
@@ -115,6 +146,13 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         raise ValueError(f"dt_ms must be > 0, got {dt_ms}")
     if integrator == "cvode" and not atol > 0:
         raise ValueError(f"atol must be > 0, got {atol}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "coreneuron" and integrator == "cvode":
+        raise ValueError("engine 'coreneuron' needs a fixed-step integrator ('fixed' or 'fixed_cn')")
+    if chunk_ms is None:
+        chunk_ms = 500.0 if engine == "coreneuron" else 100.0
+    bin_means = bin_means or record_imem
 
     h.celsius = celsius
     cvode = h.CVode()
@@ -128,9 +166,12 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         cvode.active(0)
         h.dt = dt_ms
         h.secondorder = 2 if integrator == "fixed_cn" else 0
-    if record_imem:
-        cvode.use_fast_imem(1)
-    mode = "linear" if integrator == "cvode" else "step"
+    cvode.use_fast_imem(1 if record_imem else 0)
+    # How v and i_membrane_ vary between two recorded steps (see _integral_rows): CVODE's v and i are
+    # piecewise linear; a fixed step's i_membrane_ is one value per step, taken at the step's end
+    # (backward Euler) or its mid-point (Crank-Nicolson, whose v is then integrated as trapezoids).
+    v_mode = "step" if integrator == "fixed" else "linear"
+    i_mode = "linear" if integrator == "cvode" else "step"
 
     segs = cell.segments
     S = len(segs)
@@ -145,10 +186,13 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         for vec, seg in zip(ivecs, segs):
             vec.record(seg._ref_i_membrane_)
     spikes = h.Vector()
-    detector = cell.spike_netcon()
-    detector.record(spikes)
+    detector = None
+    if integrator == "cvode":
+        detector = cell.spike_netcon()
+        detector.record(spikes)
 
-    rec = _Harvest(T, S, mode, record_imem)
+    rec = _Harvest(T, S, v_mode, i_mode, bin_means, record_imem)
+    solver = _CoreNeuronSolver(h) if engine == "coreneuron" else None
     bar = None
     if progress:
         from tqdm import tqdm
@@ -158,27 +202,36 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
     rec.take(tvec, vvecs, ivecs)                # the t = 0 record
     steps = 0
     chunk_end = 0.0
-    while h.t < duration_ms:
+    # A fixed step's t is a running sum of dt and lands a hair below a chunk's end: stop within half a
+    # step of it (CoreNEURON's psolve would otherwise be asked for the same end again and again).
+    slack = 0.0 if integrator == "cvode" else 0.5 * dt_ms
+    while h.t < duration_ms - slack:
         chunk_end = min(chunk_end + chunk_ms, float(duration_ms))
         t_before = h.t
-        while h.t < chunk_end:
-            h.fadvance()
-            steps += 1
+        if solver is not None:
+            steps += solver.advance(chunk_end, h.dt)
+        else:
+            while h.t < chunk_end - slack:
+                h.fadvance()
+                steps += 1
         rec.take(tvec, vvecs, ivecs)
-        if h.t >= duration_ms:
+        if h.t >= duration_ms - slack:
             rec.take_final(h.t, segs)
         if bar is not None:
             bar.update(min(h.t, duration_ms) - t_before)
     wall = time.perf_counter() - wall0
     if bar is not None:
         bar.close()
+    if solver is not None:
+        solver.close()
+    spike_times = spikes.as_numpy().copy() if detector is not None else rec.soma_crossings_ms()
 
     out = {
         "t_1ms": rec.grid_1ms,
         "v_1ms": rec.v_1ms,
         "t_0p1ms": rec.grid_0p1ms,
         "v_soma_0p1ms": rec.v_soma,
-        "soma_spike_times_ms": spikes.as_numpy().copy(),
+        "soma_spike_times_ms": spike_times,
         "integrator_steps": steps,
         "wall_s": wall,
         "integrator": integrator,
@@ -188,6 +241,7 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         "v_init_mV": float(v_init_mV),
         "celsius": float(celsius),
         "duration_ms": float(duration_ms),
+        "engine": engine,
     }
     out.update(rec.finish())
     return out
@@ -200,21 +254,23 @@ class _Harvest:
     boundaries, and the running integrals of i_membrane_ and v from t = 0 to that step.
     """
 
-    def __init__(self, T: int, S: int, mode: str, record_imem: bool):
-        self.T, self.mode, self.record_imem = T, mode, record_imem
+    def __init__(self, T: int, S: int, v_mode: str, i_mode: str, bin_means: bool, record_imem: bool):
+        self.T, self.v_mode, self.i_mode = T, v_mode, i_mode
+        self.bin_means, self.record_imem = bin_means, record_imem
         self.grid_1ms = np.arange(T, dtype=np.float64)
         self.grid_0p1ms = np.arange(10 * T, dtype=np.float64) / 10.0
         self.v_1ms = np.empty((S, T), dtype=np.float32)
         self.v_soma = np.empty(10 * T, dtype=np.float32)
         self.n1 = self.n01 = 0            # next unfilled samples of the two grids
         self.last = None                  # (t, v [S], i [S]) of the last harvested step
-        if record_imem:
-            self.int_i = np.zeros((S, T))  # ∫_0^k i dt at the bin edges k = 0..T-1
+        self.soma_crossings: list[np.ndarray] = []
+        if bin_means:
+            self.int_i = np.zeros((S, T)) if record_imem else None  # ∫_0^k i dt at the bin edges
             self.int_v = np.zeros((S, T))
             self.n_edge = 1               # next unfilled edge (edge 0: integral 0)
             self.base_i = np.zeros(S)     # ∫_0^{t_last}
             self.base_v = np.zeros(S)
-            self.i0 = None
+        self.i0 = None
 
     def take(self, tvec, vvecs, ivecs) -> None:
         """Harvest the steps recorded since the last call and empty the vectors."""
@@ -251,6 +307,7 @@ class _Harvest:
         self.last = (t[-1], v[:, -1].copy(), i[:, -1].copy() if self.record_imem else None)
         if len(t) < 2:
             return
+        self.soma_crossings.append(upward_crossings(t, v[0]))
         t_end = t[-1]
         k = int(np.searchsorted(self.grid_1ms, t_end, side="right"))
         if k > self.n1:
@@ -260,24 +317,65 @@ class _Harvest:
         if k > self.n01:
             self.v_soma[self.n01:k] = _interp_rows(t, v[:1], self.grid_0p1ms[self.n01:k])[0]
             self.n01 = k
-        if self.record_imem:
+        if self.bin_means:
             k = min(self.T, int(np.floor(t_end)) + 1)
+            end = np.array([t_end])
             if k > self.n_edge:
                 edges = self.grid_1ms[self.n_edge:k]
-                self.int_i[:, self.n_edge:k] = self.base_i[:, None] + _integral_rows(t, i, edges, self.mode)
-                self.int_v[:, self.n_edge:k] = self.base_v[:, None] + _integral_rows(t, v, edges, self.mode)
+                self.int_v[:, self.n_edge:k] = self.base_v[:, None] + _integral_rows(t, v, edges, self.v_mode)
+                if self.record_imem:
+                    self.int_i[:, self.n_edge:k] = self.base_i[:, None] + _integral_rows(t, i, edges, self.i_mode)
                 self.n_edge = k
-            end = np.array([t_end])
-            self.base_i = self.base_i + _integral_rows(t, i, end, self.mode)[:, 0]
-            self.base_v = self.base_v + _integral_rows(t, v, end, self.mode)[:, 0]
+            self.base_v = self.base_v + _integral_rows(t, v, end, self.v_mode)[:, 0]
+            if self.record_imem:
+                self.base_i = self.base_i + _integral_rows(t, i, end, self.i_mode)[:, 0]
+
+    def soma_crossings_ms(self) -> np.ndarray:
+        """Upward 0-mV crossings of soma(0.5) found in the harvested steps (ms)."""
+        return np.concatenate(self.soma_crossings) if self.soma_crossings else np.zeros(0)
 
     def finish(self) -> dict:
         if self.n1 < self.T or self.n01 < 10 * self.T:
             raise RuntimeError("the run ended before the last grid sample (internal error)")
-        if not self.record_imem:
+        if not self.bin_means:
             return {}
         if self.n_edge < self.T:
             raise RuntimeError("the run ended before the last 1-ms bin edge (internal error)")
-        imem = np.concatenate([self.i0[:, None], np.diff(self.int_i, axis=1)], axis=1)
         vmean = np.concatenate([self.v_1ms[:, :1].astype(np.float64), np.diff(self.int_v, axis=1)], axis=1)
-        return {"imem_mean_1ms": imem.astype(np.float32), "v_mean_1ms": vmean.astype(np.float32)}
+        out = {"v_mean_1ms": vmean.astype(np.float32)}
+        if self.record_imem:
+            imem = np.concatenate([self.i0[:, None], np.diff(self.int_i, axis=1)], axis=1)
+            out["imem_mean_1ms"] = imem.astype(np.float32)
+        return out
+
+
+class _CoreNeuronSolver:
+    """Advances the NEURON model with CoreNEURON (``ParallelContext.psolve``), chunk by chunk.
+
+    Each ``psolve`` call transfers the model to CoreNEURON and the state and recorded vectors back,
+    so that NEURON's ``Vector.record`` and ``h.t`` behave as with ``fadvance``.
+    """
+
+    def __init__(self, h):
+        from neuron import coreneuron
+
+        from lfdeep_neuron import mechanisms
+
+        if not str(mechanisms.load()).endswith("-coreneuron"):
+            raise RuntimeError("engine 'coreneuron' needs mechanisms.load(coreneuron=True) before the cell "
+                               "is built (this process loaded the NEURON-only build)")
+        self._core = coreneuron
+        self._pc = h.ParallelContext()
+        self._core.enable = True
+        self._core.verbose = 0
+        self._pc.set_maxstep(10)
+
+    def advance(self, t_stop_ms: float, dt_ms: float) -> int:
+        from neuron import h
+
+        t0 = h.t
+        self._pc.psolve(t_stop_ms)
+        return int(round((h.t - t0) / dt_ms))
+
+    def close(self) -> None:
+        self._core.enable = False
