@@ -32,8 +32,6 @@ REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "hay" / "reference" / "synaptic_seed1.h5"
 MORPHOLOGY = REPO.parent / "shared" / "hay" / "cell1.asc"
 
-run = simulate                       # the name this example used before the network moved into the package
-
 
 def _hay_tables(morphology=None):
     """Segment and channel tables: from the Hay reference record, else from a HayL5PC."""
