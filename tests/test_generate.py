@@ -1,7 +1,8 @@
 """`lfdeep-neuron generate`: worker processes, mpiexec ranks, a killed-and-resumed run — all bit-identical.
 
-Real NEURON simulations of the Hay cell (fixed dt, 4 simulations x 100 ms to stay quick on 2 busy cores),
-a real `mpiexec -n 2`, and real signals (SIGTERM to the parent, SIGKILL to the whole process group).
+Real simulations of the Hay cell with the default path (Crank-Nicolson dt 0.05 on CoreNEURON, compact
+storage; 4 simulations x 100 ms to stay quick on 2 busy cores), a real `mpiexec -n 2`, and real signals
+(SIGTERM to the parent, SIGKILL to the whole process group).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ MPIEXEC = Path(sys.executable).parent / "mpiexec"
 def _cmd(morphology, out, *extra):
     return [sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--morphology", str(morphology),
             "--out", str(out), "--n-sims", str(N_SIMS), "--duration-ms", str(DURATION_MS), "--seed", str(SEED),
-            "--integrator", "fixed", *extra]
+            *extra]
 
 
 def _env():
@@ -89,6 +90,7 @@ def test_two_workers_dataset(uninterrupted):
     assert t["bytes_per_simulated_s"] == pytest.approx(t["bytes"] / t["simulated_s"])
     assert sorted(sum(meta["splits"].values(), [])) == list(range(N_SIMS))
     assert all(meta["splits"][k] for k in ("train", "val", "test"))
+    assert meta["voltage_storage"]["storage"] == "compact"
     assert 0 < meta["voltage_storage"]["float16_rmse_mV"] < 0.03
     assert meta["voltage_storage"]["float16_max_abs_err_mV"] <= 0.0625
     seeds = set()
@@ -97,8 +99,12 @@ def test_two_workers_dataset(uninterrupted):
                           require=("input", "input_effective", "imem_mean_1ms", "synapses", "@complete"))
         assert rec.attrs["complete"] == 1 and rec.attrs["sim_index"] == i
         seeds.add(int(rec.attrs["seed"]))
-        assert rec["v_1ms"].shape == (642, DURATION_MS) and rec["v_1ms"].dtype == np.float32
-        assert rec["imem_mean_1ms"].shape == (642, DURATION_MS)
+        assert rec["v_1ms"].shape == (642, DURATION_MS) and rec["v_1ms"].dtype == np.float16
+        assert rec["imem_mean_1ms"].shape == (642, DURATION_MS) and rec["imem_mean_1ms"].dtype == np.float16
+        for key, value in (("integrator", "fixed_cn"), ("engine", "coreneuron"), ("storage", "compact"),
+                           ("generator", "published")):
+            assert rec.attrs[key] == value
+        assert rec.attrs["dt_ms"] == 0.05
         v = rec["v_1ms"]
         assert np.all(np.isfinite(v)) and -100 < v.min() and v.max() < 60
         np.testing.assert_allclose(v[:, 0], -76.0, atol=1e-4)     # finitialize(-76)
@@ -203,5 +209,30 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     asc.write_text("; not used\n")
     assert main(["generate", "--morphology", str(asc), "--out", str(tmp_path / "o"), "--n-sims", "1",
                  "--duration-ms", "1"]) == 2
-    assert "duration_ms must be an integer number of ms >= 2" in capsys.readouterr().err
+    assert "duration_ms must be a whole number of ms >= 2" in capsys.readouterr().err
+    assert main(["generate", "--morphology", str(asc), "--out", str(tmp_path / "o"), "--n-sims", "0"]) == 2
+    assert "n_sims must be a whole number >= 1" in capsys.readouterr().err
+    assert main(["generate", "--morphology", str(asc), "--out", str(tmp_path / "o"), "--n-sims", "1",
+                 "--engine", "coreneuron", "--integrator", "cvode"]) == 2
+    assert "needs a fixed-step integrator" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_garbage_morphology_stops_before_any_worker(tmp_path):
+    """A morphology NEURON cannot read fails once, at once, with one line and no dataset left behind."""
+    asc = tmp_path / "garbage.asc"
+    asc.write_text("(this is not ( a neurolucida file\n" * 20)
+    out = tmp_path / "o"
+    t0 = time.time()
+    res = subprocess.run(_cmd(asc, out, "--workers", "2", "--engine", "neuron"), capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and str(asc) in res.stderr
+    assert not out.exists()
+    assert time.time() - t0 < 120
+
+
+def test_status_reports_progress(uninterrupted):
+    res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", str(uninterrupted)])
+    assert f"{N_SIMS} complete simulations of {DURATION_MS} ms" in res.stdout
+    assert "engine coreneuron" in res.stdout and "CPU s per simulated s" in res.stdout

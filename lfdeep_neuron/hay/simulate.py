@@ -374,7 +374,11 @@ class _CoreNeuronSolver:
         from neuron import h
 
         t0 = h.t
-        self._pc.psolve(t_stop_ms)
+        # t is a running sum of dt on both sides; asking for half a step more makes CoreNEURON take the
+        # step that lands (up to round-off) on t_stop_ms instead of stopping one step short.
+        self._pc.psolve(t_stop_ms + 0.5 * dt_ms)
+        if h.t <= t0:
+            raise RuntimeError(f"CoreNEURON did not advance from t = {t0} ms towards {t_stop_ms} ms")
         return int(round((h.t - t0) / dt_ms))
 
     def close(self) -> None:
