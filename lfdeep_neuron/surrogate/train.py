@@ -626,8 +626,6 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     main_proc = rank == 0
     out = Path(args.out)
     last, log_path = out.with_name(out.name + ".last"), out.with_name(out.name + ".jsonl")
-    if main_proc:
-        out.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + rank)
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -703,6 +701,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
                             dt_ms=float(getattr(train_sims, "dt_ms", 1.0)),
                             provenance={**provenance, "steps": step}, metrics=metrics, extra=extra)
 
+    if main_proc:                    # only now that data and model are known good: nothing half-written before
+        out.parent.mkdir(parents=True, exist_ok=True)
     log = JsonlLog(log_path, start) if main_proc else None
     bar = None
     if main_proc:
