@@ -66,12 +66,12 @@ def test_lfp_from_predicted_currents_follows_neuron(bundled, reference_dir, morp
     cell.set_input_events(syn[keep], t[keep])
     neuron = run_cell(cell, T, record_imem=True)
     pop = PopulationLFP.from_geometries([SegmentGeometry.from_cell(cell)], laminar_probe())
-    phi_n = pop.from_currents(neuron["imem_mean_1ms"][None].astype(np.float64))[:, 1:]
+    phi_n = pop.from_currents(neuron["imem_mean_1ms"][None].astype(np.float64))[1:]    # [T, E]
     x = torch.from_numpy(bin_events(syn, t, model.n_channels, 0, T)[None, :, 1:])
     torch.set_num_threads(1)
     pred = closed_loop(model, x, v0_mV=model.v_rest[None], output="mV")
     phi_s = pop.from_currents(pred.imem.double().numpy())
-    a, b = phi_s - phi_s.mean(1, keepdims=True), phi_n - phi_n.mean(1, keepdims=True)
-    corr = (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    a, b = phi_s - phi_s.mean(0, keepdims=True), phi_n - phi_n.mean(0, keepdims=True)
+    corr = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
     print(f"LFP correlation per contact: {np.round(corr, 3)}")
     assert np.median(corr) > MIN_LFP_MEDIAN_CORR

@@ -68,14 +68,17 @@ def _integral_rows(t: np.ndarray, y: np.ndarray, tq: np.ndarray, mode: str) -> n
     """
     dt = np.diff(t)
     if mode == "linear":
-        cum = np.concatenate([np.zeros((y.shape[0], 1)), np.cumsum(0.5 * (y[:, 1:] + y[:, :-1]) * dt, axis=1)],
-                             axis=1)
-        j, w = _bracket(t, tq)
+        area = y[:, 1:] + y[:, :-1]           # one temporary, then everything in place
+        area *= 0.5 * dt
+    else:
+        area = y[:, 1:] * dt
+    np.cumsum(area, axis=1, out=area)         # area[:, m] = ∫ from t[0] to t[m+1]
+    j, w = _bracket(t, tq)
+    cum = np.where(j > 0, area[:, np.maximum(j - 1, 0)], 0.0)    # ∫ from t[0] to t[j]
+    if mode == "linear":
         yq = y[:, j] * (1.0 - w) + y[:, j + 1] * w
-        return cum[:, j] + 0.5 * (tq - t[j]) * (y[:, j] + yq)
-    cum = np.concatenate([np.zeros((y.shape[0], 1)), np.cumsum(y[:, 1:] * dt, axis=1)], axis=1)
-    j, _ = _bracket(t, tq)
-    return cum[:, j] + (tq - t[j]) * y[:, j + 1]
+        return cum + 0.5 * (tq - t[j]) * (y[:, j] + yq)
+    return cum + (tq - t[j]) * y[:, j + 1]
 
 
 def upward_crossings(t_ms: np.ndarray, v_mV: np.ndarray, threshold_mV: float = 0.0) -> np.ndarray:
@@ -122,7 +125,8 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         Who integrates (see the module docstring); 'coreneuron' needs a fixed-step integrator.
     chunk_ms : float, optional
         Harvest interval of the recorded steps (memory bound: S x steps-per-chunk doubles); default
-        100 ms with NEURON, 500 ms with CoreNEURON (each ``psolve`` call transfers the model).
+        100 ms with NEURON, 1000 ms with CoreNEURON (each ``psolve`` call transfers the model; 1 s of
+        recorded steps at dt 0.05 ms is ~100 MB).
     progress : bool
         Show a tqdm bar over simulated time.
 
@@ -151,7 +155,7 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
     if engine == "coreneuron" and integrator == "cvode":
         raise ValueError("engine 'coreneuron' needs a fixed-step integrator ('fixed' or 'fixed_cn')")
     if chunk_ms is None:
-        chunk_ms = 500.0 if engine == "coreneuron" else 100.0
+        chunk_ms = 1000.0 if engine == "coreneuron" else 100.0
     bin_means = bin_means or record_imem
 
     h.celsius = celsius
@@ -274,14 +278,22 @@ class _Harvest:
 
     def take(self, tvec, vvecs, ivecs) -> None:
         """Harvest the steps recorded since the last call and empty the vectors."""
-        t = tvec.as_numpy().copy()
-        if len(t) == 0:
+        n = len(tvec)
+        if n == 0:
             return
-        v = np.stack([vec.as_numpy() for vec in vvecs])
-        i = np.stack([vec.as_numpy() for vec in ivecs]) if self.record_imem else None
+        # one copy straight into arrays that already hold the previous chunk's last step (column 0)
+        lead = 0 if self.last is None else 1
+        t = np.empty(n + lead)
+        t[lead:] = tvec.as_numpy()
+        v = np.empty((len(vvecs), n + lead))
+        np.stack([vec.as_numpy() for vec in vvecs], out=v[:, lead:])
+        i = None
+        if self.record_imem:
+            i = np.empty((len(ivecs), n + lead))
+            np.stack([vec.as_numpy() for vec in ivecs], out=i[:, lead:])
         for vec in (tvec, *vvecs, *ivecs):
             vec.resize(0)                 # Vector.record keeps appending after a resize
-        self.take_arrays(t, v, i)
+        self.take_arrays(t, v, i, lead_filled=False)
 
     def take_final(self, t: float, segs) -> None:
         """Add the state at the end of the run, which Vector.record has not stored yet.
@@ -296,12 +308,20 @@ class _Harvest:
         i = np.array([[seg.i_membrane_] for seg in segs]) if self.record_imem else None
         self.take_arrays(np.array([t]), v, i)
 
-    def take_arrays(self, t: np.ndarray, v: np.ndarray, i: np.ndarray | None) -> None:
+    def take_arrays(self, t: np.ndarray, v: np.ndarray, i: np.ndarray | None, lead_filled: bool | None = None) -> None:
+        """Harvest steps ``t`` [n] with ``v`` (and ``i``) [S, n]. After the first call the arrays either
+        lack the previous last step (``lead_filled=None``: it is prepended) or have an empty column 0 for
+        it (``lead_filled=False``: it is written there)."""
         if self.last is not None:
-            t = np.concatenate([[self.last[0]], t])
-            v = np.concatenate([self.last[1][:, None], v], axis=1)
-            if self.record_imem:
-                i = np.concatenate([self.last[2][:, None], i], axis=1)
+            if lead_filled is None:
+                t = np.concatenate([[self.last[0]], t])
+                v = np.concatenate([self.last[1][:, None], v], axis=1)
+                if self.record_imem:
+                    i = np.concatenate([self.last[2][:, None], i], axis=1)
+            else:
+                t[0], v[:, 0] = self.last[0], self.last[1]
+                if self.record_imem:
+                    i[:, 0] = self.last[2]
         elif self.record_imem:
             self.i0 = i[:, 0].copy()
         self.last = (t[-1], v[:, -1].copy(), i[:, -1].copy() if self.record_imem else None)
@@ -318,17 +338,18 @@ class _Harvest:
             self.v_soma[self.n01:k] = _interp_rows(t, v[:1], self.grid_0p1ms[self.n01:k])[0]
             self.n01 = k
         if self.bin_means:
-            k = min(self.T, int(np.floor(t_end)) + 1)
-            end = np.array([t_end])
-            if k > self.n_edge:
-                edges = self.grid_1ms[self.n_edge:k]
-                self.int_v[:, self.n_edge:k] = self.base_v[:, None] + _integral_rows(t, v, edges, self.v_mode)
-                if self.record_imem:
-                    self.int_i[:, self.n_edge:k] = self.base_i[:, None] + _integral_rows(t, i, edges, self.i_mode)
-                self.n_edge = k
-            self.base_v = self.base_v + _integral_rows(t, v, end, self.v_mode)[:, 0]
+            # integrals from the last harvested step to the new bin edges and to the chunk's end, in one
+            # pass over the steps (the trace is then one cumulative sum, not two)
+            k = max(min(self.T, int(np.floor(t_end)) + 1), self.n_edge)
+            tq = np.concatenate([self.grid_1ms[self.n_edge:k], [t_end]])
+            iv = _integral_rows(t, v, tq, self.v_mode)
+            self.int_v[:, self.n_edge:k] = self.base_v[:, None] + iv[:, :-1]
+            self.base_v = self.base_v + iv[:, -1]
             if self.record_imem:
-                self.base_i = self.base_i + _integral_rows(t, i, end, self.i_mode)[:, 0]
+                ii = _integral_rows(t, i, tq, self.i_mode)
+                self.int_i[:, self.n_edge:k] = self.base_i[:, None] + ii[:, :-1]
+                self.base_i = self.base_i + ii[:, -1]
+            self.n_edge = k
 
     def soma_crossings_ms(self) -> np.ndarray:
         """Upward 0-mV crossings of soma(0.5) found in the harvested steps (ms)."""
