@@ -180,3 +180,38 @@ def test_foreign_and_malformed_files(synthetic_dir, tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no simulation records"):
         SimulationDataset(empty)
+
+
+def test_several_dataset_directories_are_one_dataset(tmp_path):
+    """A list of dataset directories: each keeps its own splits (a training-only folder adds to train only),
+    simulations are numbered apart, and the statistics cover the train records of all of them."""
+    import json
+
+    from lfdeep_neuron.data.dataset import DATASET_INDEX_STRIDE, SimulationDataset
+    from lfdeep_neuron.data.records import write_record
+
+    def make(d: Path, n: int, fractions: dict, v0: float) -> None:
+        d.mkdir()
+        for i in range(n):
+            T = 20
+            write_record(d / f"sim_{i:06d}.h5", segments={"name": np.array(["soma[0](0.5)", "dend[0](0.5)"])},
+                         synapses={"syn_idx": np.arange(4)},
+                         traces={"v_1ms": np.full((2, T), v0 + i, np.float16), "soma_spike_times_ms": np.zeros(0)},
+                         attrs={"duration_ms": float(T)}, inputs_effective=(np.array([1, 2]), np.array([3.0, 7.5])))
+        (d / "meta.json").write_text(json.dumps({"format": "lfdeep-neuron simulation dataset", "records": [],
+                                                 "generation": {"seed": 3, "split_fractions": fractions}}))
+
+    a, b = tmp_path / "published", tmp_path / "excited"
+    make(a, 10, {"train": 0.6, "val": 0.2, "test": 0.2}, -70.0)
+    make(b, 4, {"train": 1.0, "val": 0.0, "test": 0.0}, -50.0)
+    single = {s: SimulationDataset(a, split=s, fields=("x_syn", "v")) for s in ("train", "val", "test")}
+    both = {s: SimulationDataset([a, b], split=s, fields=("x_syn", "v")) for s in ("train", "val", "test")}
+    for s in ("val", "test"):
+        assert [r.index for r in both[s].records] == [r.index for r in single[s].records]
+    extra = sorted(r.index for r in both["train"].records if r.index >= DATASET_INDEX_STRIDE)
+    assert extra == [DATASET_INDEX_STRIDE + i for i in range(4)]
+    assert len(both["train"].records) == len(single["train"].records) + 4
+    v_mean = both["train"].stats["v_mean"]
+    assert v_mean[0] > single["train"].stats["v_mean"][0]            # the excited folder's voltages count
+    item = both["train"][len(both["train"]) - 1]
+    assert item["v"].dtype == torch.float32 and int(item["sim_index"]) >= DATASET_INDEX_STRIDE

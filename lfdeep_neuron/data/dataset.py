@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from lfdeep_neuron.data.records import RecordFormatError, read_group, validate_record
+from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.data.simulate import META_NAME, assign_splits, read_meta
 
 __all__ = ["SimulationDataset", "bin_events", "spike_indicator", "compute_stats", "STATS_NAME"]
@@ -88,10 +89,29 @@ class _RecordInfo:
     events_sorted: bool
 
 
+#: Simulation ``i`` of the ``k``-th directory of a multi-directory dataset gets index ``k * stride + i``.
+DATASET_INDEX_STRIDE = 1_000_000
+
+
 def _discover(root) -> tuple[list[tuple[int, Path]], dict | None]:
-    """Records of a dataset: ``[(sim index, path)]`` and the directory's meta (if any)."""
+    """Records of a dataset: ``[(sim index, path)]`` and the directory's meta (if any).
+
+    A list of directories is one dataset: each keeps its own splits, and simulation ``i`` of the
+    ``k``-th directory is numbered ``k * DATASET_INDEX_STRIDE + i``.
+    """
     if isinstance(root, (list, tuple)):
         paths = [Path(p) for p in root]
+        if paths and all(p.is_dir() for p in paths):
+            found, splits = [], {"train": [], "val": [], "test": []}
+            metas = []
+            for k, d in enumerate(paths):
+                f_k, m_k = _discover(d)
+                off = k * DATASET_INDEX_STRIDE
+                found += [(i + off, p) for i, p in f_k]
+                for name in splits:
+                    splits[name] += sorted(i + off for i in _split_indices(f_k, m_k, name))
+                metas.append((m_k or {}).get("generation"))
+            return found, {"splits": splits, "datasets": [str(p) for p in paths], "generation": metas}
         return list(enumerate(paths)), None
     root = Path(root)
     if root.is_file():
@@ -206,7 +226,7 @@ class SimulationDataset(torch.utils.data.Dataset):
         chosen = _split_indices(found, self.meta, split)
         where = self.root if isinstance(self.root, Path) else "the given files"
         if not chosen:
-            raise ValueError(f"split {split!r} of {where} holds no simulations ({len(found)} in total)")
+            raise InputError(f"split {split!r} of {where} holds no simulations ({len(found)} in total)")
         self._required = ["segments", "v_1ms"] + [_FIELD_DATASET[k] for k in self.fields if k in _FIELD_DATASET]
         if "x_syn" in self.fields:
             self._required += [self.events, "synapses"]
@@ -396,16 +416,20 @@ class SimulationDataset(torch.utils.data.Dataset):
         return self._stats
 
     def _load_or_compute_stats(self) -> dict:
-        if not isinstance(self.root, Path) or not self.root.is_dir():
+        multi = self.meta is not None and "datasets" in self.meta     # a list of dataset directories
+        if not multi and (not isinstance(self.root, Path) or not self.root.is_dir()):
             return compute_stats([p for _, p in self._all_records], self.n_channels, self.events)
         train = sorted(_split_indices(self._all_records, self.meta, "train"))
         paths = dict(self._all_records)
         if not train:
-            raise ValueError(f"{self.root}: the train split is empty; statistics need train simulations")
+            raise InputError(f"{self.root}: the train split is empty; statistics need train simulations")
         files = [paths[i] for i in train]
-        key = hashlib.sha256(json.dumps([_STATS_VERSION] + [[p.name, p.stat().st_size, int(p.stat().st_mtime_ns)]
+        key = hashlib.sha256(json.dumps([_STATS_VERSION] + [[str(p) if multi else p.name, p.stat().st_size,
+                                                              int(p.stat().st_mtime_ns)]
                                                              for p in files]).encode()).hexdigest()
-        cache = self.root / STATS_NAME
+        # one directory: its stats.npz; several: a file named by their set, in the first of them
+        cache = (Path(self.meta["datasets"][0]) / f"stats_{hashlib.sha256(json.dumps(self.meta['datasets']).encode()).hexdigest()[:8]}.npz"
+                 if multi else self.root / STATS_NAME)
         if cache.is_file():
             with np.load(cache) as z:
                 if str(z["key"]) == key and str(z["events"]) == self.events:

@@ -734,6 +734,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="input generator: the published one, or 'excited' (inhibition shifted down: more firing)")
     p.add_argument("--storage", choices=STORAGES, default="compact",
                    help="compact: float16 voltages and currents (~1.5 MB per simulated s); float32: exact")
+    p.add_argument("--imem-source", choices=IMEM_SOURCES, default="laplacian",
+                   help="bin-mean currents as -L v_mean (default, exact) or from NEURON's recorded i_membrane_")
     p.add_argument("--splits", default="0.8,0.1,0.1",
                    help="train,val,test fractions by simulation (e.g. 1,0,0 for a training-only variant)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -776,7 +778,8 @@ def run(args) -> int:
     cfg = GenerationConfig(morphology=str(Path(args.morphology).resolve()), out_dir=args.out,
                            n_sims=args.n_sims, duration_ms=args.duration_ms, seed=args.seed,
                            integrator=args.integrator, dt_ms=args.dt_ms, engine=args.engine,
-                           generator=args.generator, storage=args.storage, split_fractions=fractions)
+                           generator=args.generator, storage=args.storage, imem_source=args.imem_source,
+                           split_fractions=fractions)
     try:
         meta = generate(cfg, workers=args.workers, progress=not args.no_progress)
     except SimulationFailed as exc:
