@@ -353,8 +353,12 @@ def test_compare_cli_scores_records(reference_dir, tmp_path, capsys):
     assert main(["compare", "--pred", str(ref_path), "--true", str(ref_path)]) == 0
     kw["traces"] = dict(kw["traces"], v_1ms=rec["v_1ms"][:, :100], t_1ms=rec["t_1ms"][:100])
     short = write_record(tmp_path / "short.h5", **kw)
-    with pytest.raises(RecordFormatError, match="v_1ms shapes differ"):
-        main(["compare", "--pred", str(short), "--true", str(ref_path)])
+    capsys.readouterr()
+    assert main(["compare", "--pred", str(short), "--true", str(ref_path)]) == 2   # bad input: one line, exit 2
+    err = capsys.readouterr().err
+    assert "v_1ms shapes differ" in err and str(short) in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(RecordFormatError, match="v_1ms shapes differ"):          # the Python API raises
+        main(["--debug", "compare", "--pred", str(short), "--true", str(ref_path)])
 
 
 def test_rollout_refuses_non_finite_predictions(reference):

@@ -70,7 +70,7 @@ def test_towers_and_gates_match_per_task_reference(cls):
     x = torch.rand(2, m.n_inputs, 9)
     with torch.no_grad():
         y = m(x, all_tasks=True)                                      # [B, n_tasks, T]
-        xp = m._prepare(x)
+        xp = m.backbone_inputs(x)
         ref = torch.empty_like(y)
         tw = m.towers
         if cls is MH:

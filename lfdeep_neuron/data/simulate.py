@@ -701,6 +701,7 @@ def dataset_status(out_dir) -> dict:
         "simulated_s": done * dur_s, "soma_spikes": spikes,
         "rate_hz_quantiles": {q: float(np.quantile(rates, q)) for q in (0.1, 0.5, 0.9)} if rates.size else {},
         "fraction_firing_ge_2hz": float(np.mean(rates >= 2.0)) if rates.size else 0.0,
+        "rates_hz": rates.tolist(),
         "cpu_s_per_simulated_s": cpu_s / (sims_timed * dur_s) if sims_timed else None,
         "bytes": sum(p.stat().st_size for p in list_records(out_dir).values()),
     }
@@ -717,8 +718,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY"),
                    help="Hay cell morphology (cell1.asc); default $LFDEEP_HAY_MORPHOLOGY")
     p.add_argument("--out", help="dataset directory (created; resumed if it exists)")
-    p.add_argument("--status", metavar="DIR", default=None,
-                   help="print how far the dataset in DIR is (records, simulated s, spikes, rates) and exit")
+    p.add_argument("--status", metavar="DIR", nargs="+", default=None,
+                   help="print how far the dataset(s) in DIR are (records, simulated s, spikes, rates) and exit")
     p.add_argument("--n-sims", type=int, help="number of simulations")
     p.add_argument("--duration-ms", type=int, default=6000, help="length of each simulation (ms)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; simulation i uses sim_seed(seed, i)")
@@ -738,7 +739,33 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="bin-mean currents as -L v_mean (default, exact) or from NEURON's recorded i_membrane_")
     p.add_argument("--splits", default="0.8,0.1,0.1",
                    help="train,val,test fractions by simulation (e.g. 1,0,0 for a training-only variant)")
+    p.add_argument("--histogram", metavar="PNG", default=None,
+                   help="with --status: also plot the per-simulation somatic firing rates (one histogram per DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def plot_rate_histogram(statuses: list[dict], path) -> None:
+    """Histogram of per-simulation somatic firing rates of one or more datasets (``dataset_status``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    top = max([max(st["rates_hz"], default=0.0) for st in statuses] + [1.0])
+    bins = np.linspace(0, np.ceil(top * 2) / 2 + 0.5, 30)
+    for st in statuses:
+        g = st["generation"]
+        ax.hist(st["rates_hz"], bins=bins, alpha=0.6,
+                label=f"{g.get('generator', 'published')} ({st['records_done']} sims, "
+                      f"{100 * st['fraction_firing_ge_2hz']:.0f} % >= 2 Hz)")
+    ax.axvline(2.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("somatic firing rate of a simulation (Hz)")
+    ax.set_ylabel("simulations")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _print_status(st: dict) -> None:
@@ -761,7 +788,12 @@ def run(args) -> int:
     from lfdeep_neuron.errors import InputError
 
     if args.status:
-        _print_status(dataset_status(args.status))
+        statuses = [dataset_status(d) for d in args.status]
+        for st in statuses:
+            _print_status(st)
+        if args.histogram:
+            plot_rate_histogram(statuses, args.histogram)
+            print(f"histogram: {args.histogram}")
         return 0
     if not args.out or args.n_sims is None:
         raise InputError("generate: --out and --n-sims are required (or --status DIR)")

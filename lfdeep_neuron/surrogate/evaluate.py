@@ -170,7 +170,7 @@ def expert_outputs(model, x: torch.Tensor) -> torch.Tensor | None:
     None for models without experts (MH)."""
     if not hasattr(model, "experts") or not hasattr(model, "n_experts"):
         return None
-    f = model.experts(model._prepare(x))                           # [B, E*C, T], expert-major channels
+    f = model.experts(model.backbone_inputs(x))                    # [B, E*C, T], expert-major channels
     B, _, T = f.shape
     return f.view(B, model.n_experts, model.expert_width, T).transpose(0, 1)
 
@@ -267,7 +267,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
                      "expert_diversity_perm": experts["permanent"]})
     summary = {
         "model": {"path": meta.get("path"), "arch": getattr(model, "arch", None), "config": cfg,
-                  "parameters": int(model.num_parameters()), "receptive_field_ms": int(model.receptive_field)},
+                  "parameters": int(model.num_parameters()), "receptive_field_ms": int(model.receptive_field)},  # -1: unbounded (recurrent)
         "data": {"root": str(getattr(test_ds, "root", "")), "split": test_ds.split, "n_sims": len(sims),
                  "sim_indices": [r["index"] for r in sims], "durations_ms": durations,
                  "n_segments": len(names), "group_sizes": {g: int(len(i)) for g, i in groups.items()}},

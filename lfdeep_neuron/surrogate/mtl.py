@@ -448,7 +448,6 @@ class Surrogate(nn.Module):
         """What the backbones read for raw model input ``x`` (see :meth:`encode`)."""
         return self.encode(x)[0]
 
-    _prepare = backbone_inputs   # the older private name, still read by evaluate.expert_outputs
 
     def _check_input(self, x: torch.Tensor, what: str) -> None:
         if x.shape[1] != self.n_inputs:

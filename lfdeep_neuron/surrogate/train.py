@@ -95,7 +95,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to train")
     add(g, "--recipe", "recipe file (TOML), or the name of one in lfdeep_neuron/surrogate/recipes/")
-    add(g, "--data", "data directory (sim_*.h5 of `generate`), or "
+    add(g, "--data", "data directory (sim_*.h5 of `generate`; DIR1,DIR2 joins several, each with its splits), or "
                      "'synthetic[:segments=6,sims=8,duration=2000,seed=0]'")
     add(g, "--out", "checkpoint path CKPT; CKPT.last and CKPT.jsonl are written next to it")
     add(g, "--arch", "architecture", choices=sorted(ARCHS))
@@ -258,20 +258,22 @@ def open_data(args) -> tuple:
         kw.setdefault("seed", args.seed)
         val_kw = {**kw, "n_sims": max(2, kw.get("n_sims", 8) // 4)}
         return SyntheticDataset(None, "train", None, **kw), SyntheticDataset(None, "val", None, **val_kw)
-    root = Path(args.data)
-    if not root.is_dir():
-        raise InputError(f"--data {root}: no such directory")
-    if not any(root.glob("*.h5")):
-        raise InputError(f"--data {root}: no simulation records (*.h5) in this folder; create them with "
-                         "`lfdeep-neuron generate`")
+    roots = [Path(p) for p in str(args.data).split(",")]      # several dataset folders: one dataset
+    for root in roots:
+        if not root.is_dir():
+            raise InputError(f"--data {root}: no such directory")
+        if not any(root.glob("*.h5")):
+            raise InputError(f"--data {root}: no simulation records (*.h5) in this folder; create them with "
+                             "`lfdeep-neuron generate`")
     from lfdeep_neuron.data.dataset import SimulationDataset
     from lfdeep_neuron.data.records import RecordFormatError
     fields = ("x_syn", "v", "spike") + (("imem",) if args.imem else ())
     try:
-        return tuple(SimulationDataset(root, split=split, window_ms=None, seed=args.seed, fields=fields)
+        return tuple(SimulationDataset(roots if len(roots) > 1 else roots[0], split=split, window_ms=None,
+                                       seed=args.seed, fields=fields)
                      for split in ("train", "val"))
     except (RecordFormatError, ValueError, FileNotFoundError) as err:
-        raise InputError(f"--data {root}: {err}") from err
+        raise InputError(f"--data {args.data}: {err}") from err
 
 
 class Windows(torch.utils.data.Dataset):
