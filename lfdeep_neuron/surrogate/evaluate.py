@@ -13,7 +13,9 @@ Reported (``OUT/summary.json``; ``OUT/per_segment.csv``; figures ``OUT/*.png``):
 
 * voltage RMSE (mV, point samples ``v_1ms``) per segment, per anatomical group
   (:func:`~.metrics.segment_groups`: soma, basal, apical trunk, oblique, tuft, axon) and over all segments,
-  pooled over simulations (segments weighted equally), teacher-forced and closed loop; per simulation;
+  pooled over simulations (segments weighted equally), teacher-forced and closed loop; per simulation; and the
+  somatic RMSE with both traces clipped at -55 mV (:data:`SOMA_CLIP_MV`, the NeuronIO convention), each next to
+  a constant (train-mean) baseline;
 * somatic spikes: AUC of the per-step spike logit against the per-bin spike indicator; with a threshold
   calibrated on the validation split (maximum pooled Γ, :func:`~.metrics.calibrate_threshold`; or
   ``--spike-threshold``): spike counts, count error, coincidence factor Γ (±2 ms, Kistler et al. 1997);
@@ -25,7 +27,8 @@ Reported (``OUT/summary.json``; ``OUT/per_segment.csv``; figures ``OUT/*.png``):
 
 Figures: ``heatmaps.png`` (segments x time: NEURON, closed-loop surrogate, error; the paper's Fig. 1B/C),
 ``group_errors.png`` (per-segment RMSE by group, box + points, teacher-forced and closed loop),
-``soma_trace.png`` (somatic voltage, NEURON vs surrogate, with spikes; spike logit and threshold).
+``soma_trace.png`` (somatic voltage, NEURON vs surrogate, with spikes; spike logit and threshold), ``raster.png``
+(somatic spikes of every scored simulation, NEURON's above the closed-loop surrogate's).
 """
 from __future__ import annotations
 
@@ -111,6 +114,17 @@ def _batches(ds, n_sims: int, batch: int):
         i += len(group)
 
 
+#: The somatic voltage is compared clipped at this level (spikes are scored by the spike output), as in
+#: the NeuronIO literature (Beniaguev et al. 2021; Spieler et al. 2024).
+SOMA_CLIP_MV = -55.0
+
+
+def clipped_soma_sse(pred_mV: np.ndarray, true_mV: np.ndarray, clip_mV: float = SOMA_CLIP_MV) -> float:
+    """Sum of squared differences of two somatic traces, both clipped from above at ``clip_mV`` (mV²)."""
+    d = np.minimum(np.asarray(pred_mV, np.float64), clip_mV) - np.minimum(np.asarray(true_mV, np.float64), clip_mV)
+    return float(np.sum(d * d))
+
+
 @torch.no_grad()
 def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teacher_forced: bool = True,
                    progress: bool = False, on_batch=None) -> list[dict]:
@@ -146,13 +160,17 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
             v_tf, logit_tf = model.to_mV(tf.v).float(), tf.spike_logit.float()
         for i, p in enumerate(positions):
             r = ds.records[p]
+            soma_true = v_true[i, 0].cpu().numpy()
             d = {"index": int(r.index), "T": int(r.n_steps), "spike_times_ms": np.asarray(r.spike_times_ms),
                  "spike": b["spike"][i, 1:].numpy(), "logit_cl": cl.spike_logit[i].float().cpu().numpy(),
                  "sse_cl": sse_cl[i],
-                 "sse_base": ((v_true[i].cpu().numpy().astype(np.float64) - v_mean) ** 2).sum(axis=1)}
+                 "sse_base": ((v_true[i].cpu().numpy().astype(np.float64) - v_mean) ** 2).sum(axis=1),
+                 "soma_clip_sse_cl": clipped_soma_sse(v_cl[i, 0].cpu().numpy(), soma_true),
+                 "soma_clip_sse_base": clipped_soma_sse(np.full_like(soma_true, v_mean[0, 0]), soma_true)}
             if teacher_forced:
                 d["logit_tf"] = logit_tf[i].cpu().numpy()
                 d["sse_tf"] = sq_err_per_segment(v_tf[i].cpu().numpy(), v_true[i].cpu().numpy())[0]
+                d["soma_clip_sse_tf"] = clipped_soma_sse(v_tf[i, 0].cpu().numpy(), soma_true)
             out.append(d)
         if on_batch is not None:
             on_batch(positions, b, v_tf, v_cl, (logit_tf, cl.spike_logit))
@@ -236,6 +254,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     rmse_tf = rmse_by_group(mse_tf, groups)
     rmse_cl = rmse_by_group(mse_cl, groups)
     rmse_base = rmse_by_group(sum(r["sse_base"] for r in sims) / n_per_seg, groups)
+    soma_clip = {key: float(np.sqrt(sum(r[f"soma_clip_sse_{key}"] for r in sims) / n_per_seg))
+                 for key in ("cl", "tf", "base")}
 
     true_trains = [r["spike_times_ms"] for r in sims]
     durations = [r["T"] for r in sims]
@@ -255,6 +275,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     flat = {
         "test_rmse_mV_tf": rmse_tf["all"], "test_rmse_mV_cl": rmse_cl["all"],
         "test_rmse_mV_baseline": rmse_base["all"],
+        "test_soma_clipped_rmse_mV_cl": soma_clip["cl"], "test_soma_clipped_rmse_mV_tf": soma_clip["tf"],
+        "test_soma_clipped_rmse_mV_baseline": soma_clip["base"],
         **{f"test_{g}_rmse_mV_tf": rmse_tf[g] for g in GROUPS if g in rmse_tf},
         **{f"test_{g}_rmse_mV_cl": rmse_cl[g] for g in GROUPS if g in rmse_cl},
         "spike_threshold_logit": thr, "spike_auc_tf": spikes["auc_tf"], "spike_auc_cl": spikes["auc_cl"],
@@ -276,6 +298,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
             "teacher_forced": rmse_tf, "closed_loop": rmse_cl,
             "baseline_train_mean": rmse_base,
             "baseline_note": "a constant prediction: each segment's mean voltage over the train split",
+            "soma_clipped_rmse_mV": {"closed_loop": soma_clip["cl"], "teacher_forced": soma_clip["tf"],
+                                     "baseline_train_mean": soma_clip["base"], "clip_mV": SOMA_CLIP_MV},
             "per_sim_rmse_mV_tf": [float(np.sqrt(r["sse_tf"].mean() / (r["T"] - 1))) for r in sims],
             "per_sim_rmse_mV_cl": [float(np.sqrt(r["sse_cl"].mean() / (r["T"] - 1))) for r in sims],
         },
@@ -286,7 +310,10 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     }
     arrays = {"names": np.array(names), "groups": labels, "rmse_tf": np.sqrt(mse_tf), "rmse_cl": np.sqrt(mse_cl),
               "threshold": thr, "figure_sim": sims[figure_sim]["index"] if figure_sim < len(sims) else None,
-              "spike_times_ms": true_trains[figure_sim] if figure_sim < len(sims) else None, **keep}
+              "spike_times_ms": true_trains[figure_sim] if figure_sim < len(sims) else None,
+              "raster_true_ms": true_trains,
+              "raster_pred_ms": [spikes_from_logits(r["logit_cl"], thr, first_step=1) for r in sims],
+              "raster_sims": [r["index"] for r in sims], **keep}
     return summary, arrays
 
 
@@ -357,6 +384,8 @@ def write_figures(out, summary: dict, arrays: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
+    if arrays.get("raster_true_ms") is not None:
+        paths.append(_raster_figure(out / "raster.png", arrays, arch, summary))
     if "v_true" not in arrays:
         return paths
     v_true = arrays["v_true"][:, 1:]
@@ -421,6 +450,31 @@ def write_figures(out, summary: dict, arrays: dict) -> list[Path]:
     return paths
 
 
+def _raster_figure(path: Path, arrays: dict, arch, summary: dict) -> Path:
+    """Somatic spikes of every scored simulation: NEURON's (black) above the surrogate's closed-loop ones (red)."""
+    import matplotlib.pyplot as plt
+
+    trains_true, trains_pred = arrays["raster_true_ms"], arrays["raster_pred_ms"]
+    n = len(trains_true)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.35 * n))
+    for k, (st, sp) in enumerate(zip(trains_true, trains_pred)):
+        ax.plot(st, np.full(len(st), k + 0.18), "|", color="k", ms=6, mew=1.2, label="NEURON" if k == 0 else None)
+        ax.plot(sp, np.full(len(sp), k - 0.18), "|", color="tab:red", ms=6, mew=1.2,
+                label="surrogate (closed loop)" if k == 0 else None)
+    ax.set_yticks(range(n))
+    ax.set_yticklabels([str(i) for i in arrays["raster_sims"]], fontsize=7)
+    ax.set_ylabel("simulation")
+    ax.set_xlabel("time (ms)")
+    g = summary["spikes"]["closed_loop"]
+    ax.set_title(f"{arch}: somatic spikes, {summary['data']['split']} split (Γ = {g['gamma']:.2f}, "
+                 f"{g.get('n_pred', '?')} predicted / {g.get('n_true', '?')} true)")
+    ax.legend(loc="upper right", fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def update_checkpoint_metrics(path, metrics: dict) -> None:
     """Merge ``metrics`` into the checkpoint's ``metrics`` dict (atomic rewrite; NaN stored as None)."""
     from lfdeep_neuron.surrogate.checkpoint import atomic_torch_save, load_checkpoint
@@ -440,6 +494,9 @@ def _print_summary(summary: dict, out: Path) -> None:
     for g in ("all",) + GROUPS:
         if g in v["teacher_forced"]:
             print(f"  {g:<14}{v['teacher_forced'][g]:>16.3f}{v['closed_loop'][g]:>14.3f}{base.get(g, float('nan')):>10.3f}")
+    sc = v["soma_clipped_rmse_mV"]
+    print(f"  {'soma <=' + format(sc['clip_mV'], 'g'):<14}{sc['teacher_forced']:>16.3f}{sc['closed_loop']:>14.3f}"
+          f"{sc['baseline_train_mean']:>10.3f}   (soma clipped at {sc['clip_mV']:g} mV)")
     cl = s["closed_loop"]
     print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f}; threshold {s['threshold_logit']:.3g} "
           f"({s['threshold_source']}); closed loop Γ {cl['gamma']:.3f}, {cl['n_pred']} predicted vs "
