@@ -462,13 +462,14 @@ def _raster_figure(path: Path, arrays: dict, arch, summary: dict) -> Path:
         ax.plot(sp, np.full(len(sp), k - 0.18), "|", color="tab:red", ms=6, mew=1.2,
                 label="surrogate (closed loop)" if k == 0 else None)
     ax.set_yticks(range(n))
+    ax.set_ylim(-0.6, n - 0.4)
     ax.set_yticklabels([str(i) for i in arrays["raster_sims"]], fontsize=7)
     ax.set_ylabel("simulation")
     ax.set_xlabel("time (ms)")
     g = summary["spikes"]["closed_loop"]
     ax.set_title(f"{arch}: somatic spikes, {summary['data']['split']} split (Γ = {g['gamma']:.2f}, "
                  f"{g.get('n_pred', '?')} predicted / {g.get('n_true', '?')} true)")
-    ax.legend(loc="upper right", fontsize=7, ncol=2)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
