@@ -335,6 +335,31 @@ class SimulationDataset(torch.utils.data.Dataset):
         self._win_t0 = np.concatenate(t0s)
         self._win_spiking = np.concatenate(spiking)
 
+    def restrict(self, simulated_s: float, seed: int = 0) -> None:
+        """Keep only a fixed random subset of the simulations that holds ``simulated_s`` seconds.
+
+        The order is a permutation of the simulations drawn from ``seed`` alone, and the subset is its
+        shortest prefix reaching ``simulated_s``: a smaller budget keeps a subset of a larger one (nested
+        training sets for data-scaling experiments). Normalisation ``stats`` stay those of the whole train
+        split.
+        """
+        if not simulated_s > 0:
+            raise InputError(f"simulated_s must be > 0, got {simulated_s}")
+        order = np.random.default_rng(seed).permutation(len(self.records))
+        total_s = np.cumsum([self.records[i].n_steps / 1000.0 for i in order])
+        n = int(np.searchsorted(total_s, simulated_s - 1e-9) + 1)
+        if total_s[-1] < simulated_s - 1e-9:
+            raise InputError(f"{self.root}: split {self.split!r} holds {total_s[-1]:.1f} simulated s, "
+                             f"fewer than the {simulated_s:g} s asked for")
+        self.records = [self.records[i] for i in sorted(order[:n])]
+        self._build_windows()
+        self.set_epoch(0)
+
+    @property
+    def simulated_s(self) -> float:
+        """Simulated seconds of the simulations this dataset holds."""
+        return float(sum(r.n_steps for r in self.records) / 1000.0)
+
     def set_epoch(self, epoch: int) -> None:
         """Redraw the spike-balanced sample for this epoch (no effect without ``spike_balance``)."""
         n = self._win_rec.size

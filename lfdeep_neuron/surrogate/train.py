@@ -73,7 +73,7 @@ SOMA_CLIP_MV = -55.0    # soma voltages are compared clipped at this value (the 
 #: Built-in defaults of every option (a recipe and flags override them).
 DEFAULTS: dict = dict(
     data=None, out=None, arch=None, config="paper", set=[], imem=False,
-    steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0,
+    steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0, train_seconds=None,
     lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
     soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None, imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
@@ -109,6 +109,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--skip-ms", "leave out each simulation's first ms (initial transient)", type=int)
     add(g, "--warmup-ms", "steps at the start of each window left out of the loss", type=int)
     add(g, "--spike-balance", "oversample windows holding a somatic spike to this fraction", type=float)
+    add(g, "--train-seconds", "train on a fixed random subset of the train split holding this many simulated "
+                              "seconds (nested across budgets: data-scaling runs)", type=float)
     g = p.add_argument_group("optimisation")
     add(g, "--steps", "total optimiser steps (the LR schedule spans them)", type=int)
     add(g, "--batch", "windows per step (per process under torchrun)", type=int)
@@ -632,6 +634,10 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
 
     # -- data ---------------------------------------------------------------------------------------------
     train_sims, val_sims = datasets if datasets is not None else open_data(args)
+    if args.train_seconds is not None:
+        if not hasattr(train_sims, "restrict"):
+            raise InputError(f"--train-seconds needs a dataset directory, not --data {args.data}")
+        train_sims.restrict(float(args.train_seconds), seed=0)
     window = int(args.window_ms)
     train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
     val_ds = Windows(val_sims, window, window, args.skip_ms)

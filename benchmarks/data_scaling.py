@@ -1,0 +1,127 @@
+"""How a surrogate's accuracy scales with the amount of ground truth: one recipe, nested training sets.
+
+    python benchmarks/data_scaling.py --data data/corpus/published,data/corpus/excited \\
+        --test-data data/corpus/published --recipe spike_lstm_mh --seconds 150 600 2400 all \\
+        --steps 3000 --out runs/scaling [--time-limit-min 60]
+
+For every budget S (simulated seconds of the train split; ``all`` = everything there), trains the recipe with
+``lfdeep-neuron train --train-seconds S`` (a fixed random subset, nested: the 150-s set lies inside the 600-s
+one) for the **same number of optimiser steps** at every point, then scores it with ``lfdeep-neuron evaluate``
+on the same held-out test split (closed loop, spike threshold calibrated on the validation split). Prints
+and writes ``OUT/scaling.md``, ``OUT/scaling.json`` and ``OUT/scaling.png``: spike AUC, coincidence factor Γ
+(±2 ms), somatic RMSE clipped at -55 mV and all-segment RMSE (with the constant baseline) per budget.
+
+Every step resumes: a training interrupted by ``--time-limit-min`` (or anything else) continues from its
+``CKPT.last`` when the same command is rerun, and scored points are not scored again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+COLUMNS = (("spike_auc_cl", "spike AUC"), ("spike_gamma_cl", "Γ ±2 ms"),
+           ("test_soma_clipped_rmse_mV_cl", "soma RMSE, clipped (mV)"),
+           ("test_rmse_mV_cl", "all-segment RMSE (mV)"), ("test_rmse_mV_baseline", "constant baseline (mV)"))
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "lfdeep_neuron.cli", *map(str, args)]
+
+
+def run_point(budget: str, args) -> dict | None:
+    """Train (or resume) and score one budget; None while its training is unfinished."""
+    out = Path(args.out)
+    ckpt = out / f"s{budget}.pt"
+    cmd = _cli("train", "--recipe", args.recipe, "--data", args.data, "--out", ckpt, "--steps", args.steps,
+               "--seed", args.seed, *args.train_args)
+    if budget != "all":
+        cmd += ["--train-seconds", budget]
+    if args.time_limit_min:
+        cmd += ["--time-limit-min", args.time_limit_min]
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise SystemExit(f"training for budget {budget} failed (exit {res.returncode}): {' '.join(cmd)}")
+    if not ckpt.exists():
+        print(f"budget {budget}: training stopped early (time limit); rerun the same command to continue")
+        return None
+    ev = out / f"s{budget}_eval"
+    summary = ev / "summary.json"
+    if not summary.exists():
+        res = subprocess.run(_cli("evaluate", "--model", ckpt, "--data", args.test_data, "--split", "test",
+                                  "--out", ev, *args.eval_args))
+        if res.returncode != 0:
+            raise SystemExit(f"evaluation of {ckpt} failed (exit {res.returncode})")
+    s = json.loads(summary.read_text())
+    import torch
+
+    provenance = torch.load(ckpt, map_location="cpu", weights_only=False).get("provenance", {})
+    row = {k: s["metrics_for_checkpoint"].get(k) for k, _ in COLUMNS}
+    row.update(budget=budget, checkpoint=str(ckpt), steps=int(args.steps),
+               train_simulated_s=(provenance.get("dataset") or {}).get("simulated_s"))
+    return row
+
+
+def write_outputs(rows: list[dict], out: Path, title: str) -> None:
+    lines = [f"# {title}", "", "| train simulated s | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "–" for k, _ in COLUMNS]
+        lines.append(f"| {r['train_simulated_s'] or r['budget']} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "scaling.md").write_text(text)
+    (out / "scaling.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [float(r["train_simulated_s"] or 0) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, keys, ylabel in ((axes[0], ("spike_auc_cl", "spike_gamma_cl"), "AUC / Γ"),
+                             (axes[1], ("test_soma_clipped_rmse_mV_cl",), "mV"),
+                             (axes[2], ("test_rmse_mV_cl", "test_rmse_mV_baseline"), "mV")):
+        for k in keys:
+            ax.plot(x, [r[k] for r in rows], "o-", label=dict(COLUMNS)[k])
+        ax.set_xscale("log")
+        ax.set_xlabel("training data (simulated s)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="training data folder(s), DIR1,DIR2 (as train --data)")
+    p.add_argument("--test-data", required=True, help="folder whose test (and val) split scores every point")
+    p.add_argument("--recipe", required=True)
+    p.add_argument("--seconds", nargs="+", default=["150", "600", "2400", "all"],
+                   help="training budgets in simulated seconds ('all' = the whole train split)")
+    p.add_argument("--steps", type=int, required=True, help="optimiser steps, the same at every budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--time-limit-min", type=float, default=None, help="per training call (resumable)")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                   help="further arguments for every `train` call (last on the line)")
+    args = p.parse_args(argv)
+    args.eval_args = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for budget in args.seconds:
+        row = run_point(budget, args)
+        if row is None:
+            return 3
+        rows.append(row)
+    write_outputs(rows, out, f"{args.recipe}: {args.steps} steps per point, test split of {args.test_data}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
