@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "evaluate": ("lfdeep_neuron.surrogate.evaluate", "score a surrogate on held-out simulations"),
     "rollout": ("lfdeep_neuron.surrogate.rollout", "closed-loop surrogate run on an inputs file"),
     "compare": ("lfdeep_neuron.surrogate.compare", "score one record against another (voltages, spikes)"),
+    "waveform": ("lfdeep_neuron.surrogate.waveform", "fit the spike waveform (APs in the voltages) into a checkpoint"),
 }
 
 #: Exit status of a command stopped by bad input.

@@ -56,11 +56,18 @@ delay, the spike reaches a surrogate target in step k+1 at the earliest, like th
 detailed cell fired in step k's window would with a delay >= Δ; and under MPI every inter-rank
 delay must be >= the ParallelContext's minimum delay anyway.
 
+Action potentials: a model trained on a clipped soma target has no AP in its voltages (the spike lives in
+the spike logit). With a spike waveform (:class:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform`, stored in
+the checkpoint by ``lfdeep-neuron waveform``; ``spike_waveform=`` chooses), after the spike decision of step k
+the waveform of every instance that emitted a spike at a step k' >= k - K + 1 (the latest one: a new spike
+restarts it) is added to the voltages (and predicted currents) handed to the sinks, column k - k': one
+indexed add for all instances inside a waveform. The model's own state and fed-back voltages are not changed.
+
 Per step (no Python per event, none per cell except per emitted spike): gather and clear the
-engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, hand the step to the
+engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, add the spike waveform, hand the step to the
 attached sinks (:mod:`lfdeep_neuron.cosim.sinks`: recordings, LFP, NetPyNE traces; one
 ``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates
-the time of each phase (``intake``, ``forward``, ``emit``, ``record`` = handing over to the sinks;
+the time of each phase (``intake``, ``forward``, ``emit``, ``waveform``, ``record`` = handing over to the sinks;
 seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
 (equal: one per step).
 
@@ -316,6 +323,11 @@ class SurrogateEngine:
         ``'crossing'`` (default): a spike when the logit crosses the threshold upwards (a run of steps
         above it is one spike); ``'level'``: a spike in every step above it. ``rollout`` and ``evaluate``
         use the same rules (:func:`lfdeep_neuron.surrogate.metrics.spikes_from_logits`).
+    spike_waveform : SpikeWaveform or bool
+        The action-potential waveform added to the voltages (and currents) handed to sinks at emitted
+        spikes (:mod:`lfdeep_neuron.surrogate.waveform`). True (default): the checkpoint's
+        (``model.meta['spike_waveform']``), none if it has none; False or None: none. The attribute
+        :attr:`spike_waveform` may be changed between runs (it is read at ``finitialize``).
 
     Use :meth:`get` to obtain the engine of a model (one per process).
     """
@@ -364,7 +376,7 @@ class SurrogateEngine:
     def __init__(self, model, device=None, spike_threshold: float | None = None, feedback: bool = True,
                  torch_threads: int | None = None, segments=None, synapses=None,
                  step_ms: float | None = None, dtype=None, intake: str = "sparse", max_abs_mV: float = 500.0,
-                 spike_rule: str = "crossing"):
+                 spike_rule: str = "crossing", spike_waveform=True):
         import torch
 
         if isinstance(model, (str, Path)):
@@ -402,6 +414,9 @@ class SurrogateEngine:
             raise ValueError(f"spike_rule must be 'crossing' or 'level', got {spike_rule!r}")
         self.spike_rule = spike_rule
         self._above = None                    # [n] bool: logit above threshold at the previous step
+        self.spike_waveform = spike_waveform  # property: resolves True to the checkpoint's waveform
+        self._wave = None                     # the waveform on the device, in the engine's dtype (at init)
+        self._wave_state = None               # its per-instance state (steps since the last spike)
         self.dtype = dtype
         if intake not in ("sparse", "dense"):
             raise ValueError(f"intake must be 'sparse' or 'dense', got {intake!r}")
@@ -435,7 +450,7 @@ class SurrogateEngine:
         self._spike_times: list[float] = []
         self.n_forward = 0
         self.n_dense_reads = 0           # reads of whole rows (dense intake or overflow; t0 clear included)
-        self.timers = dict(intake=0.0, forward=0.0, emit=0.0, record=0.0)
+        self.timers = dict(intake=0.0, forward=0.0, emit=0.0, waveform=0.0, record=0.0)
         self.clock = time.perf_counter   # clock of the timers (e.g. time.process_time for CPU time)
         self.n_steps = 0
         self._step_callback = _Callback(self, "_step")
@@ -457,6 +472,28 @@ class SurrogateEngine:
             art.base = -1
         self._arts, self._fires, self._gids, self._cell_refs = [], [], [], []
         self._stream = None
+
+    @property
+    def spike_waveform(self):
+        """The :class:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform` added at emitted spikes, or None."""
+        return self._spike_waveform
+
+    @spike_waveform.setter
+    def spike_waveform(self, value):
+        from lfdeep_neuron.surrogate.waveform import SpikeWaveform, model_waveform
+
+        if value is True:
+            value = model_waveform(self.model)
+        elif value is False:
+            value = None
+        if value is not None:
+            if not isinstance(value, SpikeWaveform):
+                raise TypeError(f"spike_waveform must be a SpikeWaveform, True or False/None, got "
+                                f"{type(value).__name__}")
+            n_seg = getattr(self.model, "n_segments", value.n_segments)
+            if value.n_segments != n_seg:
+                raise ValueError(f"the spike waveform has {value.n_segments} segments; the model predicts {n_seg}")
+        self._spike_waveform = value
 
     @property
     def predicts_currents(self) -> bool:
@@ -668,6 +705,9 @@ class SurrogateEngine:
             self._imem0 = torch.zeros_like(self._v0) if self.predicts_currents else None
             self._nan_logit = torch.full((n,), float("nan"), dtype=self._x.dtype, device=self.device)
             self._above = torch.zeros(n, dtype=torch.bool, device=self.device)   # t0: below
+            wf = self._spike_waveform
+            self._wave = None if wf is None else wf.to(device=self.device, dtype=self._x.dtype)
+            self._wave_state = None if wf is None else self._wave.initial_state(n, device=self.device)
         h.cvode.event(self._t0 + self._offset, self._step_callback)
 
     def _inputs(self, sinks):
@@ -750,7 +790,8 @@ class SurrogateEngine:
             self._diverged(v, self.step_time(self._k))
         c2 = clock()
         above = logit > self.spike_threshold
-        fired = torch.nonzero(above & ~self._above if self.spike_rule == "crossing" else above).flatten()
+        spiked = above & ~self._above if self.spike_rule == "crossing" else above
+        fired = torch.nonzero(spiked).flatten()
         self._above = above
         fired = fired.cpu().numpy() if fired.numel() else np.zeros(0, np.int64)
         fires = self._fires
@@ -760,12 +801,16 @@ class SurrogateEngine:
             self._spike_rows.append(fired)
             self._spike_times.append(t_now)
         c3 = clock()
-        self._hand_over(sinks, self._k, v, logit, imem, fired)
+        if self._wave is not None:        # APs in what the sinks get; the streamer's state is untouched
+            v, imem, self._wave_state = self._wave.step(self._wave_state, v, spiked, imem)
         c4 = clock()
+        self._hand_over(sinks, self._k, v, logit, imem, fired)
+        c5 = clock()
         self.timers["intake"] += c1 - c0
         self.timers["forward"] += c2 - c1
         self.timers["emit"] += c3 - c2
-        self.timers["record"] += c4 - c3
+        self.timers["waveform"] += c4 - c3
+        self.timers["record"] += c5 - c4
         self.n_steps += 1
         self._k += 1
         h.cvode.event(self._t0 + self._k * self.step_ms + self._offset, self._step_callback)

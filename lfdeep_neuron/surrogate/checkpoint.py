@@ -10,6 +10,9 @@ Contents (DESIGN.md, "Surrogate model contract")::
     synapses      channel table (keys of a record's synapses/ group)
     dt_ms         surrogate step (ms)               provenance  data, NEURON version, code, training
     metrics       measured accuracy (free-form dict of numbers)
+    (spike_waveform) optional: the per-segment action-potential waveform added at emitted spikes
+                  (:meth:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform.to_payload`; absent = none;
+                  ``lfdeep-neuron waveform`` writes it, :func:`write_spike_waveform`)
     (train_state) optimizer / step / RNG, only in the ``CKPT.last`` files written during training
 
 Tables are stored as tensors (numeric columns) and lists of str (string columns), so the file loads with
@@ -34,10 +37,12 @@ import torch
 from lfdeep_neuron import resources
 from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.mtl import ARCHS, Surrogate, SurrogateConfig
+from lfdeep_neuron.surrogate.waveform import SpikeWaveform
 
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_surrogate", "CheckpointError",
            "CorruptCheckpointError", "ArchitectureError", "SegmentMismatchError", "ChannelMismatchError",
-           "NormalizationError", "NoBundledModelError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR"]
+           "NormalizationError", "NoBundledModelError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR",
+           "write_spike_waveform"]
 
 #: Bundled checkpoints: ``lfdeep_neuron/models`` of an installed wheel, else ``models/`` at the top of the
 #: checkout (editable install); ``DEFAULT`` in it names the recommended one.
@@ -134,14 +139,14 @@ def atomic_torch_save(obj, path) -> None:
 
 
 def checkpoint_payload(model: Surrogate, *, segments, synapses, normalization=None, dt_ms: float = 1.0,
-                       provenance=None, metrics=None) -> dict:
+                       provenance=None, metrics=None, spike_waveform: SpikeWaveform | None = None) -> dict:
     """The checkpoint dict (see the module docstring) for ``model``."""
     if model.arch not in ARCHS:
         raise ValueError(f"model has unknown arch {model.arch!r}")
     norm = model.normalization() if normalization is None else normalization
     norm = {k: torch.as_tensor(np.asarray(v), dtype=torch.float32).reshape(-1).clone() for k, v in norm.items()}
     raw = model.module if hasattr(model, "module") else model
-    return {
+    payload = {
         "format": FORMAT, "version": VERSION,
         "arch": raw.arch, "config": raw.config.to_dict(),
         "state_dict": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()},
@@ -150,10 +155,24 @@ def checkpoint_payload(model: Surrogate, *, segments, synapses, normalization=No
         "dt_ms": float(dt_ms),
         "provenance": _plain(provenance or {}), "metrics": _plain(metrics or {}),
     }
+    if spike_waveform is not None:
+        payload["spike_waveform"] = _waveform_payload(spike_waveform, raw.n_segments)
+    return payload
+
+
+def _waveform_payload(wf: SpikeWaveform, n_segments: int) -> dict:
+    if not isinstance(wf, SpikeWaveform):
+        raise TypeError(f"spike_waveform must be a SpikeWaveform, got {type(wf).__name__}")
+    if wf.n_segments != n_segments:
+        raise ValueError(f"the spike waveform has {wf.n_segments} segments; the model {n_segments}")
+    out = wf.to_payload()
+    out["info"] = _plain(out["info"])
+    return out
 
 
 def save_checkpoint(path, model: Surrogate, *, segments, synapses, normalization=None, dt_ms: float = 1.0,
-                    provenance=None, metrics=None, extra: dict | None = None) -> Path:
+                    provenance=None, metrics=None, extra: dict | None = None,
+                    spike_waveform: SpikeWaveform | None = None) -> Path:
     """Write a surrogate checkpoint atomically.
 
     Parameters
@@ -170,9 +189,12 @@ def save_checkpoint(path, model: Surrogate, *, segments, synapses, normalization
         Free-form (numbers, strings, lists, dicts); e.g. data set, NEURON version, measured RMSE.
     extra : dict, optional
         More top-level keys (the trainer stores ``train_state`` here).
+    spike_waveform : SpikeWaveform, optional
+        Action-potential waveform added at emitted spikes (:mod:`~lfdeep_neuron.surrogate.waveform`).
     """
     payload = checkpoint_payload(model, segments=segments, synapses=synapses, normalization=normalization,
-                                 dt_ms=dt_ms, provenance=provenance, metrics=metrics)
+                                 dt_ms=dt_ms, provenance=provenance, metrics=metrics,
+                                 spike_waveform=spike_waveform)
     if extra:
         payload.update(extra)
     atomic_torch_save(payload, path)
@@ -293,7 +315,43 @@ def validate_checkpoint(ckpt: dict, path="checkpoint", expected_segments=None) -
     dt = ckpt["dt_ms"]
     if not isinstance(dt, (int, float)) or not dt > 0:
         raise CheckpointError(f"{path}: dt_ms must be a positive number, got {dt!r}")
+    spike_waveform_of(ckpt, path, cfg.n_segments)
     return cfg
+
+
+def spike_waveform_of(ckpt: dict, path="checkpoint", n_segments: int | None = None) -> SpikeWaveform | None:
+    """The checkpoint's :class:`SpikeWaveform` (None when it has none); :class:`CheckpointError` if malformed."""
+    payload = ckpt.get("spike_waveform")
+    if payload is None:
+        return None
+    try:
+        wf = SpikeWaveform.from_payload(payload, where=str(path))
+    except InputError as err:
+        raise CheckpointError(str(err)) from err
+    if n_segments is not None and wf.n_segments != n_segments:
+        raise SegmentMismatchError(f"{path}: the spike waveform has {wf.n_segments} segments; the model "
+                                   f"{n_segments}")
+    if wf.kernel_i_nA is not None and not ckpt["config"].get("imem_tasks", False):
+        raise CheckpointError(f"{path}: the spike waveform has a current kernel but the model predicts no currents")
+    return wf
+
+
+def write_spike_waveform(path, waveform: SpikeWaveform | None, out=None) -> Path:
+    """Store ``waveform`` (None: remove it) in the checkpoint ``path``, written atomically to ``out``
+    (default ``path``, in place); everything else is kept as it is. Returns the written path."""
+    ckpt = load_checkpoint(path)
+    cfg = validate_checkpoint(ckpt, path)
+    ckpt.pop("spike_waveform", None)
+    if waveform is not None:
+        if waveform.kernel_i_nA is not None and not cfg.imem_tasks:
+            raise CheckpointError(f"{path}: the model predicts no currents; the waveform has a current kernel")
+        try:
+            ckpt["spike_waveform"] = _waveform_payload(waveform, cfg.n_segments)
+        except ValueError as err:
+            raise SegmentMismatchError(f"{path}: {err}") from err
+    out = Path(path if out is None else out)
+    atomic_torch_save(ckpt, out)
+    return out
 
 
 def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate:
@@ -310,7 +368,8 @@ def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate
     Returns
     -------
     Surrogate
-        In eval mode, with ``model.meta`` = dict(segments, synapses, dt_ms, provenance, metrics, path, ...).
+        In eval mode, with ``model.meta`` = dict(segments, synapses, dt_ms, provenance, metrics, path, ...,
+        ``spike_waveform``: a :class:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform` or None).
     """
     ckpt = load_checkpoint(path, map_location=None)
     cfg = validate_checkpoint(ckpt, path, expected_segments)
@@ -328,7 +387,7 @@ def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate
         "synapses": _table_from_storable(ckpt["synapses"]),
         "dt_ms": float(ckpt["dt_ms"]), "provenance": ckpt.get("provenance", {}),
         "metrics": ckpt.get("metrics", {}), "path": str(path), "arch": ckpt["arch"],
-        "config": ckpt["config"],
+        "config": ckpt["config"], "spike_waveform": spike_waveform_of(ckpt, path),
     }
     if map_location is not None:
         model.to(map_location)

@@ -22,6 +22,10 @@ Time and binning (docs/ARCHITECTURE.md)
   calibrated ``metrics['spike_threshold_logit']`` from ``lfdeep-neuron evaluate --update-checkpoint``, else
   0 = probability ½) is a somatic spike at ``k - 0.5`` ms (:data:`~.metrics.SPIKE_OFFSET_MS`, the middle of
   its window; ``ceil`` of it gives back k).
+* Action potentials: when the checkpoint carries a spike waveform (``lfdeep-neuron waveform``;
+  :mod:`~lfdeep_neuron.surrogate.waveform`), it is added to ``v_1ms`` at the predicted spikes (column j of the
+  kernel at step k + j for the spike of step k, a new spike restarting it), as the co-simulation engine
+  does; ``--no-waveform`` leaves the model's raw voltages.
 
 Written: the segment / section / synapse tables (segments and synapses from the inputs file when it has
 them, else from the checkpoint; they must name the same segments as the checkpoint), ``input`` and
@@ -30,7 +34,7 @@ them, else from the checkpoint; they must name the same segments as the checkpoi
 attributes: the input's ``protocol``, ``seed``, ``duration_ms``, ``v_init_mV``, ``celsius`` (+ step
 protocol attributes) and ``simulator = "lfdeep-neuron surrogate"``, ``model_arch``, ``model_config``,
 ``checkpoint``, ``checkpoint_sha256``, ``spike_threshold_logit``, ``spike_time_offset_ms``, ``events_used``,
-``v0``, ``complete = 1``.
+``v0``, ``spike_waveform`` (what was added: "none" or its summary), ``complete = 1``.
 """
 from __future__ import annotations
 
@@ -65,6 +69,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="initial state: the model's v_rest, or the inputs file's v_1ms[:, 0]")
     p.add_argument("--spike-threshold", type=float, default=None,
                    help="spike logit threshold (default: the checkpoint's calibrated one, else 0)")
+    p.add_argument("--no-waveform", action="store_true",
+                   help="do not add the checkpoint's spike waveform (APs) to the voltages at predicted spikes")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -78,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_surrogate(args.model, map_location=args.device)
     out = rollout_file(model, args.inputs, args.out, events=args.events, duration_ms=args.duration_ms,
                        v0=args.v0, spike_threshold=args.spike_threshold, device=args.device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, spike_waveform=not args.no_waveform)
     rec = read_record(out)
     print(f"wrote {out}: {rec.n_segments} segments x {rec.n_steps} ms, "
           f"{rec['soma_spike_times_ms'].size} somatic spikes (threshold {rec.attrs['spike_threshold_logit']:.3g})")
@@ -132,7 +138,7 @@ def load_inputs(path, events: str = "auto", duration_ms: int | None = None, n_ch
 
 @torch.no_grad()
 def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None = None, device=None,
-            progress: bool = False) -> dict:
+            progress: bool = False, spike_waveform=True) -> dict:
     """Closed-loop run of one cell on binned inputs.
 
     Parameters
@@ -142,12 +148,16 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
         Binned channels; column k = inputs of (k-1, k] ms (column 0 is not used).
     v0_mV : array [S], optional
         State at t = 0 (default ``model.v_rest``).
+    spike_waveform : SpikeWaveform or bool
+        Added to the voltages at the predicted spikes (:mod:`~lfdeep_neuron.surrogate.waveform`). True
+        (default): the checkpoint's (``model.meta['spike_waveform']``), if any; False or None: none.
 
     Returns
     -------
     dict ``v_1ms`` float32 [S, T] (column 0 = v0), ``spike_logit_1ms`` float32 [T] (NaN at 0),
-    ``soma_spike_times_ms`` float64, ``threshold``.
+    ``soma_spike_times_ms`` float64, ``threshold``, ``spike_waveform`` (the one added, or None).
     """
+    from lfdeep_neuron.surrogate.waveform import SpikeWaveform, model_waveform
     from lfdeep_neuron.surrogate.stream import closed_loop
 
     C, T = x_syn.shape
@@ -167,7 +177,15 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
     logit[1:] = pred.spike_logit[0].float().cpu().numpy()
     thr = default_threshold(model) if spike_threshold is None else float(spike_threshold)
     spikes = spikes_from_logits(logit[1:], thr, first_step=1)
-    return {"v_1ms": v, "spike_logit_1ms": logit, "soma_spike_times_ms": spikes, "threshold": thr}
+    wf = model_waveform(model) if spike_waveform is True else (spike_waveform or None)
+    if wf is not None:
+        if not isinstance(wf, SpikeWaveform) or wf.n_segments != model.n_segments:
+            raise InputError(f"spike_waveform must be a SpikeWaveform of the model's {model.n_segments} segments")
+        spiked = np.zeros((1, T), dtype=bool)
+        spiked[0, np.ceil(spikes - 1e-9).astype(np.int64)] = True      # spike at k - 0.5 ms -> step k
+        v = wf.apply(v[None], spiked)[0][0].astype(np.float32)
+    return {"v_1ms": v, "spike_logit_1ms": logit, "soma_spike_times_ms": spikes, "threshold": thr,
+            "spike_waveform": wf}
 
 
 def _names(table) -> list[str]:
@@ -183,7 +201,8 @@ def _sha256(path) -> str:
 
 
 def rollout_file(model, inputs, out, events: str = "auto", duration_ms: int | None = None, v0: str = "rest",
-                 spike_threshold: float | None = None, device=None, progress: bool = False) -> Path:
+                 spike_threshold: float | None = None, device=None, progress: bool = False,
+                 spike_waveform=True) -> Path:
     """Read ``inputs``, run :func:`rollout`, write the record ``out``; return its path."""
     rec, syn, t, w, T, used = load_inputs(inputs, events, duration_ms, model.n_channels)
     meta = getattr(model, "meta", None) or {}
@@ -205,7 +224,7 @@ def rollout_file(model, inputs, out, events: str = "auto", duration_ms: int | No
     else:
         raise InputError(f"v0 must be 'rest' or 'record', got {v0!r}")
     x = bin_events(syn, t, model.n_channels, 0, T, w)
-    res = rollout(model, x, v0_mV, spike_threshold, device, progress)
+    res = rollout(model, x, v0_mV, spike_threshold, device, progress, spike_waveform=spike_waveform)
 
     attrs = {k: rec.attrs[k] for k in _COPY_ATTRS if k in rec.attrs}
     attrs.setdefault("protocol", "unknown")
@@ -222,6 +241,7 @@ def rollout_file(model, inputs, out, events: str = "auto", duration_ms: int | No
         "v0": "model v_rest" if v0_mV is None else "inputs file v_1ms[:, 0]",
         "v_1ms_grid": "t = 0,1,...,T-1 ms; column 0 = initial state, column k = prediction of step k",
         "dt_ms": float(meta.get("dt_ms", 1.0)),
+        "spike_waveform": "none" if res["spike_waveform"] is None else res["spike_waveform"].summary(),
         "complete": np.int8(1),
     })
     traces = {"v_1ms": res["v_1ms"], "t_1ms": np.arange(T, dtype=np.float64),
