@@ -148,7 +148,9 @@ def test_compact_record_round_trips_through_reader_and_dataset(morphology, tmp_p
     assert dv.max() <= 0.0313
     i_a, i_b = a["imem_mean_1ms"].astype(np.float64), b["imem_mean_1ms"].astype(np.float64)
     big = np.abs(i_b) > 1e-3                     # away from float16's subnormal range
-    assert np.max(np.abs(i_a - i_b)[big] / np.abs(i_b)[big]) <= 2.0 ** -8 + 2.0 ** -11
+    from lfdeep_neuron.data.simulate import COMPACT_IMEM_MANTISSA_BITS as bits
+
+    assert np.max(np.abs(i_a - i_b)[big] / np.abs(i_b)[big]) <= 2.0 ** -(bits + 1) + 2.0 ** -11
     for root, rec in ((compact, a), (exact, b)):
         ds = SimulationDataset(root, split=None, window_ms=40)
         item = ds[1]

@@ -15,7 +15,7 @@ The default solve is the fast path measured in ``benchmarks/generation.py``: Cra
 on CoreNEURON (same trajectories as NEURON), recording v alone; the bin-mean currents are ``-L v_mean``
 (exact, :mod:`lfdeep_neuron.hay.simulate`). ``--integrator cvode --engine neuron`` is the published
 integrator (CVODE, atol 1e-3). Storage ``compact`` (default) keeps ``v_1ms`` as float16 (0.015 mV RMS
-rounding) and ``imem_mean_1ms`` as float16 rounded to 7 mantissa bits (0.2 % RMS relative rounding):
+rounding) and ``imem_mean_1ms`` as float16 rounded to 6 mantissa bits (0.35 % RMS relative rounding):
 ~1.5 MB per simulated second; ``float32`` keeps both exact (~4 MB/s).
 
 Parallelism: ``--workers K`` worker processes (``spawn``: NEURON is not fork-safe once initialised), or
@@ -72,7 +72,7 @@ STORAGES = ("compact", "float32")
 #: (the previous generator's way, ~30 % more per simulation; kept to measure against).
 IMEM_SOURCES = ("laplacian", "recorded")
 #: Mantissa bits kept by the compact storage of ``imem_mean_1ms`` (float16 has 10).
-COMPACT_IMEM_MANTISSA_BITS = 7
+COMPACT_IMEM_MANTISSA_BITS = 6
 DEFAULT_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 # Datasets every generated record must hold (checked when resuming).
 REQUIRED_DATASETS = ("segments", "synapses", "input", "input_effective", "v_1ms", "t_1ms",
