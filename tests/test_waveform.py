@@ -66,6 +66,13 @@ def test_streaming_equals_full_form(delay):
         v_t, i_t, state = wf.step(state, v[:, :, t], spiked[:, t], imem[:, :, t])
         torch.testing.assert_close(v_t, v_full[:, :, t], rtol=0, atol=1e-12)
         torch.testing.assert_close(i_t, i_full[:, :, t], rtol=0, atol=1e-12)
+    state = wf.initial_state(B)                                # in place (the engine's way): same numbers
+    for t in range(T):
+        v_in, i_in = v[:, :, t].clone(), imem[:, :, t].clone()
+        v_t, i_t, state = wf.step(state, v_in, spiked[:, t], i_in, inplace=True)
+        assert v_t is v_in and i_t is i_in
+        torch.testing.assert_close(v_in, v_full[:, :, t], rtol=0, atol=1e-12)
+        torch.testing.assert_close(i_in, i_full[:, :, t], rtol=0, atol=1e-12)
     assert torch.equal(v_full[0], v[0]) and torch.equal(i_full[0], imem[0])   # no spike: unchanged
     assert not torch.equal(v_full[2:], v[2:])
     v_np, i_np = wf.apply(v.numpy(), spiked.numpy())           # numpy in, numpy out, same numbers

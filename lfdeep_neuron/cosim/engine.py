@@ -802,7 +802,9 @@ class SurrogateEngine:
             self._spike_times.append(t_now)
         c3 = clock()
         if self._wave is not None:        # APs in what the sinks get; the streamer's state is untouched
-            v, imem, self._wave_state = self._wave.step(self._wave_state, v, spiked, imem)
+            # in place: the streamer hands out fresh tensors (its fed-back copy is separate)
+            with torch.inference_mode():
+                v, imem, self._wave_state = self._wave.step(self._wave_state, v, spiked, imem, inplace=True)
         c4 = clock()
         self._hand_over(sinks, self._k, v, logit, imem, fired)
         c5 = clock()

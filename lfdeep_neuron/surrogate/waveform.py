@@ -212,8 +212,8 @@ class SpikeWaveform:
         """State before the first step: no waveform running in any of ``n_cells`` cells."""
         return WaveformState(torch.full((int(n_cells),), self.span, dtype=torch.int64, device=device))
 
-    def step(self, state: WaveformState, v: torch.Tensor, spiked: torch.Tensor, imem=None):
-        """One step for N cells (pure: returns new tensors and a new state).
+    def step(self, state: WaveformState, v: torch.Tensor, spiked: torch.Tensor, imem=None, inplace: bool = False):
+        """One step for N cells (pure unless ``inplace``: returns new tensors and a new state).
 
         Parameters
         ----------
@@ -225,6 +225,9 @@ class SpikeWaveform:
             Which cells emitted a spike at this step.
         imem : Tensor [N, S], optional
             This step's predicted membrane currents (nA).
+        inplace : bool
+            Add into ``v`` and ``imem`` themselves (no copy of the [N, S] arrays; what the co-simulation
+            engine does with the streamer's fresh outputs). The state is never modified in place.
 
         Returns
         -------
@@ -238,12 +241,17 @@ class SpikeWaveform:
         if live.numel() == 0:
             return v, imem, new
         rows = age.index_select(0, live)
-        v = v.index_add(0, live.to(v.device), self._pad_v.to(device=v.device, dtype=v.dtype)
-                        .index_select(0, rows.to(v.device)))
+        v = self._add_rows(v, live, self._pad_v, rows, inplace)
         if imem is not None and self._pad_i is not None:
-            imem = imem.index_add(0, live.to(imem.device), self._pad_i.to(device=imem.device, dtype=imem.dtype)
-                                  .index_select(0, rows.to(imem.device)))
+            imem = self._add_rows(imem, live, self._pad_i, rows, inplace)
         return v, imem, new
+
+    @staticmethod
+    def _add_rows(x: torch.Tensor, live: torch.Tensor, padded: torch.Tensor, rows: torch.Tensor, inplace: bool):
+        """``x[live] += padded[rows]`` (one indexed add), in place or on a copy."""
+        dev = x.device
+        add = padded.to(device=dev, dtype=x.dtype).index_select(0, rows.to(dev))
+        return x.index_add_(0, live.to(dev), add) if inplace else x.index_add(0, live.to(dev), add)
 
     # -- persistence ------------------------------------------------------------------------------------
     def to_payload(self) -> dict:
