@@ -297,7 +297,7 @@ def test_cli_fits_and_writes_the_waveform(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def cosim():
-    import lfdeep_neuron  # noqa: F401
+    import lfdeep_neuron  # noqa: F401  (MPI / NEURON set-up before NEURON is imported)
     from neuron import h
 
     from lfdeep_neuron import cosim as module

@@ -64,12 +64,12 @@ restarts it) is added to the voltages (and predicted currents) handed to the sin
 indexed add for all instances inside a waveform. The model's own state and fed-back voltages are not changed.
 
 Per step (no Python per event, none per cell except per emitted spike): gather and clear the
-engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, add the spike waveform, hand the step to the
-attached sinks (:mod:`lfdeep_neuron.cosim.sinks`: recordings, LFP, NetPyNE traces; one
-``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates
-the time of each phase (``intake``, ``forward``, ``emit``, ``waveform``, ``record`` = handing over to the sinks;
-seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since the last init; ``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes
-(equal: one per step).
+engine's inputs, ONE ``streamer.step`` for all local instances, emit spikes, add the spike waveform,
+hand the step to the attached sinks (:mod:`lfdeep_neuron.cosim.sinks`: recordings, LFP, NetPyNE traces;
+one ``index_select`` per sink that asked for a subset of the instances). ``engine.timers`` accumulates
+the time of each phase (``intake``, ``forward``, ``emit``, ``waveform``, ``record`` = handing over to the
+sinks; seconds of ``engine.clock``, wall time by default) of the steps k >= 1 since the last init;
+``engine.n_steps`` counts those steps and ``engine.n_forward`` the forward passes (equal: one per step).
 
 Object lifetimes
 ----------------
