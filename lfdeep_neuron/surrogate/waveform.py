@@ -433,8 +433,9 @@ def fit_spike_waveform(model, sims, kernel_ms: int = 10, max_sims: int | None = 
         n_used += used.size
         used_sims.append(sim)
     if n_used == 0:
+        where = f"{getattr(sims, 'root', 'the data')} (split {getattr(sims, 'split', None) or 'all'})"
         raise InputError(f"no isolated somatic spike (none in the {K} ms before) in the {n} simulation(s) of "
-                         f"split {getattr(sims, 'split', None)!r}: nothing to fit a spike waveform on")
+                         f"{where}: nothing to fit a spike waveform on")
     div = np.maximum(counts, 1)
     info = {"kernel_ms": K, "isolation_ms": K if isolation_ms is None else int(isolation_ms),
             "baseline_ms": int(baseline_ms), "sims": used_sims, "column_counts": counts.tolist(),
