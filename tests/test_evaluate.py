@@ -369,3 +369,34 @@ def test_rollout_refuses_non_finite_predictions(reference):
         model.towers.b2.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="not finite from step 1 on"):
         rollout(model, np.zeros((N_CH, 20), np.float32))
+
+
+def test_evaluate_adds_the_checkpoints_spike_waveform(reference, checkpoint, small_dataset, tmp_path):
+    """A checkpoint with a spike waveform: evaluate's closed-loop voltages carry it at exactly the predicted
+    spikes (upward crossings of the threshold), as the engine and rollout do; nowhere else."""
+    from lfdeep_neuron.data.dataset import SimulationDataset
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate, write_spike_waveform
+    from lfdeep_neuron.surrogate.evaluate import evaluate
+    from lfdeep_neuron.surrogate.metrics import spike_onsets
+    from lfdeep_neuron.surrogate.waveform import SpikeWaveform
+
+    torch.set_num_threads(1)
+    root, _, _ = small_dataset
+    kernel = np.zeros((642, 3))
+    kernel[0] = [100.0, 40.0, 0.0]
+    with_wf = write_spike_waveform(checkpoint, SpikeWaveform(kernel_v_mV=kernel), out=tmp_path / "wf.pt")
+    ds = SimulationDataset(root, split="test", fields=("x_syn", "v", "spike"))
+    plain = load_surrogate(checkpoint)
+    _, a0 = evaluate(plain, ds, spike_threshold=0.0)
+    thr = float(np.quantile(a0["logit_cl"], 0.9))        # a threshold the untrained logits do cross
+    _, a = evaluate(plain, ds, spike_threshold=thr)
+    s, b = evaluate(load_surrogate(with_wf), ds, spike_threshold=thr)
+    onsets = np.flatnonzero(spike_onsets(a["logit_cl"] > thr))
+    assert onsets.size > 0
+    added = b["v_cl"] - a["v_cl"]
+    expect = np.zeros(added.shape[1])
+    for k in onsets:                                     # a new spike restarts the waveform
+        expect[k:k + 3] = kernel[0, :min(3, expect.size - k)]
+    np.testing.assert_allclose(added[0], expect, atol=1e-4)
+    assert np.abs(added[1:]).max() == 0.0
+    assert s["spike_waveform"].startswith("added")

@@ -43,7 +43,7 @@ import torch
 
 from lfdeep_neuron.surrogate.metrics import (GROUPS, calibrate_threshold, diversity_metrics, group_labels,
                                              pooled_spike_metrics, rmse_by_group, segment_groups, spike_auc,
-                                             spikes_from_logits, sq_err_per_segment)
+                                             spike_onsets, spikes_from_logits, sq_err_per_segment)
 
 __all__ = ["configure_parser", "run", "evaluate", "simulate_split", "expert_outputs", "write_figures",
            "update_checkpoint_metrics"]
@@ -127,19 +127,25 @@ def clipped_soma_sse(pred_mV: np.ndarray, true_mV: np.ndarray, clip_mV: float = 
 
 @torch.no_grad()
 def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teacher_forced: bool = True,
-                   progress: bool = False, on_batch=None) -> list[dict]:
+                   progress: bool = False, on_batch=None, spike_threshold: float | None = None) -> list[dict]:
     """Run the model over whole simulations of a :class:`SimulationDataset` (``window_ms=None``).
 
     Returns one dict per simulation: ``index`` (simulation index), ``T``, ``spike_times_ms`` (NEURON),
     ``spike`` [T-1] indicator of steps 1..T-1, ``logit_cl`` [T-1], ``sse_cl`` [S] (squared error sums, mV²),
     and with ``teacher_forced`` ``logit_tf``, ``sse_tf``. ``on_batch(positions, batch, v_tf, v_cl, logits)``
     is called for every batch (e.g. to keep traces for figures).
+
+    With ``spike_threshold`` and a model whose checkpoint carries a spike waveform
+    (``model.meta['spike_waveform']``, :mod:`~lfdeep_neuron.surrogate.waveform`), the closed-loop voltages get
+    the action potential added at every predicted spike (upward crossing of the threshold), as the engine
+    and ``rollout`` do: what a co-simulation records.
     """
     from lfdeep_neuron.surrogate.stream import closed_loop
 
     if ds.window_ms is not None:
         raise ValueError("simulate_split needs whole simulations: a SimulationDataset with window_ms=None")
     model = model.eval().to(device)
+    waveform = (getattr(model, "meta", None) or {}).get("spike_waveform")
     v_mean = model.v_mean.detach().cpu().numpy().astype(np.float64)[:, None]
     n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
     bar = None
@@ -153,6 +159,9 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
         v_true = v[..., 1:]
         cl = closed_loop(model, x[..., 1:], v0_mV=v[..., 0], output="mV", device=device)
         v_cl = cl.v.float()
+        if waveform is not None and spike_threshold is not None:
+            spiked = spike_onsets(cl.spike_logit.float().cpu().numpy() > spike_threshold)
+            v_cl, _ = waveform.apply(v_cl, torch.from_numpy(spiked).to(v_cl.device))
         sse_cl = [sq_err_per_segment(v_cl[i].cpu().numpy(), v_true[i].cpu().numpy())[0] for i in range(len(positions))]
         v_tf = logit_tf = None
         if teacher_forced:
@@ -247,7 +256,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
             keep["experts"] = None if f is None else f.cpu().numpy()
 
     sims = simulate_split(model, test_ds, max_sims, device, batch, teacher_forced=True, progress=progress,
-                          on_batch=on_batch)
+                          on_batch=on_batch, spike_threshold=thr)
     n_per_seg = sum(r["T"] - 1 for r in sims)
     mse_tf = sum(r["sse_tf"] for r in sims) / n_per_seg
     mse_cl = sum(r["sse_cl"] for r in sims) / n_per_seg
@@ -304,6 +313,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
             "per_sim_rmse_mV_cl": [float(np.sqrt(r["sse_cl"].mean() / (r["T"] - 1))) for r in sims],
         },
         "spikes": spikes,
+        "spike_waveform": "added to the closed-loop voltages at predicted spikes"
+                          if (getattr(model, "meta", None) or {}).get("spike_waveform") is not None else "none",
         "experts": experts,
         "metrics_for_checkpoint": flat,
         "wall_s": time.time() - t0,
