@@ -162,3 +162,18 @@ def test_compact_record_round_trips_through_reader_and_dataset(morphology, tmp_p
             return sum(f[k].id.get_storage_size() for k in ("v_1ms", "imem_mean_1ms"))
 
     assert trace_bytes(compact / "sim_000000.h5") < 0.6 * trace_bytes(exact / "sim_000000.h5")
+
+
+def test_run_cell_restores_the_integrator_settings(morphology):
+    """A CVODE replay must not leave CVODE on for what runs next in the process (e.g. a co-simulated network)."""
+    from neuron import h
+
+    cell = HayL5PC(morphology, synapses=False)
+    cvode = h.CVode()
+    cvode.active(0)
+    h.dt, h.secondorder = 0.025, 0
+    for integrator in ("cvode", "fixed_cn"):
+        run_cell(cell, 5, integrator=integrator, dt_ms=0.05, record_imem=True)
+        assert (cvode.active(), h.dt, h.secondorder, cvode.use_fast_imem()) == (0, 0.025, 0, 0)
+    del cell
+    gc.collect()

@@ -100,7 +100,9 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
     """Simulate ``cell`` (with whatever inputs it holds) for ``duration_ms``.
 
     NEURON holds one model per process: every cell that exists is simulated, only ``cell`` is
-    recorded. Global settings (CVODE on/off, tolerances, dt, celsius) are set by this call.
+    recorded. The integrator's global settings (CVODE on/off, tolerances, dt, second order, fast_imem)
+    are set for this run and restored afterwards, so that later runs in the process (e.g. a network
+    with the co-simulation engine) are not changed behind their back; ``celsius`` stays as set.
 
     Parameters
     ----------
@@ -139,6 +141,27 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         ``duration_ms``, ``engine``), with ``bin_means`` ``v_mean_1ms`` and with ``record_imem`` also
         ``imem_mean_1ms`` float32 [S, T] (mV, nA).
     """
+    from neuron import h
+
+    cvode = h.CVode()
+    saved = (cvode.active(), cvode.atol(), cvode.rtol(), h.dt, h.secondorder, cvode.use_fast_imem())
+    try:
+        return _run_cell(cell, duration_ms, integrator=integrator, atol=atol, rtol=rtol, dt_ms=dt_ms,
+                         v_init_mV=v_init_mV, celsius=celsius, record_imem=record_imem, bin_means=bin_means,
+                         engine=engine, chunk_ms=chunk_ms, progress=progress)
+    finally:
+        cvode.active(saved[0])
+        cvode.atol(saved[1])
+        cvode.rtol(saved[2])
+        h.dt, h.secondorder = saved[3], saved[4]
+        cvode.use_fast_imem(saved[5])
+
+
+def _run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float = CVODE_ATOL,
+             rtol: float = CVODE_RTOL, dt_ms: float = FIXED_DT_MS, v_init_mV: float = V_INIT_MV,
+             celsius: float = CELSIUS, record_imem: bool = False, bin_means: bool = False,
+             engine: str = "neuron", chunk_ms: float | None = None, progress: bool = False) -> dict:
+    """The body of :func:`run_cell` (which restores the integrator settings)."""
     from neuron import h
 
     T = int(round(duration_ms))
