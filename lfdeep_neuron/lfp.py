@@ -56,6 +56,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from lfdeep_neuron.cosim.sinks import EngineSink
+from lfdeep_neuron.neuron_callbacks import WeakMethodCall
 
 __all__ = [
     "AxialLaplacian",
@@ -932,30 +933,6 @@ class PopulationLFPSink(EngineSink):
         return self._t0 + self._step_ms * np.arange(len(self.lfp_mV))
 
 
-class _WeakCall:
-    """``obj.<name>()`` through a weak reference, with the garbage collector paused during the call
-    (NEURON callbacks must not free hoc objects; see the engine's "Object lifetimes")."""
-
-    def __init__(self, obj, name: str):
-        import weakref
-
-        self.ref, self.name = weakref.ref(obj), name
-
-    def __call__(self):
-        import gc
-
-        obj = self.ref()
-        if obj is None:
-            return
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            getattr(obj, self.name)()
-        finally:
-            if enabled:
-                gc.enable()
-
-
 class MembraneCurrentLFP:
     """LFP of detailed NEURON cells from ``i_membrane_``, sampled every ``step_ms`` during a run.
 
@@ -999,8 +976,8 @@ class MembraneCurrentLFP:
         self._t0, self._k, self._map, self._pointers, self._gathered = 0.0, 0, None, None, None
         self._cvode = h.CVode()                      # NEURON's one integrator (stdrun's h.cvode)
         self._cvode.use_fast_imem(1)
-        self._callback = _WeakCall(self, "_sample")
-        self._fih = h.FInitializeHandler(1, _WeakCall(self, "_start"))
+        self._callback = WeakMethodCall(self, "_sample")
+        self._fih = h.FInitializeHandler(1, WeakMethodCall(self, "_start"))
 
     def _start(self):
         from neuron import h

@@ -42,3 +42,43 @@ def reference_dir() -> Path:
         pytest.skip("reference recordings not found at ../shared/hay/reference "
                     "(made by the original Hay implementation; not in the repo)")
     return d
+
+
+@pytest.fixture
+def cosim():
+    """The co-simulation package with NEURON on a fixed 0.025-ms step; every engine closed afterwards."""
+    import torch
+
+    import lfdeep_neuron  # noqa: F401  (MPI / NEURON set-up before NEURON is imported)
+    from neuron import h
+
+    from lfdeep_neuron import cosim as module
+
+    torch.set_num_threads(1)
+    h.load_file("stdrun.hoc")
+    h.dt = 0.025
+    h.cvode.active(0)
+    yield module
+    module.SurrogateEngine.close_all()
+    h.cvode.active(0)
+    h.dt = 0.025
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, reference_dir):
+    """An untrained tiny MMoE with the reference's tables and normalisation, saved as a checkpoint."""
+    import numpy as np
+    import torch
+
+    from lfdeep_neuron.data.records import read_record
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+    from lfdeep_neuron.surrogate.mtl import MMoE
+
+    torch.manual_seed(0)
+    rec = read_record(reference_dir / "synaptic_seed1.h5", require=("segments", "synapses", "v_1ms"))
+    model = MMoE.from_config("tiny", n_segments=642, n_channels=1278)
+    v = np.asarray(rec["v_1ms"], np.float64)
+    model.set_normalization(v.mean(1), v.std(1))
+    path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pt"
+    save_checkpoint(path, model, segments=rec["segments"], synapses=rec["synapses"])
+    return path

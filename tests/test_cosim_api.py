@@ -7,25 +7,6 @@ import pytest
 N_CH = 1278
 
 
-@pytest.fixture
-def cosim():
-    import torch
-
-    import lfdeep_neuron  # noqa: F401
-    from neuron import h
-
-    from lfdeep_neuron import cosim as module
-
-    torch.set_num_threads(1)
-    h.load_file("stdrun.hoc")
-    h.dt = 0.025
-    h.cvode.active(0)
-    yield module
-    module.SurrogateEngine.close_all()
-    h.cvode.active(0)
-    h.dt = 0.025
-
-
 def _model(segments=6, seed=0):
     import torch
 

@@ -23,25 +23,6 @@ DRIVE_MS = (3.0, 7.5, 12.0, 16.5, 21.0)      # the drive NetStim's spike times (
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory, reference_dir):
-    """An untrained tiny MMoE with the reference's tables and normalisation, saved as a checkpoint."""
-    import torch
-
-    from lfdeep_neuron.data.records import read_record
-    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
-    from lfdeep_neuron.surrogate.mtl import MMoE
-
-    torch.manual_seed(0)
-    rec = read_record(reference_dir / "synaptic_seed1.h5", require=("segments", "synapses", "v_1ms"))
-    model = MMoE.from_config("tiny", n_segments=642, n_channels=1278)
-    v = np.asarray(rec["v_1ms"], np.float64)
-    model.set_normalization(v.mean(1), v.std(1))
-    path = tmp_path_factory.mktemp("netpyne") / "tiny.pt"
-    save_checkpoint(path, model, segments=rec["segments"], synapses=rec["synapses"])
-    return path
-
-
-@pytest.fixture(scope="module")
 def tiny_imem_ckpt(tmp_path_factory, reference_dir):
     """As ``tiny_ckpt`` with membrane-current tasks (untrained; normalisation from the reference's voltages
     and an arbitrary current scale)."""

@@ -17,24 +17,6 @@ import pytest
 N_CH = 1278
 
 
-@pytest.fixture
-def cosim():
-    import torch
-
-    import lfdeep_neuron  # noqa: F401
-    from neuron import h
-
-    from lfdeep_neuron import cosim as module
-
-    torch.set_num_threads(1)
-    h.load_file("stdrun.hoc")
-    h.dt = 0.025
-    h.cvode.active(0)
-    yield module
-    module.SurrogateEngine.close_all()
-    h.dt = 0.025
-
-
 def _tables(n_seg=6):
     names = np.array([b"soma[0]"] + [b"dend[0]"] * (n_seg - 1))
     segments = {"name": names, "x": np.r_[0.5, (np.arange(n_seg - 1) + 0.5) / (n_seg - 1)]}

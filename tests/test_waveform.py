@@ -295,21 +295,6 @@ def test_cli_fits_and_writes_the_waveform(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------
 # where spikes are decided: the engine and rollout
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def cosim():
-    import lfdeep_neuron  # noqa: F401  (MPI / NEURON set-up before NEURON is imported)
-    from neuron import h
-
-    from lfdeep_neuron import cosim as module
-
-    h.load_file("stdrun.hoc")
-    h.dt = 0.025
-    h.cvode.active(0)
-    yield module
-    module.SurrogateEngine.close_all()
-    h.dt = 0.025
-
-
 def test_engine_adds_the_waveform_exactly_where_cells_fired(cosim):
     """Two cells, one driven: the waveform lands on the fired cell's rows at steps k..k+K-1 only; spikes and
     the raw model output are those of the run without waveform (the model's state and feedback untouched)."""

@@ -84,7 +84,6 @@ vanish when the Python handle is dropped); :meth:`SurrogateEngine.close` release
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import time
 import weakref
@@ -94,6 +93,7 @@ import numpy as np
 
 from lfdeep_neuron.cosim.recording import Recording
 from lfdeep_neuron.cosim.sinks import EngineSink, SinkStep
+from lfdeep_neuron.neuron_callbacks import WeakMethodCall
 
 __all__ = ["SurrogateEngine", "N_CHANNELS", "bad_event_count", "default_spike_threshold"]
 
@@ -112,33 +112,6 @@ def _h():
     mechanisms.load()
     h.load_file("stdrun.hoc")
     return h
-
-
-class _Callback:
-    """``obj.<name>()`` for NEURON (FInitializeHandler, cvode.event) through a weak reference.
-
-    Holding no strong reference, NEURON's handlers and queued events never keep an engine alive
-    nor form a cycle with it. The garbage collector is paused during the call (see the module
-    doc, "Object lifetimes").
-    """
-
-    __slots__ = ("ref", "name")
-
-    def __init__(self, obj, name: str):
-        self.ref = weakref.ref(obj)
-        self.name = name
-
-    def __call__(self):
-        obj = self.ref()
-        if obj is None:
-            return
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            getattr(obj, self.name)()
-        finally:
-            if enabled:
-                gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +142,7 @@ class _Intake:
         """Prepare the buffer at every finitialize, before the engines' steppers start."""
         if self._fih is None:
             self.handle = h.SurrogateCell()
-            self._fih = h.FInitializeHandler(0, _Callback(self, "prepare"))
+            self._fih = h.FInitializeHandler(0, WeakMethodCall(self, "prepare"))
 
     def add_engine(self, engine):
         self.engines.append(weakref.ref(engine))
@@ -453,10 +426,10 @@ class SurrogateEngine:
         self.timers = dict(intake=0.0, forward=0.0, emit=0.0, waveform=0.0, record=0.0)
         self.clock = time.perf_counter   # clock of the timers (e.g. time.process_time for CPU time)
         self.n_steps = 0
-        self._step_callback = _Callback(self, "_step")
+        self._step_callback = WeakMethodCall(self, "_step")
         _INTAKE.install(self.h)
         _INTAKE.add_engine(self)
-        self._fih = self.h.FInitializeHandler(1, _Callback(self, "_finitialize"))
+        self._fih = self.h.FInitializeHandler(1, WeakMethodCall(self, "_finitialize"))
 
     def close(self):
         """Detach from NEURON: no more steps; the instances' events are refused from now on.
