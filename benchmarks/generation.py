@@ -148,7 +148,42 @@ def _path_worker(spec: dict) -> dict:
     c0 = time.process_time()
     run_cell(cells[0], T, bin_means=True, **run)
     out["cpu_s_per_sim_s_per_cell"] = (time.process_time() - c0) / (T / 1000.0) / spec["n_cells"]
+    if spec.get("overhead"):
+        # the same solve with nothing recorded, in the same process (alternating, best of 2 each)
+        bare, recorded = [], []
+        for _ in range(2):
+            bare.append(_bare_solve(T, run))
+            c0 = time.process_time()
+            run_cell(cells[0], T, bin_means=True, **run)
+            recorded.append(time.process_time() - c0)
+        out["bare_cpu_s"], out["recorded_cpu_s"] = min(bare), min(recorded)
     return out
+
+
+def _bare_solve(T: int, run: dict) -> float:
+    """CPU seconds of the solve alone (no Vector recorded, no harvest), with run_cell's integrator settings."""
+    from neuron import coreneuron, h
+
+    cvode = h.CVode()
+    cvode.active(0)
+    cvode.cache_efficient(1)
+    h.dt, h.secondorder = run["dt_ms"], 2 if run["integrator"] == "fixed_cn" else 0
+    pc = h.ParallelContext()
+    core = run["engine"] == "coreneuron"
+    coreneuron.enable = core
+    if core:
+        pc.set_maxstep(10)
+    h.finitialize(-76.0)
+    c0 = time.process_time()
+    if core:
+        for stop in np.arange(1000.0, T + 1.0, 1000.0):        # run_cell's chunks of 1 s
+            pc.psolve(stop + 0.5 * run["dt_ms"])
+    else:
+        while h.t < T - 0.5 * run["dt_ms"]:
+            h.fadvance()
+    cpu = time.process_time() - c0
+    coreneuron.enable = False
+    return cpu
 
 
 def solve_path(spec: dict) -> dict:
@@ -170,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--duration-ms", type=int, default=2000, help="length of each throughput simulation")
     p.add_argument("--sims-per-worker", type=int, default=1)
     p.add_argument("--paths", action="store_true", help="also the per-path table (accuracy and cost of each solve)")
+    p.add_argument("--skip-throughput", action="store_true", help="only the accuracy / recording-cost parts")
     p.add_argument("--speed-ms", type=int, default=1000, help="simulated ms of each path's speed run")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -185,7 +221,9 @@ def main(argv=None) -> int:
           f"{args.sims_per_worker} x {args.duration_ms}-ms simulations each")
     with tempfile.TemporaryDirectory() as tmp:
         rates = {}
-        for name, settings in (("previous default", PREVIOUS), ("new default", NEW)):
+        if args.skip_throughput:
+            rates = None
+        for name, settings in (() if rates is None else (("previous default", PREVIOUS), ("new default", NEW))):
             cfg = simulate.GenerationConfig(morphology=args.morphology, out_dir=str(Path(tmp) / name.split()[0]),
                                             n_sims=2 * args.sims_per_worker, duration_ms=args.duration_ms,
                                             seed=5, **settings)
@@ -199,13 +237,18 @@ def main(argv=None) -> int:
             print(f"{name:>16}: {rate:8.1f} simulated s per wall hour on 2 cores ({cpu:.2f} CPU s per simulated s; "
                   f"load {os.getloadavg()[0]:.2f}); {size['stream_per_s'] / 1e6:.2f} MB per simulated s "
                   f"({size['per_s'] / 1e6:.2f} with the cell's tables in a {args.duration_ms}-ms record; {parts})")
-        ratio = rates["new default"] / rates["previous default"]
-        results["ratio"] = ratio
-        print(f"new / previous default: {ratio:.2f}x simulated seconds per wall hour")
-    spec = dict(morphology=args.morphology, speed_ms=args.speed_ms, n_cells=1, **NEW)
+        if rates is not None:
+            ratio = rates["new default"] / rates["previous default"]
+            results["ratio"] = ratio
+            print(f"new / previous default: {ratio:.2f}x simulated seconds per wall hour")
+    spec = dict(morphology=args.morphology, speed_ms=args.speed_ms, n_cells=1, overhead=True, **NEW)
+    spec = {k: v for k, v in spec.items() if k not in ("storage", "imem_source")}
     acc = solve_path(spec)
     results["new_default_accuracy"] = acc
     print(f"new default vs the published implementation: {_fmt_accuracy(acc)}")
+    print(f"recording (v of every segment each step, bin means, 0.1-ms soma, spikes) on the new default's solve: "
+          f"{acc['recorded_cpu_s']:.2f} against {acc['bare_cpu_s']:.2f} CPU s bare for {args.speed_ms} ms "
+          f"(+{100 * (acc['recorded_cpu_s'] / acc['bare_cpu_s'] - 1):.0f} %)")
     if args.paths:
         print(f"\nper path ({args.speed_ms}-ms speed runs; accuracy against shared/hay/reference):")
         table = []
