@@ -82,3 +82,22 @@ def tiny_ckpt(tmp_path_factory, reference_dir):
     path = tmp_path_factory.mktemp("tiny_ckpt") / "tiny.pt"
     save_checkpoint(path, model, segments=rec["segments"], synapses=rec["synapses"])
     return path
+
+
+@pytest.fixture
+def netpyne_sim():
+    """NetPyNE's ``sim``, cleared afterwards (engines closed, cells and their init handlers dropped)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from netpyne import sim
+
+    from lfdeep_neuron.cosim import SurrogateEngine
+
+    yield sim
+    SurrogateEngine.close_all()
+    if hasattr(sim, "net"):
+        sim.clearAll()
+    # NetPyNE's clearAll empties the cells but keeps their FInitializeHandlers (sim.fih), whose
+    # initV would then fail in any later h.finitialize of this process (other test modules).
+    sim.fih = []

@@ -112,24 +112,6 @@ def _spec(cell_rule, n_cells=1, duration=40.0, conns=None, lfp=False, rotate=Fal
     return net, cfg
 
 
-@pytest.fixture
-def netpyne_sim():
-    import torch
-
-    torch.set_num_threads(1)
-    from netpyne import sim
-
-    from lfdeep_neuron.cosim import SurrogateEngine
-
-    yield sim
-    SurrogateEngine.close_all()
-    if hasattr(sim, "net"):
-        sim.clearAll()
-    # NetPyNE's clearAll empties the cells but keeps their FInitializeHandlers (sim.fih), whose
-    # initV would then fail in any later h.finitialize of this process (other test modules).
-    sim.fih = []
-
-
 def test_conn_params_land_on_hay_channels_and_traces_match(netpyne_sim, tiny_ckpt, hay):
     from lfdeep_neuron.cosim.netpyne import surrogate_cell_params
 

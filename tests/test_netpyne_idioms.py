@@ -26,19 +26,8 @@ def hay(morphology):
 
 
 @pytest.fixture
-def sim():
-    import torch
-
-    torch.set_num_threads(1)
-    from netpyne import sim as netpyne_sim
-
-    from lfdeep_neuron.cosim import SurrogateEngine
-
-    yield netpyne_sim
-    SurrogateEngine.close_all()
-    if hasattr(netpyne_sim, "net"):
-        netpyne_sim.clearAll()
-    netpyne_sim.fih = []          # clearAll keeps NetPyNE's FInitializeHandlers (see test_netpyne)
+def sim(netpyne_sim):
+    return netpyne_sim
 
 
 def _reset(sim):
