@@ -26,7 +26,7 @@ recorded steps that bracket it (a NetCon would report the step's end, up to dt l
 Engines (fixed step only for CoreNEURON): ``engine='neuron'`` advances with ``fadvance``;
 ``engine='coreneuron'`` hands the same model to CoreNEURON (``ParallelContext.psolve`` in chunks), which
 gives the same trajectories (tested to 1e-6 mV) faster. It needs mechanisms compiled for CoreNEURON
-(:func:`lfdeep_neuron.hay.coreneuron.load_mechanisms`, called before the cell is built).
+(``lfdeep_neuron.mechanisms.load(coreneuron=True)``, called before the cell is built).
 """
 from __future__ import annotations
 
@@ -157,11 +157,10 @@ def run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float
         cvode.use_fast_imem(saved[5])
 
 
-def _run_cell(cell, duration_ms: float, *, integrator: str = "cvode", atol: float = CVODE_ATOL,
-             rtol: float = CVODE_RTOL, dt_ms: float = FIXED_DT_MS, v_init_mV: float = V_INIT_MV,
-             celsius: float = CELSIUS, record_imem: bool = False, bin_means: bool = False,
-             engine: str = "neuron", chunk_ms: float | None = None, progress: bool = False) -> dict:
-    """The body of :func:`run_cell` (which restores the integrator settings)."""
+def _run_cell(cell, duration_ms: float, *, integrator: str, atol: float, rtol: float, dt_ms: float,
+              v_init_mV: float, celsius: float, record_imem: bool, bin_means: bool, engine: str,
+              chunk_ms: float | None, progress: bool) -> dict:
+    """The body of :func:`run_cell` (which holds the defaults and restores the integrator settings)."""
     from neuron import h
 
     T = int(round(duration_ms))
