@@ -97,6 +97,29 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert summary["resumed_from"] == 0 and summary["steps_done"] == 3
 
 
+def test_init_warm_starts_from_another_checkpoint(tmp_path):
+    base = ["--steps", "4", "--eval-every", "0", "--val-windows", "2"]
+    train(_args(tmp_path / "a.pt", *base))
+    a = load_checkpoint(tmp_path / "a.pt")
+    # --stop-after 0 would do nothing; one step at lr ~0 leaves the warm-started weights almost unchanged
+    train(_args(tmp_path / "b.pt", "--init", str(tmp_path / "a.pt"), "--steps", "1", "--lr", "1e-12",
+                "--eval-every", "0", "--val-windows", "2", "--threads", "1"))
+    b = load_checkpoint(tmp_path / "b.pt")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert b["provenance"]["args"]["init"] == str(tmp_path / "a.pt")
+    fresh = train(_args(tmp_path / "c.pt", "--steps", "1", "--lr", "1e-12", "--eval-every", "0",
+                        "--val-windows", "2"))
+    c = load_checkpoint(tmp_path / "c.pt")
+    assert fresh["steps_done"] == 1
+    assert any(not torch.allclose(c["state_dict"][k], v) for k, v in a["state_dict"].items())
+    # a checkpoint of another architecture is refused with one clear error
+    with pytest.raises(CheckpointError, match="--init .*written for arch 'mmoeex'"):
+        train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(tmp_path / "d.pt"),
+                          "--init", str(tmp_path / "a.pt"), "--steps", "1", "--batch", "4", *SHORT,
+                          "--no-progress"]))
+
+
 def test_killed_process_resumes_from_its_last_checkpoint(tmp_path):
     """A real interruption: SIGKILL the training process after its first save, then run it again."""
     out = tmp_path / "k.pt"

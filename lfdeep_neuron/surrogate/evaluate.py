@@ -204,7 +204,7 @@ def expert_outputs(model, x: torch.Tensor) -> torch.Tensor | None:
 
 def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, device="cpu", batch: int = 2,
              spike_threshold: float | None = None, window_ms: float = 2.0, progress: bool = False,
-             figure_sim: int = 0) -> tuple[dict, dict]:
+             figure_sim: int | None = None) -> tuple[dict, dict]:
     """Score ``model`` on whole simulations of ``test_ds``; calibrate the spike threshold on ``val_ds``.
 
     Parameters
@@ -216,6 +216,9 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
         else the checkpoint's ``metrics['spike_threshold_logit']``, else 0.
     spike_threshold : float, optional
         Fixed logit threshold (skips calibration).
+    figure_sim : int, optional
+        Position (within the scored simulations) of the one whose traces are kept for the figures; default:
+        the one with the most somatic spikes in NEURON (the first on ties), so the soma figure shows spikes.
 
     Returns
     -------
@@ -244,6 +247,10 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
         thr, thr_source = default_threshold(model), "checkpoint metrics (or 0)"
 
     # -- test simulations -----------------------------------------------------------------------------
+    if figure_sim is None:
+        n_scored = len(test_ds.records) if max_sims is None else min(int(max_sims), len(test_ds.records))
+        counts = [r.spike_times_ms.size for r in test_ds.records[:n_scored]]
+        figure_sim = int(np.argmax(counts)) if counts else 0
     keep = {}
 
     def on_batch(positions, b, v_tf, v_cl, logits):

@@ -51,8 +51,8 @@ class _Recurrent(Backbone):
         a = a.view(B, T, self.n_groups, -1).permute(1, 2, 0, 3)          # [T, G, B, A]
         state = tuple(self._groups_first(s) for s in self.initial_state(B, x.device, x.dtype))
         outs = []
-        for t in range(T):                      # the recurrence over time (vectorised over cells and groups)
-            state = self._cell(a[t], state)
+        for a_t in a.unbind(0):   # the recurrence over time (vectorised over cells and groups); unbind, not
+            state = self._cell(a_t, state)   # a[t]: one gradient stack instead of T full-size zero-filled ones
             outs.append(state[0])
         h = torch.stack(outs, dim=-1)                                    # [G, B, W, T]
         return h.transpose(0, 1).reshape(B, self.c_out, T)

@@ -72,15 +72,16 @@ SOMA_CLIP_MV = -55.0    # soma voltages are compared clipped at this value (the 
 
 #: Built-in defaults of every option (a recipe and flags override them).
 DEFAULTS: dict = dict(
-    data=None, out=None, arch=None, config="paper", set=[], imem=False,
+    data=None, out=None, init=None, arch=None, config="paper", set=[], imem=False,
     steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0, train_seconds=None,
     lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
     soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None, imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
-    device="auto", amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16, log_every=10,
+    device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
+    log_every=10,
     stop_after=None, time_limit_min=None, restart=False, no_progress=False,
 )
-_FLAGS_ONLY = {"data", "out", "set", "restart", "stop_after", "no_progress", "device", "workers"}
+_FLAGS_ONLY = {"data", "out", "init", "set", "restart", "stop_after", "no_progress", "device", "threads", "workers"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,6 +131,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--fb-noise", "Gaussian noise (z units) on teacher-forced feedback", type=float)
     g = p.add_argument_group("running")
     add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
+    add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is much faster than "
+                        "2 on a machine whose cores are busy with other jobs", type=int)
     add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
     add(g, "--workers", "DataLoader worker processes", type=int)
     add(g, "--seed", "seed of initialisation and batches", type=int)
@@ -141,6 +144,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--time-limit-min", "wall-clock budget of this invocation: stop there, write CKPT.last (and a usable "
                                "CKPT); the same command resumes", type=float)
     add(g, "--restart", "ignore an existing CKPT.last", action="store_const", const=True)
+    add(g, "--init", "warm start: the weights and normalisation of this checkpoint (same arch and config), a "
+                     "fresh optimiser and schedule; ignored when CKPT.last resumes the run")
     add(g, "--no-progress", "no tqdm bar", action="store_const", const=True)
 
 
@@ -605,6 +610,17 @@ def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
     return ckpt["train_state"]
 
 
+def _warm_start(path: str, model: Surrogate) -> None:
+    """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("arch") != model.arch or ckpt.get("config") != model.config.to_dict():
+        raise CheckpointError(f"--init {path}: written for arch {ckpt.get('arch')!r} with config "
+                              f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}")
+    model.load_state_dict(ckpt["state_dict"])
+    n = ckpt["normalization"]
+    model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+
+
 def _spike_pos_weight(args, train_ds) -> tuple[float, float]:
     """(BCE pos_weight, spike probability per ms of the training windows)."""
     p = _spike_probability(train_ds, seed=args.seed)
@@ -627,6 +643,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     args = resolve(args)
     rank, world, local_rank = _distributed()
     device = _device(args.device, local_rank)
+    if args.threads:
+        torch.set_num_threads(max(1, int(args.threads)))
     main_proc = rank == 0
     out = Path(args.out)
     last, log_path = out.with_name(out.name + ".last"), out.with_name(out.name + ".jsonl")
@@ -649,6 +667,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     # -- model (fresh, or resumed from CKPT.last) ---------------------------------------------------------
     model = build(args, train_ds).to(device)
     state = _resume(last, model, args.restart)
+    if state is None and args.init:
+        _warm_start(args.init, model)
     start = int(state["step"]) if state else 0
     if state and start >= args.steps and out.exists():
         if main_proc:
@@ -674,7 +694,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     else:
         pw, p = _spike_pos_weight(args, train_ds)
         pos_weight = torch.tensor(pw, device=device)
-        if 0 < p < 1:   # the spike output starts at the (pos-weighted) base rate
+        if 0 < p < 1 and not args.init:   # the spike output starts at the (pos-weighted) base rate
             with torch.no_grad():
                 model.towers.b2[model.n_segments] = math.log(p * pw / (1 - p))
         lbtw_l0, wall0 = None, 0.0
