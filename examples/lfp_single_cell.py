@@ -49,19 +49,14 @@ def binned_inputs(syn_idx, t_ms, n_steps, n_channels=1278):
 
 
 def run_surrogate(model, x):
-    """Closed-loop predictions: v_mV [S, T] and, if the model has current tasks, imem_nA [S, T]."""
-    import torch
+    """Closed-loop predictions as a co-simulation records them: v_mV [S, T] and, if the model has current
+    tasks, imem_nA [S, T], with the checkpoint's action-potential waveform added at every predicted spike
+    (its calibrated threshold), and the predicted spike times (ms)."""
+    from lfdeep_neuron.surrogate.rollout import rollout
 
-    stream = model.streamer(1, device="cpu", feedback=True, output="mV", dtype=torch.float64)
-    v, imem = [], []
-    with torch.inference_mode():
-        for row in x:
-            pred = stream.step(torch.as_tensor(row[None]))
-            v.append(pred[0][0].numpy())
-            if pred.imem is not None:
-                imem.append(pred.imem[0].numpy())
-    v = np.stack(v, axis=1)
-    return v, (np.stack(imem, axis=1) if imem else None)
+    out = rollout(model, np.ascontiguousarray(x.T))   # row k = inputs of (k-1, k]: rollout's column k
+    v, imem = out["v_1ms"], out["imem_mean_1ms"]      # column 0: the initial state (v_rest), no current
+    return v.astype(np.float64), (None if imem is None else imem.astype(np.float64)), out["soma_spike_times_ms"]
 
 
 def scores(phi, ref):
@@ -153,7 +148,7 @@ def main(argv=None) -> int:
         print("WARNING: no trained surrogate (models/ or --model): scoring an UNTRAINED paper MMoE; "
               "its LFP is meaningless")
     t0 = time.perf_counter()
-    v_s, i_s = run_surrogate(model, binned_inputs(syn, t_ev, T))
+    v_s, i_s, spikes_s = run_surrogate(model, binned_inputs(syn, t_ev, T))
     t_surr = time.perf_counter() - t0
     phis["surrogate: -L v"] = pop.from_voltages(v_s[None])
     if i_s is not None:
@@ -163,7 +158,8 @@ def main(argv=None) -> int:
     skip = 1                                    # row 0 is the t = 0 value, not a bin mean
     table = {k: scores(v[skip:], ref[skip:]) for k, v in phis.items() if k != "NEURON (bin-mean i_membrane_)"}
     print(f"{T} ms of {Path(args.reference).name}: {keep.sum()} events; NEURON {t_neuron:.1f} s, "
-          f"surrogate {t_surr:.1f} s; soma spikes NEURON {len(out['soma_spike_times_ms'])}")
+          f"surrogate {t_surr:.1f} s; soma spikes NEURON {len(out['soma_spike_times_ms'])}, surrogate "
+          f"{len(spikes_s)}")
     print(f"model: {model.meta.get('path', 'untrained')}; soma voltage RMSE (point samples) "
           f"{np.sqrt(np.mean((v_s[0] - out['v_1ms'][0]) ** 2)):.2f} mV")
     rms = np.sqrt(np.mean((ref - ref.mean(0, keepdims=True)) ** 2, axis=0)) * 1e3

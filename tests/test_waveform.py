@@ -373,3 +373,25 @@ def test_rollout_shows_a_somatic_action_potential():
     np.testing.assert_allclose(res["v_1ms"][:, 1:1 + K] - plain["v_1ms"][:, 1:1 + K], kv.numpy(), atol=1e-4)
     np.testing.assert_array_equal(res["v_1ms"][:, 1 + K:], plain["v_1ms"][:, 1 + K:])
     assert res["spike_waveform"] is m.meta["spike_waveform"] and plain["spike_waveform"] is None
+
+
+def test_rollout_returns_membrane_currents_with_the_current_kernel():
+    from lfdeep_neuron.surrogate.rollout import rollout
+
+    m = _tiny(feedback=False, imem=True, C=10)
+    K = 3
+    kv, ki = torch.zeros(6, K), torch.zeros(6, K)
+    kv[0] = torch.tensor([100.0, 10.0, -3.0])
+    ki[0] = torch.tensor([-2.0, 0.5, 0.1])
+    x = np.random.default_rng(1).poisson(0.5, (10, 40)).astype(np.float32)
+    plain = rollout(m, x, spike_threshold=-1e9, spike_waveform=False)
+    assert plain["imem_mean_1ms"].shape == (6, 40) and plain["imem_mean_1ms"].dtype == np.float32
+    np.testing.assert_array_equal(plain["imem_mean_1ms"][:, 0], 0.0)
+    assert np.isfinite(plain["imem_mean_1ms"]).all() and np.abs(plain["imem_mean_1ms"][:, 1:]).max() > 0
+    m.meta = {"spike_waveform": SpikeWaveform(kv, ki)}
+    res = rollout(m, x, spike_threshold=-1e9)                   # one spike, at step 1
+    np.testing.assert_allclose(res["imem_mean_1ms"][:, 1:1 + K] - plain["imem_mean_1ms"][:, 1:1 + K], ki.numpy(),
+                               atol=1e-5)
+    np.testing.assert_array_equal(res["imem_mean_1ms"][:, 1 + K:], plain["imem_mean_1ms"][:, 1 + K:])
+    no_imem = rollout(_tiny(feedback=False, imem=False, C=10), x)
+    assert no_imem["imem_mean_1ms"] is None

@@ -155,7 +155,9 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
     Returns
     -------
     dict ``v_1ms`` float32 [S, T] (column 0 = v0), ``spike_logit_1ms`` float32 [T] (NaN at 0),
-    ``soma_spike_times_ms`` float64, ``threshold``, ``spike_waveform`` (the one added, or None).
+    ``soma_spike_times_ms`` float64, ``threshold``, ``spike_waveform`` (the one added, or None) and
+    ``imem_mean_1ms`` float32 [S, T] (nA; column k = mean over (k-1, k] ms, column 0 = 0) for models with
+    membrane-current tasks, else None; the waveform's current kernel is added to it too.
     """
     from lfdeep_neuron.surrogate.waveform import SpikeWaveform, model_waveform
     from lfdeep_neuron.surrogate.stream import closed_loop
@@ -173,6 +175,10 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
     if bad.any():
         raise FloatingPointError(f"the surrogate's closed-loop voltages are not finite from step {int(np.argmax(bad))} "
                                  f"on ({int(bad.sum())} of {T} steps): the model diverged on these inputs")
+    imem = None
+    if pred.imem is not None:
+        imem = np.zeros((model.n_segments, T), dtype=np.float32)
+        imem[:, 1:] = pred.imem[0].float().cpu().numpy()
     logit = np.full(T, np.nan, dtype=np.float32)
     logit[1:] = pred.spike_logit[0].float().cpu().numpy()
     thr = default_threshold(model) if spike_threshold is None else float(spike_threshold)
@@ -183,9 +189,11 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
             raise InputError(f"spike_waveform must be a SpikeWaveform of the model's {model.n_segments} segments")
         spiked = np.zeros((1, T), dtype=bool)
         spiked[0, np.ceil(spikes - 1e-9).astype(np.int64)] = True      # spike at k - 0.5 ms -> step k
-        v = wf.apply(v[None], spiked)[0][0].astype(np.float32)
+        v_new, i_new = wf.apply(v[None], spiked, None if imem is None else imem[None])
+        v = v_new[0].astype(np.float32)
+        imem = None if imem is None else i_new[0].astype(np.float32)
     return {"v_1ms": v, "spike_logit_1ms": logit, "soma_spike_times_ms": spikes, "threshold": thr,
-            "spike_waveform": wf}
+            "spike_waveform": wf, "imem_mean_1ms": imem}
 
 
 def _names(table) -> list[str]:
