@@ -811,7 +811,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
             log.write(row)
         if bar is not None:
             bar.update(1)
-            post = {"loss": f"{float(loss):.4f}"}
+            post = {"loss": f"{float(loss.detach()):.4f}"}
             if metrics:
                 post.update(auc=f"{metrics['val_spike_auc']:.3f}", soma=f"{metrics['val_soma_clip_rmse_mV_cl']:.2f}mV")
             bar.set_postfix(post)
