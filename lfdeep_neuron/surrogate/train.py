@@ -75,7 +75,8 @@ DEFAULTS: dict = dict(
     data=None, out=None, init=None, arch=None, config="paper", set=[], imem=False,
     steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0, train_seconds=None,
     lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
-    soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None, imem_weight=1.0, lbtw_alpha=0.0,
+    voltage_weight=1.0, soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None,
+    imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
     log_every=10,
@@ -119,6 +120,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--lr-warmup", "linear LR warm-up steps (default min(200, steps/10))", type=int)
     add(g, "--weight-decay", "Adam weight decay", type=float)
     add(g, "--clip", "gradient norm clip (0: off)", type=float)
+    add(g, "--voltage-weight", "weight of the mean MSE over all segments' voltages", type=float)
     add(g, "--soma-weight", "extra weight of the soma voltage MSE", type=float)
     add(g, "--spike-weight", "weight of the spike BCE", type=float)
     add(g, "--spike-pos-weight", "BCE pos_weight; 'auto' = sqrt(negatives/positives), clipped to [1, 50]")
@@ -424,11 +426,11 @@ def task_losses(model: Surrogate, y: torch.Tensor, tgt: dict, warmup: int = 0,
 
 
 def base_task_weights(model: Surrogate, spike_weight: float, imem_weight: float,
-                      soma_weight: float = 0.0) -> torch.Tensor:
-    """Weights making the total = mean voltage MSE + soma_weight * soma MSE + spike_weight * BCE
-    (+ imem_weight * mean imem MSE)."""
+                      soma_weight: float = 0.0, voltage_weight: float = 1.0) -> torch.Tensor:
+    """Weights making the total = voltage_weight * mean voltage MSE + soma_weight * soma MSE
+    + spike_weight * BCE (+ imem_weight * mean imem MSE)."""
     S = model.n_segments
-    wv = torch.full((S,), 1.0 / S)
+    wv = torch.full((S,), voltage_weight / S)
     wv[0] += soma_weight
     w = [wv, torch.tensor([spike_weight])]
     if model.config.imem_tasks:
@@ -682,7 +684,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     use_amp = bool(args.amp and device.type == "cuda")
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    base_w = base_task_weights(model, args.spike_weight, args.imem_weight, args.soma_weight).to(device)
+    base_w = base_task_weights(model, args.spike_weight, args.imem_weight, args.soma_weight,
+                               args.voltage_weight).to(device)
     if state:
         opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
