@@ -171,7 +171,10 @@ SPIKE_DESIGNS = [dict(backbone="lstm", channels=(6,), compressor=(3,)),
                  dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,
                       local_taus=(2.0, 9.0), imem_tasks=True, tower_soft=0, tower_hard=0),   # linear towers
                  dict(backbone="elm", channels=(5,), compressor=(4,), n_branches=2, direct_heads=True,
-                      feedback=False, soma_clip_mV=-55.0, local_taus=(3.0,), tower_soft=0, tower_hard=0)]
+                      feedback=False, soma_clip_mV=-55.0, local_taus=(3.0,), tower_soft=0, tower_hard=0),
+                 dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,   # soma net
+                      feedback=False, soma_channels=(4,), local_taus=(2.0,), imem_tasks=True, tower_soft=0,
+                      tower_hard=0)]
 
 
 def _spike_model(cls, over):
@@ -225,6 +228,25 @@ def test_direct_heads_reach_only_soma_and_spike():
         y0 = m(x, all_tasks=True)
     changed = (y - y0).abs().amax(dim=(0, 2)) > 0
     assert changed.nonzero().flatten().tolist() == [0, m.n_segments]   # soma voltage and spike logit
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+def test_soma_backbone_feeds_only_the_direct_heads(cls):
+    m = _spike_model(cls, SPIKE_DESIGNS[-1])
+    assert m.soma_net is not None and m.direct.in_features == 4 and m.all_backbones()[-1] is m.soma_net
+    x = torch.rand(2, m.n_inputs, 15)
+    with torch.no_grad():
+        y = m(x, all_tasks=True)
+        for p in m.soma_net.parameters():
+            p.add_(0.5)
+        y2 = m(x, all_tasks=True)
+    changed = (y - y2).abs().amax(dim=(0, 2)) > 0
+    assert changed.nonzero().flatten().tolist() == [0, m.n_segments]   # soma voltage and spike logit only
+    m.train()
+    m(x, all_tasks=True)[:, m.n_segments].sum().backward()             # the spike loss trains the soma net
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.soma_net.parameters())
+    with pytest.raises(ValueError, match="soma_channels needs direct_heads"):
+        cls.from_config("tiny", soma_channels=(4,), direct_heads=False)
 
 
 def test_a_new_backbone_is_one_class_and_one_registration():

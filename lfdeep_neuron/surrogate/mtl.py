@@ -108,12 +108,16 @@ class SurrogateConfig:
                                      # through a linear layer (not only their tower on the 8-wide mixture)
     soma_clip_mV: float | None = None  # the soma-voltage task was trained on targets clipped at this value
                                      # (spikes live in the spike output); informs training and evaluation
+    soma_channels: tuple = ()        # non-empty (needs direct_heads): the direct heads read their own backbone
+                                     # of these widths (same kind) instead of the trunk / experts, so the
+                                     # soma and spike outputs do not compete with 642 voltages for its units
 
     def __post_init__(self):
         def ints(v):   # a single int (e.g. from "--set compressor=8") or a sequence
             return (int(v),) if isinstance(v, (int, float)) else tuple(int(c) for c in v)
 
         self.channels, self.compressor = ints(self.channels), ints(self.compressor)
+        self.soma_channels = ints(self.soma_channels) if self.soma_channels else ()
         taus = self.local_taus if isinstance(self.local_taus, (list, tuple)) else (self.local_taus,)
         self.local_taus = tuple(float(t) for t in taus)
         if any(not t > 0 for t in self.local_taus):
@@ -134,6 +138,10 @@ class SurrogateConfig:
         if self.n_branches < 0:
             raise ValueError(f"n_branches must be >= 0, got {self.n_branches}")
         self.direct_heads = bool(self.direct_heads)
+        if self.soma_channels and not self.direct_heads:
+            raise ValueError("soma_channels needs direct_heads=True (the soma backbone feeds the direct heads)")
+        if self.soma_channels and min(self.soma_channels) < 1:
+            raise ValueError(f"soma_channels must be positive widths, got {self.soma_channels}")
         if self.soma_clip_mV is not None:
             self.soma_clip_mV = float(self.soma_clip_mV)
 
@@ -340,9 +348,15 @@ class Surrogate(nn.Module):
         self.n_features = n_syn_features + (S if config.feedback else 0)
 
     def _init_direct(self, width: int) -> None:
-        """Direct heads (config.direct_heads): a linear map from the trunk's ``width`` features to the soma
-        voltage and the spike logit, added to their towers; starts at zero (the towers alone)."""
-        if self.config.direct_heads:
+        """Direct heads (config.direct_heads): a linear map from the trunk's ``width`` features (or, with
+        ``config.soma_channels``, from the soma backbone's) to the soma voltage and the spike logit, added to
+        their towers; starts at zero (the towers alone)."""
+        c = self.config
+        self.soma_net = None
+        if c.soma_channels:
+            self.soma_net = build_backbone(c.backbone, self.n_features, c.soma_channels, 1, c)
+            width = self.soma_net.c_out
+        if c.direct_heads:
             self.direct = nn.Linear(width, 2)
             nn.init.zeros_(self.direct.weight)
             nn.init.zeros_(self.direct.bias)
@@ -358,13 +372,17 @@ class Surrogate(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def backbones(self) -> tuple[Backbone, ...]:
-        """The backbones that read the encoded input, in order (the first is the trunk)."""
+        """The backbones whose rows feed the towers, in order (the first is the trunk)."""
         raise NotImplementedError
+
+    def all_backbones(self) -> tuple[Backbone, ...]:
+        """Every backbone that reads the encoded input: :meth:`backbones`, then the soma backbone if any."""
+        return self.backbones() + ((self.soma_net,) if self.soma_net is not None else ())
 
     @property
     def receptive_field(self) -> int:
         """Input steps (ms) that influence one output step; -1 when unbounded (recurrent backbones)."""
-        rf = max(b.receptive_field for b in self.backbones())
+        rf = max(b.receptive_field for b in self.all_backbones())
         return -1 if math.isinf(rf) else int(rf)
 
     # -- normalisation --------------------------------------------------------------------------------
@@ -474,21 +492,27 @@ class Surrogate(nn.Module):
         traces = None
         if self.n_local:                                                 # [T, B, S, 2, K] -> [B*T, S, F]
             traces = self.local_traces(u).transpose(0, 1).reshape(B * T, self.n_segments, self.n_local)
-        rows = [_rows(b(feats)) for b in self.backbones()]
+        rows = [_rows(b(feats)) for b in self.all_backbones()]
         y = self._outputs(rows, traces)                                  # [B*T, n_tasks]
         y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
         y = self._add_residual(y, x)
         return y if all_tasks else self.split_tasks(y)
 
     def _outputs(self, rows: list, traces: torch.Tensor | None) -> torch.Tensor:
-        """Backbone rows (+ local traces ``[R, S, F]``) -> task outputs ``[R, n_tasks]`` (before the residual)."""
+        """Rows of :meth:`all_backbones` (+ local traces ``[R, S, F]``) -> task outputs ``[R, n_tasks]`` (before
+        the residual). The towers read the rows of :meth:`backbones`; the direct heads the soma backbone's, if
+        any, else the trunk's."""
+        if self.soma_net is not None:
+            rows, direct_rows = rows[:-1], rows[-1]
+        else:
+            direct_rows = rows[0]
         if traces is None:
             y = self._heads(*rows)
         elif self.towers.linear:                 # local features enter the output linearly, per segment
             y = self._heads(*rows) + self._linear_local(traces)
         else:                                    # each task's tower reads its segment's traces
             y = self._heads(*rows, local=self.local_rows(traces))
-        return self._direct(y, rows[0])
+        return self._direct(y, direct_rows)
 
     def _linear_local(self, traces: torch.Tensor) -> torch.Tensor:
         """Linear towers: ``w_loc . traces`` of each task's segment ``[R, n_tasks]`` (the spike task reads the
@@ -557,7 +581,7 @@ class Surrogate(nn.Module):
         """State before the first :meth:`step`: ``(backbone states, (local traces [N, S, 2, K],) or ())``."""
         local = ((torch.zeros(n_cells, self.n_segments, 2, self.n_local // 2, device=device, dtype=dtype),)
                  if self.n_local else ())
-        return tuple(b.initial_state(n_cells, device, dtype) for b in self.backbones()), local
+        return tuple(b.initial_state(n_cells, device, dtype) for b in self.all_backbones()), local
 
     def step(self, x_t: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         """One 1-ms step of all tasks for N cells (eval mode): raw input column ``x_t [N, n_inputs]`` ->
@@ -565,7 +589,7 @@ class Surrogate(nn.Module):
         feats, u = self.encode(x_t)
         states, local = state
         rows, new = [], []
-        for backbone, s in zip(self.backbones(), states):              # trunk, or experts + compressor
+        for backbone, s in zip(self.all_backbones(), states):   # trunk, or experts + compressor (+ soma net)
             h, s = backbone.step(feats, s)
             rows.append(h)
             new.append(s)

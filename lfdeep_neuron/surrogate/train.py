@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, build_model
+from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConfig, build_model
 from lfdeep_neuron.surrogate.stream import closed_loop
 
 __all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
@@ -597,12 +597,21 @@ def _restore_rng(state: dict, rank: int, device) -> None:
         torch.cuda.set_rng_state(pick(state["rng_cuda"]), device)
 
 
+def _same_model(ckpt: dict, model: Surrogate) -> bool:
+    """Same arch and config (a checkpoint written before a config field existed has that field's default)."""
+    try:
+        cfg = SurrogateConfig(**ckpt.get("config", {})).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return ckpt.get("arch") == model.arch and cfg == model.config.to_dict()
+
+
 def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
     """Load ``CKPT.last`` into ``model``; return its ``train_state`` (None: start afresh)."""
     if restart or not last.exists():
         return None
     ckpt = load_checkpoint(last)
-    if ckpt.get("arch") != model.arch or ckpt.get("config") != model.config.to_dict():
+    if not _same_model(ckpt, model):
         raise CheckpointError(f"{last} was written for arch {ckpt.get('arch')!r} with config "
                               f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}; "
                               "pass --restart to discard it or choose another --out")
@@ -615,7 +624,7 @@ def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
 def _warm_start(path: str, model: Surrogate) -> None:
     """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``)."""
     ckpt = load_checkpoint(path)
-    if ckpt.get("arch") != model.arch or ckpt.get("config") != model.config.to_dict():
+    if not _same_model(ckpt, model):
         raise CheckpointError(f"--init {path}: written for arch {ckpt.get('arch')!r} with config "
                               f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}")
     model.load_state_dict(ckpt["state_dict"])
