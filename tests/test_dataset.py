@@ -215,27 +215,39 @@ def test_several_dataset_directories_are_one_dataset(tmp_path):
     assert v_mean[0] > single["train"].stats["v_mean"][0]            # the excited folder's voltages count
     item = both["train"][len(both["train"]) - 1]
     assert item["v"].dtype == torch.float32 and int(item["sim_index"]) >= DATASET_INDEX_STRIDE
+    # a training budget takes the folders' first simulations alternately (20-ms records: 0.02 s each)
+    both["train"].restrict(0.06)
+    first = sorted(r.index for r in single["train"].records)[:2]
+    assert sorted(r.index for r in both["train"].records) == [*first, DATASET_INDEX_STRIDE]
 
 
-def test_restrict_keeps_nested_random_subsets(tmp_path):
-    """restrict(S): the shortest prefix of a seeded permutation reaching S simulated seconds; a smaller budget
-    keeps a subset of a larger one; asking for more than there is is an InputError."""
+def test_restrict_keeps_nested_subsets_that_survive_corpus_growth(tmp_path):
+    """restrict(S): the shortest prefix of the generation order reaching S simulated seconds; a smaller budget
+    keeps a subset of a larger one; more simulations on disk leave a subset unchanged; asking for more than
+    there is is an InputError."""
     from lfdeep_neuron.data.dataset import SimulationDataset
     from lfdeep_neuron.data.records import write_record
     from lfdeep_neuron.errors import InputError
 
-    for i in range(12):
+    def write(i):
         write_record(tmp_path / f"sim_{i:06d}.h5", segments={"name": np.array(["soma[0](0.5)"])},
                      traces={"v_1ms": np.full((1, 500), -70.0 + i, np.float32), "soma_spike_times_ms": np.zeros(0)},
                      attrs={"duration_ms": 500.0})
+
+    for i in range(10):
+        write(i)
+    small = SimulationDataset(tmp_path, split=None, window_ms=100, fields=("v",))
+    small.restrict(2.5)
+    for i in range(10, 12):     # the corpus grows
+        write(i)
     sets = {}
     for budget in (1.0, 2.5, 6.0):
         ds = SimulationDataset(tmp_path, split=None, window_ms=100, fields=("v",))
-        ds.restrict(budget, seed=0)
+        ds.restrict(budget)
         assert budget <= ds.simulated_s < budget + 0.5
         assert len(ds) == len(ds.records) * 5
         sets[budget] = {r.index for r in ds.records}
     assert sets[1.0] < sets[2.5] < sets[6.0]
-    assert sets[6.0] == set(range(12))
+    assert sets[6.0] == set(range(12)) and sets[2.5] == {r.index for r in small.records} == set(range(5))
     with pytest.raises(InputError, match="fewer than"):
         SimulationDataset(tmp_path, split=None, fields=("v",)).restrict(7.0)

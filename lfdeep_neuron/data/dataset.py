@@ -335,17 +335,25 @@ class SimulationDataset(torch.utils.data.Dataset):
         self._win_t0 = np.concatenate(t0s)
         self._win_spiking = np.concatenate(spiking)
 
-    def restrict(self, simulated_s: float, seed: int = 0) -> None:
-        """Keep only a fixed random subset of the simulations that holds ``simulated_s`` seconds.
+    def restrict(self, simulated_s: float) -> None:
+        """Keep only the first simulations, in generation order, that hold ``simulated_s`` seconds.
 
-        The order is a permutation of the simulations drawn from ``seed`` alone, and the subset is its
-        shortest prefix reaching ``simulated_s``: a smaller budget keeps a subset of a larger one (nested
-        training sets for data-scaling experiments). Normalisation ``stats`` stay those of the whole train
+        The order is each folder's generation order (simulation 0, 1, ... -- each drawn from its own seed, so
+        any prefix is a random sample), alternating between the folders of a multi-folder dataset (the i-th
+        simulation of this split of every folder before the (i+1)-th of any). The subset is the shortest prefix reaching
+        ``simulated_s``: a smaller budget keeps a subset of a larger one (nested training sets for
+        data-scaling experiments), and a subset stays the same while the corpus grows, so a training resumed
+        on a larger corpus continues on the same data. Normalisation ``stats`` stay those of the whole train
         split.
         """
         if not simulated_s > 0:
             raise InputError(f"simulated_s must be > 0, got {simulated_s}")
-        order = np.random.default_rng(seed).permutation(len(self.records))
+        folder = [r.index // DATASET_INDEX_STRIDE for r in self.records]
+        rank = np.zeros(len(self.records), dtype=np.int64)       # position within its folder's records
+        for k in set(folder):
+            mine = sorted((j for j in range(len(self.records)) if folder[j] == k), key=lambda j: self.records[j].index)
+            rank[mine] = np.arange(len(mine))
+        order = sorted(range(len(self.records)), key=lambda j: (rank[j], folder[j]))
         total_s = np.cumsum([self.records[i].n_steps / 1000.0 for i in order])
         n = int(np.searchsorted(total_s, simulated_s - 1e-9) + 1)
         if total_s[-1] < simulated_s - 1e-9:

@@ -666,7 +666,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     if args.train_seconds is not None:
         if not hasattr(train_sims, "restrict"):
             raise InputError(f"--train-seconds needs a dataset directory, not --data {args.data}")
-        train_sims.restrict(float(args.train_seconds), seed=0)
+        train_sims.restrict(float(args.train_seconds))
     window = int(args.window_ms)
     train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
     val_ds = Windows(val_sims, window, window, args.skip_ms)
