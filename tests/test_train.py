@@ -108,6 +108,8 @@ def test_init_warm_starts_from_another_checkpoint(tmp_path):
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
     assert b["provenance"]["args"]["init"] == str(tmp_path / "a.pt")
+    assert b["provenance"]["init"]["path"] == str(tmp_path / "a.pt")
+    assert b["provenance"]["init"]["provenance"]["steps"] == 4            # the chain of trainings is recorded
     fresh = train(_args(tmp_path / "c.pt", "--steps", "1", "--lr", "1e-12", "--eval-every", "0",
                         "--val-windows", "2"))
     c = load_checkpoint(tmp_path / "c.pt")

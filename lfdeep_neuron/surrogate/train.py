@@ -621,8 +621,9 @@ def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
     return ckpt["train_state"]
 
 
-def _warm_start(path: str, model: Surrogate) -> None:
-    """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``)."""
+def _warm_start(path: str, model: Surrogate) -> dict:
+    """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``); return the
+    provenance of that checkpoint (it becomes part of the new one's)."""
     ckpt = load_checkpoint(path)
     if not _same_model(ckpt, model):
         raise CheckpointError(f"--init {path}: written for arch {ckpt.get('arch')!r} with config "
@@ -630,6 +631,7 @@ def _warm_start(path: str, model: Surrogate) -> None:
     model.load_state_dict(ckpt["state_dict"])
     n = ckpt["normalization"]
     model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+    return {"path": str(path), "provenance": ckpt.get("provenance")}
 
 
 def _spike_pos_weight(args, train_ds) -> tuple[float, float]:
@@ -678,8 +680,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     # -- model (fresh, or resumed from CKPT.last) ---------------------------------------------------------
     model = build(args, train_ds).to(device)
     state = _resume(last, model, args.restart)
-    if state is None and args.init:
-        _warm_start(args.init, model)
+    init = _warm_start(args.init, model) if state is None and args.init else None
     start = int(state["step"]) if state else 0
     if state and start >= args.steps and out.exists():
         if main_proc:
@@ -723,6 +724,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     provenance = {"data": str(args.data), "dataset": getattr(train_sims, "provenance", None),
                   "neuron_version": (getattr(train_sims, "provenance", None) or {}).get("neuron_version"),
                   "versions": _versions(), "arch": model.arch, "config_name": args.config, "recipe": args.recipe,
+                  "init": init or (state or {}).get("init"),
                   "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                            if not k.startswith("_")}}
     t_start = time.time()
@@ -735,7 +737,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
                 "step": step, "data_position": step, "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "pos_weight": pos_weight.detach().cpu(), "lbtw_l0": None if lbtw_l0 is None else lbtw_l0.cpu(),
-                "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "wall_s": wall0 + time.time() - t_start}}
+                "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "wall_s": wall0 + time.time() - t_start,
+                "init": provenance["init"]}}
         if main_proc:
             save_checkpoint(path, model, segments=train_ds.segments, synapses=train_ds.synapses,
                             dt_ms=float(getattr(train_sims, "dt_ms", 1.0)),
