@@ -215,12 +215,10 @@ def test_branch_routing_sums_per_section():
 
 
 def test_hay_cell_has_193_branches_and_spike_configs_build():
-    from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, load_checkpoint
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_checkpoint
     from lfdeep_neuron.surrogate.routing import section_branches
 
-    path = MODELS_DIR / "l5pc_mmoe_fast_local_imem.pt"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    path = bundled_checkpoint()       # any checkpoint of the Hay cell carries its segment and channel tables
     ck = load_checkpoint(path)
     segs = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in ck["segments"].items()}
     syns = {k: (v.numpy() if hasattr(v, "numpy") else np.array(v)) for k, v in ck["synapses"].items()}

@@ -227,17 +227,23 @@ def test_time_limited_runs_resume_to_the_uninterrupted_result(tmp_path):
 
 def test_recipes_build_and_flags_override_them(tmp_path):
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-    assert {"bundled_mmoe_fast_local", "spike_lstm_mh", "spike_lstm_mmoe", "spike_lstm_mmoeex",
+    assert {"spike_lstm_mh", "spike_lstm_mh_spikefocus", "spike_lstm_mmoe", "spike_lstm_mmoeex",
             "spike_elm_mh"} <= set(names)
     for name in names:
         args = parse_args(["--recipe", name, "--data", DATA, "--out", str(tmp_path / "x.pt")])
         assert args.arch in ("mh", "mmoe", "mmoeex") and args.steps >= 1000
-    bundled = parse_args(["--recipe", "bundled_mmoe_fast_local", "--data", DATA, "--out", "x.pt"])
-    ck = load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "l5pc_mmoe_fast_local_imem.pt")
-    old = ck["provenance"]["args"]                                     # how the bundled model was trained
-    for key in ("arch", "imem", "steps", "batch", "window_ms", "spike_balance", "lr", "spike_pos_weight"):
-        assert getattr(bundled, key) == old[key], key
-    assert bundled.skip_ms == 0 and bundled.soma_weight == 0 and bundled.model == {"feedback": False}
+    # the bundled model was trained by its two recipes (stage 2 warm-started from stage 1)
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint
+
+    ck = load_checkpoint(bundled_checkpoint())
+    stages = (ck["provenance"], ck["provenance"]["init"]["provenance"])
+    for name, prov in zip(("spike_lstm_mh_spikefocus", "spike_lstm_mh"), stages):
+        recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
+        assert Path(prov["recipe"]).name == f"{name}.toml" and prov["args"]["imem"] is True
+        for key in ("arch", "batch", "window_ms", "skip_ms", "lr", "spike_weight", "soma_weight", "spike_pos_weight",
+                    "model"):
+            assert getattr(recipe, key) == prov["args"][key], (name, key)
+    assert stages[0]["args"]["init"].endswith("spike_lstm_mh_corpus.pt") and stages[0]["steps"] == 3000
     # flags beat the recipe, --set beats its [model] table
     args = parse_args(["--recipe", "spike_lstm_mh", "--data", DATA, "--out", "x.pt", "--steps", "7",
                        "--set", "channels=12"])
