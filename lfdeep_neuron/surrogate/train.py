@@ -648,6 +648,58 @@ def _spike_pos_weight(args, train_ds) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------
+def _open_windows(args, datasets) -> tuple:
+    """(train simulations, train :class:`Windows`, validation :class:`Windows`) of ``args`` (``datasets`` =
+    (train, val) sources overriding ``args.data``); ``--train-seconds`` restricts the training simulations."""
+    train_sims, val_sims = datasets if datasets is not None else open_data(args)
+    if args.train_seconds is not None:
+        if not hasattr(train_sims, "restrict"):
+            raise InputError(f"--train-seconds needs a dataset directory, not --data {args.data}")
+        train_sims.restrict(float(args.train_seconds))
+    window = int(args.window_ms)
+    train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
+    val_ds = Windows(val_sims, window, window, args.skip_ms)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        raise InputError(f"--data {args.data}: no {window}-ms windows after skipping {args.skip_ms} ms (train "
+                         f"{len(train_ds)}, val {len(val_ds)}): shorter --window-ms / --skip-ms or longer "
+                         "simulations needed")
+    return train_sims, train_ds, val_ds
+
+
+def _batch_inputs(model: Surrogate, batch: dict, args, device, amp: dict) -> tuple:
+    """Model inputs of a batch: ``(x, targets, B)``. With feedback noise, noisy fed-back voltages; with the
+    rollout loss, ``x`` is [teacher-forced half; own-feedback half] (2B rows, one forward pass, DDP-safe)."""
+    x, tgt = prepare_batch(model, batch, device)
+    if args.fb_noise > 0 and model.config.feedback:
+        x = x.clone()
+        x[:, model.n_channels:] += args.fb_noise * torch.randn_like(x[:, model.n_channels:])
+    B = x.shape[0]
+    if args.rollout > 0 and model.config.feedback:     # without feedback there is nothing to roll out
+        x_own = x
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, **amp):
+            for _ in range(args.rollout):
+                y0 = model(x_own, all_tasks=True)[:, :model.n_segments].float()
+                x_own = with_own_feedback(model, x, y0, args.rollout_p)
+        model.train()
+        x = torch.cat([x, x_own])
+    return x, tgt, B
+
+
+def _total_loss(model: Surrogate, y: torch.Tensor, tgt: dict, B: int, args, pos_weight, base_w, lbtw_l0) -> tuple:
+    """``(loss, per-task losses, rollout loss or None, lbtw_l0)`` of the outputs ``y`` (teacher-forced rows
+    first, then the rollout half if any); ``lbtw_l0`` (the first step's losses) is set on the first call."""
+    losses = task_losses(model, y[:B], tgt, args.warmup_ms, pos_weight)
+    if lbtw_l0 is None:
+        lbtw_l0 = losses.detach().clone()
+    w = lbtw_weights(base_w, losses, lbtw_l0, args.lbtw_alpha)
+    loss, loss_ro = (w * losses).sum(), None
+    if y.shape[0] > B:
+        loss_ro = (w * task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)).sum()
+        loss = loss + args.rollout_weight * loss_ro
+    return loss, losses, loss_ro, lbtw_l0
+
+
 def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     """Run (or resume) a training; returns a summary dict (final metrics, paths, steps done).
 
@@ -664,18 +716,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     torch.manual_seed(args.seed + rank)
 
     # -- data ---------------------------------------------------------------------------------------------
-    train_sims, val_sims = datasets if datasets is not None else open_data(args)
-    if args.train_seconds is not None:
-        if not hasattr(train_sims, "restrict"):
-            raise InputError(f"--train-seconds needs a dataset directory, not --data {args.data}")
-        train_sims.restrict(float(args.train_seconds))
-    window = int(args.window_ms)
-    train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
-    val_ds = Windows(val_sims, window, window, args.skip_ms)
-    if len(train_ds) == 0 or len(val_ds) == 0:
-        raise InputError(f"--data {args.data}: no {window}-ms windows after skipping {args.skip_ms} ms (train "
-                         f"{len(train_ds)}, val {len(val_ds)}): shorter --window-ms / --skip-ms or longer "
-                         "simulations needed")
+    train_sims, train_ds, val_ds = _open_windows(args, datasets)
 
     # -- model (fresh, or resumed from CKPT.last) ---------------------------------------------------------
     model = build(args, train_ds).to(device)
@@ -752,7 +793,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         rf = model.receptive_field
         print(f"training {model.arch} ({args.config}{', ' + Path(args.recipe).name if args.recipe else ''}): "
               f"{model.num_parameters():,} parameters, memory {'unbounded (recurrent)' if rf < 0 else f'{rf} ms'}, "
-              f"{len(train_ds)} train / {len(val_ds)} val windows of {window} ms, device {device}, "
+              f"{len(train_ds)} train / {len(val_ds)} val windows of {args.window_ms} ms, device {device}, "
               f"{world} process(es)" + (f", AMP {str(amp_dtype).split('.')[-1]}" if use_amp else "")
               + (f"; resuming at step {start}" if start else ""))
         if not args.no_progress:
@@ -760,7 +801,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
             bar = tqdm(total=args.steps, initial=start, desc=f"train {model.arch}", unit="step", dynamic_ncols=True)
 
     # -- the loop -----------------------------------------------------------------------------------------
-    rollout = args.rollout > 0 and model.config.feedback   # without feedback there is nothing to roll out
+    amp = {"dtype": amp_dtype, "enabled": use_amp}
     deadline = None if args.time_limit_min is None else t_start + 60.0 * args.time_limit_min
     timed_out, running, metrics, step = False, {}, {}, start
     model.train()
@@ -768,31 +809,10 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         lr = _lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        x, tgt = prepare_batch(model, batch, device)
-        if args.fb_noise > 0 and model.config.feedback:
-            x = x.clone()
-            x[:, model.n_channels:] += args.fb_noise * torch.randn_like(x[:, model.n_channels:])
-        B = x.shape[0]
-        if rollout:
-            x_own = x
-            model.eval()
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                for _ in range(args.rollout):
-                    y0 = model(x_own, all_tasks=True)[:, :model.n_segments].float()
-                    x_own = with_own_feedback(model, x, y0, args.rollout_p)
-            model.train()
-            x = torch.cat([x, x_own])   # one forward pass (DDP-safe): teacher-forced half, own-feedback half
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        x, tgt, B = _batch_inputs(model, batch, args, device, amp)
+        with torch.autocast(device.type, **amp):
             y = net(x, all_tasks=True)
-        losses = task_losses(model, y[:B], tgt, args.warmup_ms, pos_weight)
-        if lbtw_l0 is None:
-            lbtw_l0 = losses.detach().clone()
-        w = lbtw_weights(base_w, losses, lbtw_l0, args.lbtw_alpha)
-        loss = (w * losses).sum()
-        loss_ro = None
-        if rollout:
-            loss_ro = (w * task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)).sum()
-            loss = loss + args.rollout_weight * loss_ro
+        loss, losses, loss_ro, lbtw_l0 = _total_loss(model, y, tgt, B, args, pos_weight, base_w, lbtw_l0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         opt.zero_grad(set_to_none=True)
