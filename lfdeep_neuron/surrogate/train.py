@@ -133,7 +133,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--fb-noise", "Gaussian noise (z units) on teacher-forced feedback", type=float)
     g = p.add_argument_group("running")
     add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
-    add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is much faster than "
+    add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is as fast or much faster than "
                         "2 on a machine whose cores are busy with other jobs", type=int)
     add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
     add(g, "--workers", "DataLoader worker processes", type=int)
