@@ -7,7 +7,9 @@
 For every budget S (simulated seconds of the train split; ``all`` = everything there), trains the recipe with
 ``lfdeep-neuron train --train-seconds S`` (a fixed random subset, nested: the 150-s set lies inside the 600-s
 one) for the **same number of optimiser steps** at every point, then scores it with ``lfdeep-neuron evaluate``
-on the same held-out test split (closed loop, spike threshold calibrated on the validation split). Prints
+on the same held-out simulations: the first ``--test-sims`` of the test split (closed loop, spike threshold
+calibrated on the first ``--val-sims`` of the validation split; fixed counts, because the splits grow with
+the corpus). Prints
 and writes ``OUT/scaling.md``, ``OUT/scaling.json`` and ``OUT/scaling.png``: spike AUC, coincidence factor Γ
 (±2 ms), somatic RMSE clipped at -55 mV and all-segment RMSE (with the constant baseline) per budget.
 
@@ -107,10 +109,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--time-limit-min", type=float, default=None, help="per training call (resumable)")
+    p.add_argument("--test-sims", type=int, default=15,
+                   help="score every point on the first N test simulations (the split grows with the corpus: a "
+                        "fixed N keeps the points comparable)")
+    p.add_argument("--val-sims", type=int, default=20, help="calibrate the threshold on the first N val simulations")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="further arguments for every `train` call (last on the line)")
     args = p.parse_args(argv)
-    args.eval_args = []
+    args.eval_args = ["--max-sims", str(args.test_sims), "--max-val-sims", str(args.val_sims)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
