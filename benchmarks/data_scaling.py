@@ -5,12 +5,11 @@
         --steps 3000 --out runs/scaling [--time-limit-min 60]
 
 For every budget S (simulated seconds of the train split; ``all`` = everything there), trains the recipe with
-``lfdeep-neuron train --train-seconds S`` (a fixed random subset, nested: the 150-s set lies inside the 600-s
-one) for the **same number of optimiser steps** at every point, then scores it with ``lfdeep-neuron evaluate``
+``lfdeep-neuron train --train-seconds S`` (each folder's first simulations in generation order, nested: the
+150-s set lies inside the 600-s one, and it stays the same while the corpus grows) for the **same number of optimiser steps** at every point, then scores it with ``lfdeep-neuron evaluate``
 on the same held-out simulations: the first ``--test-sims`` of the test split (closed loop, spike threshold
 calibrated on the first ``--val-sims`` of the validation split; fixed counts, because the splits grow with
-the corpus). Prints
-and writes ``OUT/scaling.md``, ``OUT/scaling.json`` and ``OUT/scaling.png``: spike AUC, coincidence factor Γ
+the corpus). Prints and writes ``OUT/scaling.md``, ``OUT/scaling.json`` and ``OUT/scaling.png``: spike AUC, coincidence factor Γ
 (±2 ms), somatic RMSE clipped at -55 mV and all-segment RMSE (with the constant baseline) per budget.
 
 Every step resumes: a training interrupted by ``--time-limit-min`` (or anything else) continues from its
@@ -57,9 +56,9 @@ def run_point(budget: str, args) -> dict | None:
         if res.returncode != 0:
             raise SystemExit(f"evaluation of {ckpt} failed (exit {res.returncode})")
     s = json.loads(summary.read_text())
-    import torch
+    from lfdeep_neuron.surrogate.checkpoint import load_checkpoint
 
-    provenance = torch.load(ckpt, map_location="cpu", weights_only=False).get("provenance", {})
+    provenance = load_checkpoint(ckpt).get("provenance", {})
     row = {k: s["metrics_for_checkpoint"].get(k) for k, _ in COLUMNS}
     row.update(budget=budget, checkpoint=str(ckpt), steps=int(args.steps),
                train_simulated_s=(provenance.get("dataset") or {}).get("simulated_s"))

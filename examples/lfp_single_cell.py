@@ -39,22 +39,13 @@ def load_model(path, config="paper", seed=0):
     return _load(path, config, seed)
 
 
-def binned_inputs(syn_idx, t_ms, n_steps, n_channels=1278):
-    """[T, C] event counts per 1-ms step: an event at t is consumed by step ceil(t)."""
-    k = np.ceil(np.asarray(t_ms) - 1e-9).astype(np.int64)
-    keep = k < n_steps
-    x = np.zeros((n_steps, n_channels))
-    np.add.at(x, (k[keep], np.asarray(syn_idx)[keep]), 1.0)
-    return x
-
-
-def run_surrogate(model, x):
+def run_surrogate(model, x_syn):
     """Closed-loop predictions as a co-simulation records them: v_mV [S, T] and, if the model has current
     tasks, imem_nA [S, T], with the checkpoint's action-potential waveform added at every predicted spike
     (its calibrated threshold), and the predicted spike times (ms)."""
     from lfdeep_neuron.surrogate.rollout import rollout
 
-    out = rollout(model, np.ascontiguousarray(x.T))   # row k = inputs of (k-1, k]: rollout's column k
+    out = rollout(model, x_syn)                       # x_syn [C, T]: column k = inputs of (k-1, k]
     v, imem = out["v_1ms"], out["imem_mean_1ms"]      # column 0: the initial state (v_rest), no current
     return v.astype(np.float64), (None if imem is None else imem.astype(np.float64)), out["soma_spike_times_ms"]
 
@@ -118,6 +109,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    from lfdeep_neuron.data.dataset import bin_events
     from lfdeep_neuron.data.records import read_record
     from lfdeep_neuron.hay import HayL5PC
     from lfdeep_neuron.hay.simulate import run_cell
@@ -148,7 +140,7 @@ def main(argv=None) -> int:
         print("WARNING: no trained surrogate (models/ or --model): scoring an UNTRAINED paper MMoE; "
               "its LFP is meaningless")
     t0 = time.perf_counter()
-    v_s, i_s, spikes_s = run_surrogate(model, binned_inputs(syn, t_ev, T))
+    v_s, i_s, spikes_s = run_surrogate(model, bin_events(syn, t_ev, model.n_channels, 0, T))
     t_surr = time.perf_counter() - t0
     phis["surrogate: -L v"] = pop.from_voltages(v_s[None])
     if i_s is not None:

@@ -83,7 +83,7 @@ def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
     a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
-    assert [r["step"] for r in _log(tmp_path / "b.pt.jsonl")] == [5, 10, 12]   # no duplicated rows                                        # no duplicated rows after resuming
+    assert [r["step"] for r in _log(tmp_path / "b.pt.jsonl")] == [5, 10, 12]   # no duplicated rows after resuming
 
 
 def test_resume_refuses_a_different_model(tmp_path):

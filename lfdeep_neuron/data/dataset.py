@@ -461,8 +461,11 @@ class SimulationDataset(torch.utils.data.Dataset):
                                                               int(p.stat().st_mtime_ns)]
                                                              for p in files]).encode()).hexdigest()
         # one directory: its stats.npz; several: a file named by their set, in the first of them
-        cache = (Path(self.meta["datasets"][0]) / f"stats_{hashlib.sha256(json.dumps(self.meta['datasets']).encode()).hexdigest()[:8]}.npz"
-                 if multi else self.root / STATS_NAME)
+        if multi:
+            tag = hashlib.sha256(json.dumps(self.meta["datasets"]).encode()).hexdigest()[:8]
+            cache = Path(self.meta["datasets"][0]) / f"stats_{tag}.npz"
+        else:
+            cache = self.root / STATS_NAME
         if cache.is_file():
             with np.load(cache) as z:
                 if str(z["key"]) == key and str(z["events"]) == self.events:

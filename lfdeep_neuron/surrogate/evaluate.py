@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfdeep_neuron.surrogate.metrics import (GROUPS, calibrate_threshold, diversity_metrics, group_labels,
-                                             pooled_spike_metrics, rmse_by_group, segment_groups, spike_auc,
-                                             spike_onsets, spikes_from_logits, sq_err_per_segment)
+from lfdeep_neuron.surrogate.metrics import (GROUPS, SOMA_CLIP_MV, calibrate_threshold, diversity_metrics,
+                                             group_labels, pooled_spike_metrics, rmse_by_group, segment_groups,
+                                             spike_auc, spike_onsets, spikes_from_logits, sq_err_per_segment)
 
 __all__ = ["configure_parser", "run", "evaluate", "simulate_split", "expert_outputs", "write_figures",
            "update_checkpoint_metrics"]
@@ -112,11 +112,6 @@ def _batches(ds, n_sims: int, batch: int):
         items = [ds[p] for p in group]
         yield group, {k: torch.stack([it[k] for it in items]) for k in ("x_syn", "v", "spike")}
         i += len(group)
-
-
-#: The somatic voltage is compared clipped at this level (spikes are scored by the spike output), as in
-#: the NeuronIO literature (Beniaguev et al. 2021; Spieler et al. 2024).
-SOMA_CLIP_MV = -55.0
 
 
 def clipped_soma_sse(pred_mV: np.ndarray, true_mV: np.ndarray, clip_mV: float = SOMA_CLIP_MV) -> float:
@@ -303,9 +298,9 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     if experts is not None:
         flat.update({"expert_diversity_mean": experts["mean"], "expert_diversity_det": experts["determinant"],
                      "expert_diversity_perm": experts["permanent"]})
-    summary = {
+    summary = {   # receptive_field_ms -1: unbounded (recurrent)
         "model": {"path": meta.get("path"), "arch": getattr(model, "arch", None), "config": cfg,
-                  "parameters": int(model.num_parameters()), "receptive_field_ms": int(model.receptive_field)},  # -1: unbounded (recurrent)
+                  "parameters": int(model.num_parameters()), "receptive_field_ms": int(model.receptive_field)},
         "data": {"root": str(getattr(test_ds, "root", "")), "split": test_ds.split, "n_sims": len(sims),
                  "sim_indices": [r["index"] for r in sims], "durations_ms": durations,
                  "n_segments": len(names), "group_sizes": {g: int(len(i)) for g, i in groups.items()}},

@@ -23,10 +23,13 @@ import numpy as np
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
            "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
            "calibrate_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
-           "SPIKE_OFFSET_MS"]
+           "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
 
 #: Group names, in reporting order.
 GROUPS = ("soma", "basal", "apical_trunk", "oblique", "tuft", "axon")
+#: The somatic voltage is compared (and trained) clipped at this level; spikes are scored by the spike output,
+#: as in the NeuronIO literature (Beniaguev et al. 2021; Spieler et al. 2024).
+SOMA_CLIP_MV = -55.0
 #: A spike predicted by step k (window (k-1, k] ms) is placed at k - SPIKE_OFFSET_MS (mid-window).
 SPIKE_OFFSET_MS = 0.5
 

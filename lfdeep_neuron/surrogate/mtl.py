@@ -466,7 +466,6 @@ class Surrogate(nn.Module):
         """What the backbones read for raw model input ``x`` (see :meth:`encode`)."""
         return self.encode(x)[0]
 
-
     def _check_input(self, x: torch.Tensor, what: str) -> None:
         if x.shape[1] != self.n_inputs:
             fb = f" + {self.n_segments} feedback voltages" if self.config.feedback else ""

@@ -49,7 +49,7 @@ import torch
 from lfdeep_neuron.data.dataset import bin_events
 from lfdeep_neuron.data.records import RecordFormatError, read_record, write_record
 from lfdeep_neuron.errors import InputError
-from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS, spikes_from_logits
+from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS, spike_onsets, spikes_from_logits
 
 __all__ = ["configure_parser", "run", "load_inputs", "rollout", "rollout_file", "default_threshold"]
 
@@ -187,8 +187,7 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
     if wf is not None:
         if not isinstance(wf, SpikeWaveform) or wf.n_segments != model.n_segments:
             raise InputError(f"spike_waveform must be a SpikeWaveform of the model's {model.n_segments} segments")
-        spiked = np.zeros((1, T), dtype=bool)
-        spiked[0, np.ceil(spikes - 1e-9).astype(np.int64)] = True      # spike at k - 0.5 ms -> step k
+        spiked = spike_onsets(logit[None] > thr)                        # step k of each spike (NaN at 0: no)
         v_new, i_new = wf.apply(v[None], spiked, None if imem is None else imem[None])
         v = v_new[0].astype(np.float32)
         imem = None if imem is None else i_new[0].astype(np.float32)

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lfdeep_neuron.surrogate.metrics import SOMA_CLIP_MV
 from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConfig, build_model
 from lfdeep_neuron.surrogate.stream import closed_loop
 
@@ -68,7 +69,6 @@ __all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_re
            "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV", "parse_overrides"]
 
 RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
-SOMA_CLIP_MV = -55.0    # soma voltages are compared clipped at this value (the NeuronIO convention)
 
 #: Built-in defaults of every option (a recipe and flags override them).
 DEFAULTS: dict = dict(
@@ -606,31 +606,32 @@ def _same_model(ckpt: dict, model: Surrogate) -> bool:
     return ckpt.get("arch") == model.arch and cfg == model.config.to_dict()
 
 
+def _load_weights(path, model: Surrogate, what: str, hint: str = "") -> dict:
+    """Load checkpoint ``path``'s weights and the normalisation they were trained with into ``model`` (same
+    arch and config, else a :class:`CheckpointError` starting with ``what``); return the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    if not _same_model(ckpt, model):
+        raise CheckpointError(f"{what} arch {ckpt.get('arch')!r} with config {ckpt.get('config')}, not arch "
+                              f"{model.arch!r} with {model.config.to_dict()}{hint}")
+    model.load_state_dict(ckpt["state_dict"])
+    n = ckpt["normalization"]
+    model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+    return ckpt
+
+
 def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
     """Load ``CKPT.last`` into ``model``; return its ``train_state`` (None: start afresh)."""
     if restart or not last.exists():
         return None
-    ckpt = load_checkpoint(last)
-    if not _same_model(ckpt, model):
-        raise CheckpointError(f"{last} was written for arch {ckpt.get('arch')!r} with config "
-                              f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}; "
-                              "pass --restart to discard it or choose another --out")
-    model.load_state_dict(ckpt["state_dict"])
-    n = ckpt["normalization"]   # keep the normalisation the weights were trained with
-    model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+    ckpt = _load_weights(last, model, f"{last} was written for", "; pass --restart to discard it or choose "
+                                                                  "another --out")
     return ckpt["train_state"]
 
 
 def _warm_start(path: str, model: Surrogate) -> dict:
     """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``); return the
     provenance of that checkpoint (it becomes part of the new one's)."""
-    ckpt = load_checkpoint(path)
-    if not _same_model(ckpt, model):
-        raise CheckpointError(f"--init {path}: written for arch {ckpt.get('arch')!r} with config "
-                              f"{ckpt.get('config')}, not arch {model.arch!r} with {model.config.to_dict()}")
-    model.load_state_dict(ckpt["state_dict"])
-    n = ckpt["normalization"]
-    model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
+    ckpt = _load_weights(path, model, f"--init {path}: written for")
     return {"path": str(path), "provenance": ckpt.get("provenance")}
 
 
