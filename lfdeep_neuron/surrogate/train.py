@@ -213,6 +213,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise InputError(f"{path or '--config'}: unknown config {settings['config']!r}; known: {sorted(CONFIGS)}")
     if int(settings["steps"]) < 1:
         raise InputError(f"--steps must be >= 1, got {settings['steps']}")
+    if settings["threads"] is not None and int(settings["threads"]) < 1:
+        raise InputError(f"--threads must be >= 1, got {settings['threads']}")
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -710,7 +712,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     rank, world, local_rank = _distributed()
     device = _device(args.device, local_rank)
     if args.threads:
-        torch.set_num_threads(max(1, int(args.threads)))
+        torch.set_num_threads(int(args.threads))
     main_proc = rank == 0
     out = Path(args.out)
     last, log_path = out.with_name(out.name + ".last"), out.with_name(out.name + ".jsonl")
