@@ -69,6 +69,21 @@ def sweep(sims: list[dict], thresholds) -> list[dict]:
     return rows
 
 
+def sweep_streamed(model, ds, n_sims: int, thresholds) -> list[dict]:
+    """:func:`sweep` for a model with spike history: its logits depend on the threshold, so each threshold
+    gets its own closed-loop run."""
+    from lfdeep_neuron.surrogate.evaluate import streamed_spike_trains
+    from lfdeep_neuron.surrogate.metrics import pooled_spike_metrics
+
+    pred, trains, durations = streamed_spike_trains(model, ds, n_sims, thresholds)
+    rows = []
+    for thr, p in zip(thresholds, pred):
+        g2, g5 = (pooled_spike_metrics(p, trains, durations, w) for w in (2.0, 5.0))
+        rows.append({"threshold": float(thr), "n_pred": g2["n_pred"], "n_true": g2["n_true"],
+                     "gamma_2ms": g2["gamma"], "gamma_5ms": g5["gamma"]})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -93,10 +108,11 @@ def main(argv=None) -> int:
     out = {"model": args.model, "threshold": thr, "splits": {}}
     for split in args.splits:
         ds = SimulationDataset(args.data, split=split, window_ms=None, fields=("x_syn", "v", "spike"))
-        sims = simulate_split(model, ds, args.max_sims, teacher_forced=False)
+        sims = simulate_split(model, ds, args.max_sims, teacher_forced=False, spike_threshold=thr)
         a = analyse(sims, thr, args.isolated_ms)
         a["n_sims"], a["n_true"] = len(sims), int(sum(r["spike_times_ms"].size for r in sims))
-        a["sweep"] = sweep(sims, np.arange(-5.0, 0.01, 0.5))
+        grid = np.arange(-5.0, 0.01, 0.5)
+        a["sweep"] = sweep_streamed(model, ds, len(sims), grid) if model.config.spike_history else sweep(sims, grid)
         out["splits"][split] = a
         best = max(a["sweep"], key=lambda r: r["gamma_2ms"] if r["gamma_2ms"] == r["gamma_2ms"] else -1)
         print(f"{split}: {len(sims)} simulations, {a['n_true']} true spikes; threshold {thr:.3g}: "

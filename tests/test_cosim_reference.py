@@ -1,6 +1,7 @@
 """(c) A surrogate inside NEURON, driven by the events of the Hay reference record, reproduces the
 real ``lfdeep-neuron rollout`` CLI on the same checkpoint and inputs: ``v_1ms`` of all 642
-segments within 1e-4 mV, the same spike steps.
+segments within 1e-4 mV, the same spike steps; also for a model that reads its own emitted spikes
+(spike history), where any difference in a spike decision would change everything after it.
 
 The checkpoint is an untrained real MMoE ('tiny' config at Hay size) with the record's
 normalisation (so its outputs are in a mV range) and the record's segment/synapse tables, saved
@@ -29,13 +30,13 @@ def reference(reference_dir):
     return read_record(reference_dir / "synaptic_seed1.h5", require=("segments", "synapses", "input_effective"))
 
 
-def _model(rec):
+def _model(rec, **over):
     import torch
 
     from lfdeep_neuron.surrogate.mtl import MMoE
 
     torch.manual_seed(3)
-    model = MMoE.from_config("tiny", n_segments=642, n_channels=N_CH)
+    model = MMoE.from_config("tiny", n_segments=642, n_channels=N_CH, **over)
     v = rec["v_1ms"].astype(np.float64)
     model.set_normalization(v.mean(1), v.std(1), v_rest=v[:, 0])
     return model
@@ -51,7 +52,8 @@ def _rollout_cli(ckpt, inputs, out):
     return read_record(out)
 
 
-def test_surrogate_in_neuron_matches_rollout_cli(reference, reference_dir, tmp_path):
+@pytest.mark.parametrize("history", [False, True], ids=["input-only", "spike-history"])
+def test_surrogate_in_neuron_matches_rollout_cli(reference, reference_dir, tmp_path, history):
     import torch
 
     import lfdeep_neuron  # noqa: F401
@@ -65,7 +67,7 @@ def test_surrogate_in_neuron_matches_rollout_cli(reference, reference_dir, tmp_p
     rec = reference
     inputs = reference_dir / "synaptic_seed1.h5"
     T = DURATION_MS
-    model = _model(rec)
+    model = _model(rec, spike_history=history)
     tables = dict(segments=rec["segments"], synapses=rec["synapses"], dt_ms=1.0)
 
     # calibrate a threshold on a first rollout, then save the checkpoint that both sides use
@@ -81,6 +83,10 @@ def test_surrogate_in_neuron_matches_rollout_cli(reference, reference_dir, tmp_p
     steps_cli = np.ceil(spikes_cli).astype(np.int64)                  # rollout: step k -> k - 0.5 ms
     assert v_cli.shape == (642, T)
     assert 3 <= len(steps_cli) <= 20
+    after = np.arange(T) > steps_cli[0]
+    moved = np.abs(np.asarray(out["spike_logit_1ms"])[after] - logits[after]).max()
+    # with spike history the emitted spikes are inputs: the logits after the first spike change
+    assert (moved > 0.05 * np.std(logits[1:])) if history else (moved < 1e-6)   # (untrained: logit std ~1e-3)
 
     syn = rec["input_effective"]["syn_idx"].astype(np.int64)
     t_ev = np.asarray(rec["input_effective"]["t_ms"], np.float64)

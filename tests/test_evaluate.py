@@ -135,11 +135,11 @@ def test_segment_groups_of_the_hay_cell(reference):
     assert set(names[g["tuft"]]) >= {"apic[37]", "apic[50]"}
 
 
-def _tiny_model(rec, seed=3):
+def _tiny_model(rec, seed=3, **over):
     from lfdeep_neuron.surrogate.mtl import MMoE
 
     torch.manual_seed(seed)
-    model = MMoE.from_config("tiny", n_segments=642, n_channels=N_CH)
+    model = MMoE.from_config("tiny", n_segments=642, n_channels=N_CH, **over)
     v = rec["v_1ms"].astype(np.float64)
     model.set_normalization(v.mean(1), v.std(1), v_rest=v[:, 0])
     return model.eval()
@@ -400,3 +400,47 @@ def test_evaluate_adds_the_checkpoints_spike_waveform(reference, checkpoint, sma
     np.testing.assert_allclose(added[0], expect, atol=1e-4)
     assert np.abs(added[1:]).max() == 0.0
     assert s["spike_waveform"].startswith("added")
+
+
+def test_evaluate_calibrates_a_spike_history_model_with_one_run_per_threshold(reference, small_dataset, tmp_path):
+    """A model that reads its own spikes: every candidate threshold is scored by its own closed-loop run, and
+    the reported calibration and test spikes equal independent closed-loop runs at those thresholds."""
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.data.dataset import SimulationDataset
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate, save_checkpoint
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    torch.set_num_threads(1)
+    root, cuts, splits = small_dataset
+    model = _tiny_model(reference, seed=4, spike_history=True, feedback=False)
+    ckpt = save_checkpoint(tmp_path / "hist.pt", model, segments=reference["segments"],
+                           synapses=reference["synapses"], provenance={"data": "reference (test)"})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(root), "--out", str(out), "--update-checkpoint",
+                 "--no-progress", "--no-figures"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    cal = s["spikes"]["calibration"]
+    assert cal["method"].startswith("streamed") and cal["sim_indices"] == splits["val"]
+    assert cal["n_candidates"] >= 12 and len(cal["tried"]) == cal["n_candidates"]
+    thr = s["spikes"]["threshold_logit"]
+    assert thr == cal["threshold"] == pytest.approx(load_surrogate(ckpt).meta["metrics"]["spike_threshold_logit"])
+
+    def run(split, threshold):
+        ds = SimulationDataset(root, split=split, window_ms=None, fields=("x_syn", "v", "spike"))
+        pred, true, dur = [], [], []
+        for pos, rec in enumerate(ds.records):
+            item = ds[pos]
+            cl = closed_loop(model, item["x_syn"][None, :, 1:], v0_mV=item["v"][None, :, 0],
+                             spike_threshold=threshold)
+            pred.append(np.flatnonzero(cl.spiked[0].numpy()) + 1 - 0.5)
+            true.append(np.asarray(rec.spike_times_ms))
+            dur.append(rec.n_steps)
+        return M.pooled_spike_metrics(pred, true, dur)
+
+    for t, g, n_pred in cal["tried"][:: max(1, len(cal["tried"]) // 4)]:   # a few of the candidates
+        m = run("val", t)
+        assert m["n_pred"] == n_pred and (m["gamma"] == pytest.approx(g) or (math.isnan(g) and math.isnan(m["gamma"])))
+    assert any(n > 0 for _, _, n in cal["tried"])                           # the candidates do emit spikes
+    test = run("test", thr)
+    assert s["spikes"]["closed_loop"]["n_pred"] == test["n_pred"]
+    assert s["spikes"]["closed_loop"]["n_coinc"] == test["n_coinc"]

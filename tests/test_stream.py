@@ -304,3 +304,45 @@ def test_spike_design_streams_in_float64_like_the_engine():
     assert v.dtype == torch.float64 and imem is not None
     torch.testing.assert_close(v, m.to_mV(full.v).double(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(s, full.spike_logit.double(), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("cls", ARCH_CLASSES)
+@pytest.mark.parametrize("over", [{"feedback": False, "local_taus": (3.0,)}, {"feedback": True}],
+                         ids=["input-only", "voltage-feedback"])
+def test_spike_history_streams_the_spikes_it_emits(cls, over):
+    """A model with spike history reads, in closed loop, exactly the spikes the streamer decided (upward
+    crossings of a per-cell threshold); fed those spikes teacher-forced, the full pass gives the same run."""
+    m = _model(cls, spike_history=True, **over)
+    assert m.n_inputs == m.n_channels + (m.n_segments if over["feedback"] else 0) + 1
+    B, T = 3, 80
+    torch.manual_seed(5)
+    x_syn = torch.rand(B, m.n_channels, T) * 2
+    silent = closed_loop(m, x_syn, output="z", spike_threshold=float("inf"))
+    assert not silent.spiked.any()
+    thr = torch.quantile(silent.spike_logit, 0.8, dim=1)                  # one threshold per cell
+    out = closed_loop(m, x_syn, output="z", spike_threshold=thr)
+    above = out.spike_logit > thr[:, None]
+    crossing = above & ~torch.cat([torch.zeros(B, 1, dtype=torch.bool), above[:, :-1]], dim=1)
+    assert torch.equal(out.spiked, crossing) and out.spiked.sum(dim=1).min() >= 2
+    spike_prev = torch.cat([torch.zeros(B, 1), out.spiked[:, :-1].float()], dim=1)
+    fb = torch.cat([m.to_z(m.v_rest).expand(B, -1)[:, :, None], out.v[:, :, :-1]], dim=-1)
+    with torch.no_grad():
+        full = m(m.make_inputs(x_syn, m.to_mV(fb), spike_prev))
+    torch.testing.assert_close(out.v, full.v, **TOL)
+    torch.testing.assert_close(out.spike_logit, full.spike_logit, **TOL)
+    first = int(out.spiked[0].nonzero()[0])                               # the history changes what follows
+    assert (out.spike_logit[0, first + 1:] - silent.spike_logit[0, first + 1:]).abs().max() > 1e-4
+    torch.testing.assert_close(out.spike_logit[0, :first + 1], silent.spike_logit[0, :first + 1], **TOL)
+    # the 'level' rule: a spike in every step above the threshold
+    lvl = closed_loop(m, x_syn, output="z", spike_threshold=thr, spike_rule="level")
+    assert torch.equal(lvl.spiked, lvl.spike_logit > thr[:, None])
+    # teacher-forced steps carry their own spike row; the streamer's decisions are still reported
+    st = m.streamer(B, spike_threshold=thr)
+    x_tf = m.make_inputs(x_syn, m.to_mV(fb), spike_prev)
+    res = [st.step(x_tf[:, :, t]) for t in range(T)]
+    torch.testing.assert_close(torch.stack([r.spike_logit for r in res], dim=1), full.spike_logit, **TOL)
+    assert torch.equal(torch.stack([r.spiked for r in res], dim=1), out.spiked)
+    with pytest.raises(ValueError, match="spike_threshold must be"):
+        m.streamer(B, spike_threshold=torch.zeros(B + 1))
+    with pytest.raises(ValueError, match="spike history"):
+        m.make_inputs(x_syn, m.to_mV(fb))

@@ -303,3 +303,40 @@ def test_windows_skip_the_start_and_soma_target_is_clipped():
     _, tgt = prepare_batch(m, b, "cpu")
     torch.testing.assert_close(m.to_mV(tgt["v"])[:, 0], b["v"][:, 0, 1:].clamp_max(-55.0))
     torch.testing.assert_close(m.to_mV(tgt["v"])[:, 1:], b["v"][:, 1:, 1:])   # other segments unclipped
+
+
+def test_spike_history_trains_and_warm_starts_from_a_model_without_it(tmp_path):
+    """A spike-history model trains on the true spikes (teacher-forced), and ``--init`` from the same model
+    without spike history widens its input weights by a zero column: the warm-started model computes exactly
+    what the old one did until its new input is trained."""
+    from lfdeep_neuron.surrogate.train import open_data
+
+    base = ["--steps", "3", "--eval-every", "0", "--val-windows", "2"]
+    train(_args(tmp_path / "plain.pt", *base))
+    train(_args(tmp_path / "hist.pt", "--init", str(tmp_path / "plain.pt"), "--set", "spike_history=true",
+                "--steps", "1", "--lr", "1e-12", "--eval-every", "0", "--val-windows", "2"))
+    plain, hist = load_surrogate(tmp_path / "plain.pt"), load_surrogate(tmp_path / "hist.pt")
+    assert hist.config.spike_history and hist.n_inputs == plain.n_inputs + 1
+    assert load_checkpoint(tmp_path / "hist.pt")["provenance"]["init"]["path"] == str(tmp_path / "plain.pt")
+    train_sims, _ = open_data(_args(tmp_path / "x.pt"))
+    item = Windows(train_sims, 100, 50, 50)[0]
+    x, v, spike = item["x_syn"][None], item["v"][None], item["spike"][None].float()
+    with torch.no_grad():
+        a = plain(plain.make_inputs(x[..., 1:], v[..., :-1]))
+        b = hist(hist.make_inputs(x[..., 1:], v[..., :-1], spike[..., :-1]))
+    torch.testing.assert_close(b.v, a.v, rtol=0, atol=1e-4)               # lr 1e-12: the zero column stays ~0
+    torch.testing.assert_close(b.spike_logit, a.spike_logit, rtol=0, atol=1e-4)
+    # trained for real, the spike row's weights move away from zero
+    train(_args(tmp_path / "hist2.pt", "--init", str(tmp_path / "plain.pt"), "--set", "spike_history=true",
+                "--steps", "3", "--eval-every", "0", "--val-windows", "2"))
+    w = load_checkpoint(tmp_path / "hist2.pt")["state_dict"]
+    w0 = load_checkpoint(tmp_path / "plain.pt")["state_dict"]
+    widened = [k for k, t in w.items() if t.shape != w0[k].shape]
+    assert widened, "no weight reads the spike row"
+    for k in widened:
+        grow = [d for d in range(w[k].dim()) if w[k].shape[d] != w0[k].shape[d]][0]
+        assert float(w[k].narrow(grow, w0[k].shape[grow], 1).abs().max()) > 0, k
+    # an unrelated config change is still refused
+    with pytest.raises(CheckpointError, match="--init .*written for"):
+        train(_args(tmp_path / "bad.pt", "--init", str(tmp_path / "plain.pt"), "--set", "spike_history=true",
+                    "--set", "n_experts=2", "--steps", "1", "--eval-every", "0", "--val-windows", "2"))

@@ -54,7 +54,9 @@ are thus quantised to the step and lag the true spike, somewhere in ``((k-1)·Δ
 k with ``ceil(t - dt)`` resp. ``ceil(t)``.) Use NetCon delays >= Δ from surrogates: whatever the
 delay, the spike reaches a surrogate target in step k+1 at the earliest, like the spike of a
 detailed cell fired in step k's window would with a delay >= Δ; and under MPI every inter-rank
-delay must be >= the ParallelContext's minimum delay anyway.
+delay must be >= the ParallelContext's minimum delay anyway. The decision is the streamer's
+(:mod:`lfdeep_neuron.surrogate.stream`) with the engine's threshold and rule: ``rollout`` and ``evaluate``
+stream the same way, and a model with spike history reads back exactly the spikes the engine emitted.
 
 Action potentials: a model trained on a clipped soma target has no AP in its voltages (the spike lives in
 the spike logit). With a spike waveform (:class:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform`, stored in
@@ -94,6 +96,7 @@ import numpy as np
 from lfdeep_neuron.cosim.recording import Recording
 from lfdeep_neuron.cosim.sinks import EngineSink, SinkStep
 from lfdeep_neuron.neuron_callbacks import WeakMethodCall
+from lfdeep_neuron.surrogate.metrics import default_spike_threshold
 
 __all__ = ["SurrogateEngine", "N_CHANNELS", "bad_event_count", "default_spike_threshold"]
 
@@ -236,14 +239,6 @@ def _as_table(table) -> dict | None:
     return out
 
 
-def default_spike_threshold(model) -> float:
-    """The checkpoint's calibrated spike-logit threshold (``meta['metrics']['spike_threshold_logit']``),
-    else 0 (probability 1/2): the same default as ``lfdeep-neuron rollout``."""
-    metrics = _meta(model).get("metrics") or {}
-    thr = metrics.get("spike_threshold_logit")
-    return float(thr) if thr is not None else 0.0
-
-
 def _default_device():
     import torch
 
@@ -256,9 +251,11 @@ class SurrogateEngine:
     Parameters
     ----------
     model : torch.nn.Module or str or Path
-        A streaming surrogate (``model.streamer(n, device=..., feedback=..., output='mV')``
-        returning an object with ``step(x [n, 1278]) -> (v_mV [n, S], spike_logit [n])``) or
-        a checkpoint path for :func:`lfdeep_neuron.surrogate.checkpoint.load_surrogate`.
+        A streaming surrogate (``model.streamer(n, device=..., feedback=..., output='mV',
+        spike_threshold=..., spike_rule=...)`` returning an object with ``step(x [n, 1278]) -> (v_mV [n, S],
+        spike_logit [n])`` whose result also has ``.spiked [n]``, the step's spike decisions: the
+        :class:`~lfdeep_neuron.surrogate.stream.Streamer` protocol) or a checkpoint path for
+        :func:`lfdeep_neuron.surrogate.checkpoint.load_surrogate`.
     device : str or torch.device, optional
         Where the model and the batched state live; default ``cuda`` if available, else CPU.
     spike_threshold : float, optional
@@ -386,7 +383,6 @@ class SurrogateEngine:
         if spike_rule not in ("crossing", "level"):
             raise ValueError(f"spike_rule must be 'crossing' or 'level', got {spike_rule!r}")
         self.spike_rule = spike_rule
-        self._above = None                    # [n] bool: logit above threshold at the previous step
         self.spike_waveform = spike_waveform  # property: resolves True to the checkpoint's waveform
         self._wave = None                     # the waveform on the device, in the engine's dtype (at init)
         self._wave_state = None               # its per-instance state (steps since the last spike)
@@ -670,14 +666,14 @@ class SurrogateEngine:
         self._x_set = torch.zeros(0, dtype=torch.long, device=self.device)   # entries set last step
         kw = {} if self.dtype is None else {"dtype": self.dtype}
         with torch.inference_mode():
-            self._stream = self.model.streamer(n, device=self.device, feedback=self.feedback,
-                                               output="mV", **kw)
+            self._stream = self.model.streamer(n, device=self.device, feedback=self.feedback, output="mV",
+                                               spike_threshold=self.spike_threshold, spike_rule=self.spike_rule,
+                                               **kw)
             v_rest = torch.as_tensor(self.model.v_rest, device=self.device)
             self._v0 = v_rest.to(self._x.dtype).expand(n, -1)       # the streamer's v0 (model.v_rest)
             # membrane-current tasks (nA): at rest every segment's membrane current is zero
             self._imem0 = torch.zeros_like(self._v0) if self.predicts_currents else None
             self._nan_logit = torch.full((n,), float("nan"), dtype=self._x.dtype, device=self.device)
-            self._above = torch.zeros(n, dtype=torch.bool, device=self.device)   # t0: below
             wf = self._spike_waveform
             self._wave = None if wf is None else wf.to(device=self.device, dtype=self._x.dtype)
             self._wave_state = None if wf is None else self._wave.initial_state(n, device=self.device)
@@ -762,10 +758,8 @@ class SurrogateEngine:
         if not float(v.abs().amax()) <= self.max_abs_mV:           # NaN fails this test too
             self._diverged(v, self.step_time(self._k))
         c2 = clock()
-        above = logit > self.spike_threshold
-        spiked = above & ~self._above if self.spike_rule == "crossing" else above
+        spiked = pred.spiked                                       # the streamer's decision (its threshold)
         fired = torch.nonzero(spiked).flatten()
-        self._above = above
         fired = fired.cpu().numpy() if fired.numel() else np.zeros(0, np.int64)
         fires = self._fires
         for i in fired:

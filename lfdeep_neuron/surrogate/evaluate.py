@@ -17,7 +17,8 @@ Reported (``OUT/summary.json``; ``OUT/per_segment.csv``; figures ``OUT/*.png``):
   somatic RMSE with both traces clipped at -55 mV (:data:`SOMA_CLIP_MV`, the NeuronIO convention), each next to
   a constant (train-mean) baseline;
 * somatic spikes: AUC of the per-step spike logit against the per-bin spike indicator; with a threshold
-  calibrated on the validation split (maximum pooled Γ, :func:`~.metrics.calibrate_threshold`; or
+  calibrated on the validation split (maximum pooled Γ, :func:`~.metrics.calibrate_threshold`; for models
+  with spike history, whose logits depend on the threshold, :func:`calibrate_streamed_threshold`; or
   ``--spike-threshold``): spike counts, count error, coincidence factor Γ (±2 ms, Kistler et al. 1997);
   a predicted spike of step k is placed at k - 0.5 ms (:data:`~.metrics.SPIKE_OFFSET_MS`);
 * MMoE / MMoEEx: the experts' pairwise distance matrix on the first test simulation (teacher-forced inputs),
@@ -41,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfdeep_neuron.surrogate.metrics import (GROUPS, SOMA_CLIP_MV, calibrate_threshold, diversity_metrics,
-                                             group_labels, pooled_spike_metrics, rmse_by_group, segment_groups,
-                                             spike_auc, spike_onsets, spikes_from_logits, sq_err_per_segment)
+from lfdeep_neuron.surrogate.metrics import (GROUPS, SOMA_CLIP_MV, SPIKE_OFFSET_MS, calibrate_threshold,
+                                             diversity_metrics, group_labels, pooled_spike_metrics, rmse_by_group,
+                                             segment_groups, spike_auc, spikes_from_logits, sq_err_per_segment)
 
-__all__ = ["configure_parser", "run", "evaluate", "simulate_split", "expert_outputs", "write_figures",
-           "update_checkpoint_metrics"]
+__all__ = ["configure_parser", "run", "evaluate", "simulate_split", "calibrate_streamed_threshold",
+           "streamed_spike_trains", "expert_outputs", "write_figures", "update_checkpoint_metrics"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,15 +153,15 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
         x = b["x_syn"].to(device)
         v = b["v"].to(device)
         v_true = v[..., 1:]
-        cl = closed_loop(model, x[..., 1:], v0_mV=v[..., 0], output="mV", device=device)
+        cl = closed_loop(model, x[..., 1:], v0_mV=v[..., 0], output="mV", device=device,
+                         spike_threshold=spike_threshold)
         v_cl = cl.v.float()
         if waveform is not None and spike_threshold is not None:
-            spiked = spike_onsets(cl.spike_logit.float().cpu().numpy() > spike_threshold)
-            v_cl, _ = waveform.apply(v_cl, torch.from_numpy(spiked).to(v_cl.device))
+            v_cl, _ = waveform.apply(v_cl, cl.spiked)
         sse_cl = [sq_err_per_segment(v_cl[i].cpu().numpy(), v_true[i].cpu().numpy())[0] for i in range(len(positions))]
         v_tf = logit_tf = None
         if teacher_forced:
-            tf = model(model.make_inputs(x[..., 1:], v[..., :-1]))
+            tf = model(model.make_inputs(x[..., 1:], v[..., :-1], b["spike"][..., :-1].to(device)))
             v_tf, logit_tf = model.to_mV(tf.v).float(), tf.spike_logit.float()
         for i, p in enumerate(positions):
             r = ds.records[p]
@@ -183,6 +184,95 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
     if bar is not None:
         bar.close()
     return out
+
+
+@torch.no_grad()
+def streamed_spike_trains(model, ds, n_sims: int, thresholds, device="cpu", cells: int = 48,
+                          bar=None) -> tuple[list, list, list]:
+    """Closed-loop spike trains of the first ``n_sims`` simulations of ``ds`` at each of ``thresholds``: one
+    run per threshold (a model with spike history reads the spikes it emits). Simulations are replicated over
+    thresholds and streamed ``cells`` at a time.
+
+    Returns ``(pred, true, durations_ms)``: ``pred[k][i]`` the spike times (ms) of simulation i at threshold
+    k, ``true[i]`` NEURON's, ``durations_ms[i]``."""
+    from lfdeep_neuron.surrogate.stream import Streamer
+
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    K = len(thresholds)
+    pred = [[None] * n_sims for _ in range(K)]
+    true, durations = [None] * n_sims, [None] * n_sims
+    for positions, b in _batches(ds, n_sims, max(1, cells // K)):
+        B = len(positions)
+        x = b["x_syn"].to(device)
+        thr = torch.as_tensor(np.repeat(thresholds, B), dtype=torch.float32)     # cells threshold-major
+        st = Streamer(model, K * B, device=device, v0_mV=b["v"][..., 0].repeat(K, 1), spike_threshold=thr)
+        spiked = np.zeros((K * B, x.shape[-1] - 1), dtype=bool)
+        for t in range(1, x.shape[-1]):                                # one step of all copies at a time
+            spiked[:, t - 1] = st.step(x[..., t].repeat(K, 1)).spiked.cpu().numpy()
+        for j, p in enumerate(positions):
+            r = ds.records[p]
+            true[p], durations[p] = np.asarray(r.spike_times_ms), int(r.n_steps)
+            for k in range(K):
+                pred[k][p] = np.flatnonzero(spiked[k * B + j]) + 1 - SPIKE_OFFSET_MS   # column i = step i + 1
+        if bar is not None:
+            bar.update(B * K)
+    return pred, true, durations
+
+
+@torch.no_grad()
+def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_ms: float = 2.0,
+                                 n_candidates: int = 12, rounds: int = 2, cells: int = 48,
+                                 progress: bool = False) -> dict:
+    """Spike threshold of maximum pooled Γ for a model that reads its own spikes (``config.spike_history``).
+
+    Its logits depend on the threshold (emitted spikes are inputs), so every candidate needs its own
+    closed-loop run: round 1 takes ``n_candidates`` thresholds whose spike counts, in a run that emits
+    none, span 1/4 to 4 times the true count; each further round tries ``n_candidates`` thresholds evenly
+    between the best one's neighbours. Ties in Γ go to the spike count closest to the true one.
+
+    Returns dict ``threshold``, ``gamma``, ``n_pred``, ``n_true``, ``n_candidates``, ``tried`` (list of
+    [threshold, Γ, predicted spikes]).
+    """
+    model = model.eval().to(device)
+    n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
+    if n == 0:
+        raise ValueError(f"calibrate_streamed_threshold: split {ds.split!r} has no simulations")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n * (1 + n_candidates * rounds), desc=f"calibrate {ds.split} (streamed)", unit="run")
+    # round 0: one run without spikes -> candidate thresholds by the spike counts they would give
+    base = simulate_split(model, ds, n, device, batch=4, teacher_forced=False, spike_threshold=float("inf"))
+    if bar is not None:
+        bar.update(n)
+    n_true = int(sum(r["spike_times_ms"].size for r in base))
+    logits = [r["logit_cl"] for r in base]
+    top = np.unique(np.concatenate(logits))[::-1][:max(8, 8 * n_true + 8)]
+    grid = (top[:-1] + top[1:]) / 2 if top.size > 1 else top + 1.0
+    counts = np.array([sum(spikes_from_logits(l, t).size for l in logits) for t in grid])
+    targets = max(n_true, 1) * np.geomspace(0.25, 4.0, n_candidates)
+    cands = np.unique(grid[[int(np.argmin(np.abs(counts - c))) for c in targets]])
+    tried: dict[float, dict] = {}
+    for rnd in range(rounds):
+        new = np.array([c for c in cands if float(c) not in tried])
+        if new.size:
+            pred, true, dur = streamed_spike_trains(model, ds, n, new, device, cells, bar)
+            for c, trains in zip(new, pred):
+                tried[float(c)] = pooled_spike_metrics(trains, true, dur, window_ms)
+        order = sorted(tried)
+        key = lambda t: ((tried[t]["gamma"] if not math.isnan(tried[t]["gamma"]) else -np.inf),  # noqa: E731
+                         -abs(tried[t]["n_pred"] - n_true))
+        best = max(order, key=key)
+        i = order.index(best)
+        lo = order[i - 1] if i > 0 else best - 1.0
+        hi = order[i + 1] if i + 1 < len(order) else best + 1.0
+        cands = np.linspace(lo, hi, n_candidates + 2)[1:-1]
+    if bar is not None:
+        bar.close()
+    m = tried[best]
+    return {"threshold": float(best), "gamma": m["gamma"], "n_pred": m["n_pred"], "n_true": n_true,
+            "n_candidates": len(tried), "tried": [[t, tried[t]["gamma"], tried[t]["n_pred"]] for t in sorted(tried)],
+            "method": "streamed: one closed-loop run per candidate (spike history)"}
 
 
 @torch.no_grad()
@@ -231,6 +321,12 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     calibration = None
     if spike_threshold is not None:
         thr, thr_source = float(spike_threshold), "given"
+    elif val_ds is not None and model.config.spike_history:     # emitted spikes feed back: a run per candidate
+        calibration = calibrate_streamed_threshold(model, val_ds, max_val_sims, device, window_ms,
+                                                   progress=progress)
+        n_val = len(val_ds.records) if max_val_sims is None else min(int(max_val_sims), len(val_ds.records))
+        calibration["sim_indices"] = [int(r.index) for r in val_ds.records[:n_val]]
+        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, max Γ)"
     elif val_ds is not None:
         val = simulate_split(model, val_ds, max_val_sims, device, batch, teacher_forced=False, progress=progress)
         calibration = calibrate_threshold([r["logit_cl"] for r in val], [r["spike_times_ms"] for r in val],
@@ -253,7 +349,8 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
             i = positions.index(figure_sim)
             keep.update(v_true=b["v"][i].numpy(), v_cl=v_cl[i].cpu().numpy(), v_tf=v_tf[i].cpu().numpy(),
                         logit_cl=logits[1][i].float().cpu().numpy(), logit_tf=logits[0][i].cpu().numpy())
-            x_tf = model.make_inputs(b["x_syn"][i:i + 1, :, 1:].to(device), b["v"][i:i + 1, :, :-1].to(device))
+            x_tf = model.make_inputs(b["x_syn"][i:i + 1, :, 1:].to(device), b["v"][i:i + 1, :, :-1].to(device),
+                                     b["spike"][i:i + 1, :-1].to(device))
             f = expert_outputs(model, x_tf)
             keep["experts"] = None if f is None else f.cpu().numpy()
 

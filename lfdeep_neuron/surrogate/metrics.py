@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
            "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
-           "calibrate_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
+           "calibrate_threshold", "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
 
 #: Group names, in reporting order.
@@ -166,6 +166,15 @@ def rmse_by_group(mse_per_segment, groups: dict[str, np.ndarray]) -> dict[str, f
 # ---------------------------------------------------------------------------------------------------------
 # Spikes
 # ---------------------------------------------------------------------------------------------------------
+def default_spike_threshold(model) -> float:
+    """A model's spike-logit threshold: the checkpoint's calibrated ``meta['metrics']['spike_threshold_logit']``
+    (written by ``lfdeep-neuron evaluate --update-checkpoint``), else 0 (probability 1/2). The one default of the
+    streamer, the co-simulation engine, ``rollout`` and ``evaluate``."""
+    metrics = (getattr(model, "meta", None) or {}).get("metrics") or {}
+    thr = metrics.get("spike_threshold_logit")
+    return float(thr) if thr is not None else 0.0
+
+
 def spike_onsets(above: np.ndarray) -> np.ndarray:
     """Upward crossings of a per-step boolean ``above [..., T]``: True where a run of True starts (the step
     before the first one counts as below)."""

@@ -42,6 +42,8 @@ Units and conventions (input and output)
   reference synapse activation); the model applies ``sign(x) * log1p(|x|)`` itself;
 * rows ``n_channels ..`` (when ``config.feedback``): the voltage of every segment at the *previous* step
   t-1, z-scored with the model's own normalisation (``model.to_z(v_mV)``).
+* last row (when ``config.spike_history``): 1 if the soma spiked in the previous step t-1, else 0 (in
+  training the true spike label; when streaming, the spike the streamer emitted: see :mod:`.stream`).
 
 ``model(x)`` returns a :class:`Prediction`, a 2-tuple ``(v_z [B, S, T], spike_logit [B, T])``: ``v_z`` is the
 z-scored voltage at step t (``model.to_mV(v_z)`` gives mV: point samples, like ``v_1ms``); ``spike_logit`` is
@@ -111,6 +113,8 @@ class SurrogateConfig:
     soma_channels: tuple = ()        # non-empty (needs direct_heads): the direct heads read their own backbone
                                      # of these widths (same kind) instead of the trunk / experts, so the
                                      # soma and spike outputs do not compete with 642 voltages for its units
+    spike_history: bool = False      # one more input row: the somatic spike of the previous step (1/0) -- the
+                                     # true one in training, the emitted one (threshold crossing) when streaming
 
     def __post_init__(self):
         def ints(v):   # a single int (e.g. from "--set compressor=8") or a sequence
@@ -144,6 +148,7 @@ class SurrogateConfig:
             raise ValueError(f"soma_channels must be positive widths, got {self.soma_channels}")
         if self.soma_clip_mV is not None:
             self.soma_clip_mV = float(self.soma_clip_mV)
+        self.spike_history = bool(self.spike_history)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -215,14 +220,16 @@ def make_config(name: str = "paper", **overrides) -> SurrogateConfig:
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
 class Prediction(tuple):
-    """``(v, spike_logit)``; ``.imem`` holds the membrane-current tasks (None unless the model has them).
+    """``(v, spike_logit)``; ``.imem`` holds the membrane-current tasks (None unless the model has them),
+    ``.spiked`` the spike decisions of a streamed run (None for a model's own pass: the model only scores).
 
     A plain 2-tuple for unpacking (``v, s = model(x)``), with named access ``.v``, ``.spike_logit``, ``.imem``.
     """
 
-    def __new__(cls, v, spike_logit, imem=None):
+    def __new__(cls, v, spike_logit, imem=None, spiked=None):
         self = super().__new__(cls, (v, spike_logit))
         self.imem = imem
+        self.spiked = spiked
         return self
 
     @property
@@ -321,7 +328,7 @@ class Surrogate(nn.Module):
         S = config.n_segments
         self.n_segments = S
         self.n_channels = config.n_channels
-        self.n_inputs = config.n_channels + (S if config.feedback else 0)
+        self.n_inputs = config.n_channels + (S if config.feedback else 0) + int(config.spike_history)
         self.n_tasks = S + 1 + (S if config.imem_tasks else 0)
         # Normalisation (mV, nA): not in state_dict; checkpoints store it explicitly.
         self.register_buffer("v_mean", torch.zeros(S), persistent=False)
@@ -344,8 +351,8 @@ class Surrogate(nn.Module):
         # Branch routing (config.n_branches): the backbones read per-branch sums instead of the channels.
         self.routing = BranchRouting(config.n_channels, config.n_branches) if config.n_branches else None
         n_syn_features = self.routing.c_out if self.routing is not None else config.n_channels
-        #: width of the backbones' input: synaptic features (+ fed-back voltages)
-        self.n_features = n_syn_features + (S if config.feedback else 0)
+        #: width of the backbones' input: synaptic features (+ fed-back voltages) (+ the previous spike)
+        self.n_features = n_syn_features + (S if config.feedback else 0) + int(config.spike_history)
 
     def _init_direct(self, width: int) -> None:
         """Direct heads (config.direct_heads): a linear map from the trunk's ``width`` features (or, with
@@ -433,7 +440,8 @@ class Surrogate(nn.Module):
         return (imem_nA - self._seg_view(self.imem_mean, imem_nA)) / self._seg_view(self.imem_std, imem_nA)
 
     # -- forward ----------------------------------------------------------------------------------------
-    def make_inputs(self, x_syn: torch.Tensor, v_prev_mV: torch.Tensor | None = None) -> torch.Tensor:
+    def make_inputs(self, x_syn: torch.Tensor, v_prev_mV: torch.Tensor | None = None,
+                    spike_prev: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced model input ``[B, n_inputs, T]``.
 
         Parameters
@@ -442,12 +450,20 @@ class Surrogate(nn.Module):
             Raw synaptic channels; column t = inputs in (t-1, t] ms.
         v_prev_mV : Tensor [B, S, T]
             Feedback in mV: column t holds the voltages at step t-1 (required when ``config.feedback``).
+        spike_prev : Tensor [B, T]
+            Spike history: column t is 1 when the soma spiked at step t-1 (required when
+            ``config.spike_history``).
         """
-        if not self.config.feedback:
-            return x_syn
-        if v_prev_mV is None:
-            raise ValueError("this model takes feedback voltages: pass v_prev_mV [B, S, T]")
-        return torch.cat([x_syn, self.to_z(v_prev_mV)], dim=1)
+        parts = [x_syn]
+        if self.config.feedback:
+            if v_prev_mV is None:
+                raise ValueError("this model takes feedback voltages: pass v_prev_mV [B, S, T]")
+            parts.append(self.to_z(v_prev_mV))
+        if self.config.spike_history:
+            if spike_prev is None:
+                raise ValueError("this model takes its spike history: pass spike_prev [B, T]")
+            parts.append(spike_prev.to(x_syn.dtype)[:, None])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     @staticmethod
     def syn_transform(syn: torch.Tensor) -> torch.Tensor:
@@ -469,6 +485,7 @@ class Surrogate(nn.Module):
     def _check_input(self, x: torch.Tensor, what: str) -> None:
         if x.shape[1] != self.n_inputs:
             fb = f" + {self.n_segments} feedback voltages" if self.config.feedback else ""
+            fb += " + the previous spike" if self.config.spike_history else ""
             raise ValueError(f"{what} has {x.shape[1]} input channels; the model expects {self.n_inputs} "
                              f"({self.n_channels} synaptic{fb}); shape {tuple(x.shape)}")
 
@@ -570,11 +587,11 @@ class Surrogate(nn.Module):
 
     # -- streaming --------------------------------------------------------------------------------------
     def streamer(self, n_cells: int, device=None, feedback: bool = True, output: str = "z", v0_mV=None,
-                 dtype=None):
+                 dtype=None, spike_threshold=None, spike_rule: str = "crossing"):
         """One-step inference for ``n_cells`` cells; see :class:`lfdeep_neuron.surrogate.stream.Streamer`."""
         from lfdeep_neuron.surrogate.stream import Streamer
         return Streamer(self, n_cells, device=device, feedback=feedback, output=output, v0_mV=v0_mV,
-                        dtype=dtype)
+                        dtype=dtype, spike_threshold=spike_threshold, spike_rule=spike_rule)
 
     def initial_state(self, n_cells: int, device=None, dtype=None) -> tuple:
         """State before the first :meth:`step`: ``(backbone states, (local traces [N, S, 2, K],) or ())``."""

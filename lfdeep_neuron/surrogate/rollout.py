@@ -49,7 +49,10 @@ import torch
 from lfdeep_neuron.data.dataset import bin_events
 from lfdeep_neuron.data.records import RecordFormatError, read_record, write_record
 from lfdeep_neuron.errors import InputError
-from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS, spike_onsets, spikes_from_logits
+from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS, default_spike_threshold
+
+#: the same default as the engine's (kept under its old name)
+default_threshold = default_spike_threshold
 
 __all__ = ["configure_parser", "run", "load_inputs", "rollout", "rollout_file", "default_threshold"]
 
@@ -89,13 +92,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {rec.n_segments} segments x {rec.n_steps} ms, "
           f"{rec['soma_spike_times_ms'].size} somatic spikes (threshold {rec.attrs['spike_threshold_logit']:.3g})")
     return 0
-
-
-def default_threshold(model) -> float:
-    """The checkpoint's calibrated spike threshold (``metrics['spike_threshold_logit']``), else 0."""
-    m = (getattr(model, "meta", None) or {}).get("metrics", {}) or {}
-    thr = m.get("spike_threshold_logit")
-    return float(thr) if thr is not None else 0.0
 
 
 def load_inputs(path, events: str = "auto", duration_ms: int | None = None, n_channels: int | None = None):
@@ -167,7 +163,9 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
         raise InputError(f"inputs have {C} channels; the model expects {model.n_channels}")
     v0 = model.v_rest.detach().cpu() if v0_mV is None else torch.as_tensor(np.asarray(v0_mV), dtype=torch.float32)
     x = torch.as_tensor(x_syn[None, :, 1:], dtype=torch.float32)
-    pred = closed_loop(model, x, v0_mV=v0[None], output="mV", device=device, progress=progress)
+    thr = default_spike_threshold(model) if spike_threshold is None else float(spike_threshold)
+    pred = closed_loop(model, x, v0_mV=v0[None], output="mV", device=device, progress=progress,
+                       spike_threshold=thr)
     v = np.empty((model.n_segments, T), dtype=np.float32)
     v[:, 0] = v0.numpy()
     v[:, 1:] = pred.v[0].float().cpu().numpy()
@@ -181,13 +179,13 @@ def rollout(model, x_syn: np.ndarray, v0_mV=None, spike_threshold: float | None 
         imem[:, 1:] = pred.imem[0].float().cpu().numpy()
     logit = np.full(T, np.nan, dtype=np.float32)
     logit[1:] = pred.spike_logit[0].float().cpu().numpy()
-    thr = default_threshold(model) if spike_threshold is None else float(spike_threshold)
-    spikes = spikes_from_logits(logit[1:], thr, first_step=1)
+    spiked = np.zeros((1, T), dtype=bool)                              # step k of each spike (none at 0)
+    spiked[0, 1:] = pred.spiked[0].cpu().numpy()                       # the streamer's decisions
+    spikes = np.flatnonzero(spiked[0]) - SPIKE_OFFSET_MS
     wf = model_waveform(model) if spike_waveform is True else (spike_waveform or None)
     if wf is not None:
         if not isinstance(wf, SpikeWaveform) or wf.n_segments != model.n_segments:
             raise InputError(f"spike_waveform must be a SpikeWaveform of the model's {model.n_segments} segments")
-        spiked = spike_onsets(logit[None] > thr)                        # step k of each spike (NaN at 0: no)
         v_new, i_new = wf.apply(v[None], spiked, None if imem is None else imem[None])
         v = v_new[0].astype(np.float32)
         imem = None if imem is None else i_new[0].astype(np.float32)

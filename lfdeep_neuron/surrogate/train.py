@@ -146,7 +146,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--time-limit-min", "wall-clock budget of this invocation: stop there, write CKPT.last (and a usable "
                                "CKPT); the same command resumes", type=float)
     add(g, "--restart", "ignore an existing CKPT.last", action="store_const", const=True)
-    add(g, "--init", "warm start: the weights and normalisation of this checkpoint (same arch and config), a "
+    add(g, "--init", "warm start: the weights and normalisation of this checkpoint (same arch and config, or the "
+                     "same without spike_history: its input weights get a zero column for the spike row), a "
                      "fresh optimiser and schedule; ignored when CKPT.last resumes the run")
     add(g, "--no-progress", "no tqdm bar", action="store_const", const=True)
 
@@ -400,12 +401,13 @@ def prepare_batch(model: Surrogate, batch: dict, device) -> tuple[torch.Tensor, 
     ``config.soma_clip_mV`` the soma target is clipped there (the feedback input is not)."""
     x_syn = batch["x_syn"].to(device, non_blocking=True)
     v = batch["v"].to(device, non_blocking=True)
-    x = model.make_inputs(x_syn[..., 1:], v[..., :-1])
+    spike = batch["spike"].to(device)
+    x = model.make_inputs(x_syn[..., 1:], v[..., :-1], spike[..., :-1])     # spike history: the true spikes
     v_tgt = v[..., 1:]
     clip = model.config.soma_clip_mV
     if clip is not None:
         v_tgt = torch.cat([v_tgt[:, :1].clamp_max(clip), v_tgt[:, 1:]], dim=1)
-    tgt = {"v": model.to_z(v_tgt), "spike": batch["spike"].to(device)[..., 1:].float()}
+    tgt = {"v": model.to_z(v_tgt), "spike": spike[..., 1:].float()}
     if model.config.imem_tasks:
         tgt["imem"] = model.imem_to_z(batch["imem"].to(device)[..., 1:])
     return x, tgt
@@ -450,13 +452,13 @@ def lbtw_weights(base: torch.Tensor, losses: torch.Tensor, initial: torch.Tensor
 
 def with_own_feedback(model: Surrogate, x: torch.Tensor, v_pred_z: torch.Tensor, p: float) -> torch.Tensor:
     """Replace the feedback rows of ``x [B, n_inputs, T]`` by the previous step's prediction (prob. ``p``)."""
-    C = model.n_channels
-    fb_true = x[:, C:]
+    C, S = model.n_channels, model.n_segments
+    fb_true = x[:, C:C + S]
     fb_own = torch.cat([fb_true[..., :1], v_pred_z[..., :-1]], dim=-1)
     if p < 1.0:
         use = torch.rand(x.shape[0], 1, x.shape[2], device=x.device) < p
         fb_own = torch.where(use, fb_own, fb_true)
-    return torch.cat([x[:, :C], fb_own], dim=1)
+    return torch.cat([x[:, :C], fb_own, x[:, C + S:]], dim=1)     # (the spike-history row, if any, kept)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -469,7 +471,9 @@ def validate(model: Surrogate, val_ds, n_windows: int, device, warmup: int = 0, 
     Voltages in mV: RMSE over all segments, teacher-forced (``_tf``) and closed loop (``_cl``: streamed from
     the window's first true voltage, own predictions fed back; for models without feedback the same as
     teacher-forced), the soma's closed-loop RMSE and its RMSE with both traces clipped at -55 mV; the spike
-    logit's AUC (per ms bin vs the spike label; NaN when the windows hold no spike)."""
+    logit's AUC (per ms bin vs the spike label; NaN when the windows hold no spike). Models with spike history
+    read the true spikes here (their closed-loop spikes depend on a threshold calibrated after training:
+    ``lfdeep-neuron evaluate`` scores them)."""
     from lfdeep_neuron.surrogate.metrics import spike_auc
 
     was_training = model.training
@@ -608,14 +612,45 @@ def _same_model(ckpt: dict, model: Surrogate) -> bool:
     return ckpt.get("arch") == model.arch and cfg == model.config.to_dict()
 
 
-def _load_weights(path, model: Surrogate, what: str, hint: str = "") -> dict:
+def _adds_spike_history(ckpt: dict, model: Surrogate) -> bool:
+    """The checkpoint is ``model`` without spike history (same arch, all else equal)."""
+    try:
+        cfg = SurrogateConfig(**{**ckpt.get("config", {}), "spike_history": True}).to_dict()
+    except (TypeError, ValueError):
+        return False
+    return (ckpt.get("arch") == model.arch and model.config.spike_history
+            and not ckpt.get("config", {}).get("spike_history", False) and cfg == model.config.to_dict())
+
+
+def _with_spike_input(state: dict, model: Surrogate) -> dict:
+    """Weights of a model without spike history, widened for ``model``'s one extra input row: every tensor
+    that reads the backbone input gains one zero column (so the widened model computes what the old one did)."""
+    out = {}
+    for key, new in model.state_dict().items():
+        old = state[key]
+        if old.shape != new.shape:
+            grow = [d for d in range(old.dim()) if old.shape[d] != new.shape[d]]
+            if old.dim() != new.dim() or len(grow) != 1 or new.shape[grow[0]] != old.shape[grow[0]] + 1:
+                raise CheckpointError(f"cannot widen {key} from {tuple(old.shape)} to {tuple(new.shape)}")
+            old = torch.cat([old, old.new_zeros(*(1 if d == grow[0] else n for d, n in enumerate(old.shape)))],
+                            dim=grow[0])
+        out[key] = old
+    return out
+
+
+def _load_weights(path, model: Surrogate, what: str, hint: str = "", widen: bool = False) -> dict:
     """Load checkpoint ``path``'s weights and the normalisation they were trained with into ``model`` (same
-    arch and config, else a :class:`CheckpointError` starting with ``what``); return the checkpoint dict."""
+    arch and config, else a :class:`CheckpointError` starting with ``what``); return the checkpoint dict.
+    ``widen``: a checkpoint of the same model without spike history is accepted too, its input weights
+    widened by a zero column for the spike row."""
     ckpt = load_checkpoint(path)
-    if not _same_model(ckpt, model):
+    state = ckpt["state_dict"]
+    if widen and _adds_spike_history(ckpt, model):
+        state = _with_spike_input(state, model)
+    elif not _same_model(ckpt, model):
         raise CheckpointError(f"{what} arch {ckpt.get('arch')!r} with config {ckpt.get('config')}, not arch "
                               f"{model.arch!r} with {model.config.to_dict()}{hint}")
-    model.load_state_dict(ckpt["state_dict"])
+    model.load_state_dict(state)
     n = ckpt["normalization"]
     model.set_normalization(n["v_mean"], n["v_std"], n.get("v_rest"), n.get("imem_mean"), n.get("imem_std"))
     return ckpt
@@ -633,7 +668,7 @@ def _resume(last: Path, model: Surrogate, restart: bool) -> dict | None:
 def _warm_start(path: str, model: Surrogate) -> dict:
     """Load the weights and normalisation of checkpoint ``path`` into ``model`` (``--init``); return the
     provenance of that checkpoint (it becomes part of the new one's)."""
-    ckpt = _load_weights(path, model, f"--init {path}: written for")
+    ckpt = _load_weights(path, model, f"--init {path}: written for", widen=True)
     return {"path": str(path), "provenance": ckpt.get("provenance")}
 
 
@@ -674,8 +709,9 @@ def _batch_inputs(model: Surrogate, batch: dict, args, device, amp: dict) -> tup
     rollout loss, ``x`` is [teacher-forced half; own-feedback half] (2B rows, one forward pass, DDP-safe)."""
     x, tgt = prepare_batch(model, batch, device)
     if args.fb_noise > 0 and model.config.feedback:
+        C, S = model.n_channels, model.n_segments
         x = x.clone()
-        x[:, model.n_channels:] += args.fb_noise * torch.randn_like(x[:, model.n_channels:])
+        x[:, C:C + S] += args.fb_noise * torch.randn_like(x[:, C:C + S])
     B = x.shape[0]
     if args.rollout > 0 and model.config.feedback:     # without feedback there is nothing to roll out
         x_own = x

@@ -347,8 +347,11 @@ def spike_triggered_average(residual, spike_bins, kernel_ms: int, isolation_ms: 
 
 
 @torch.no_grad()
-def _predict(model, x_syn: torch.Tensor, v0_mV: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Closed-loop prediction of steps 1..T-1 (mV, nA): ``[S, T-1]`` each (imem None without current tasks)."""
+def _predict(model, x_syn: torch.Tensor, v0_mV: torch.Tensor, spike: torch.Tensor, device
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Closed-loop prediction of steps 1..T-1 (mV, nA): ``[S, T-1]`` each (imem None without current tasks).
+    A model with spike history reads the true spikes ``spike [T]``: the waveform is added at emitted spikes,
+    so it is fitted on the residual of a run whose spikes are the true ones."""
     from lfdeep_neuron.surrogate.stream import closed_loop
 
     x = x_syn[None, :, 1:].to(device)
@@ -356,7 +359,7 @@ def _predict(model, x_syn: torch.Tensor, v0_mV: torch.Tensor, device) -> tuple[t
         pred = closed_loop(model, x, v0_mV=v0_mV[None].to(device), output="mV", device=device)
         v, imem = pred.v, pred.imem
     else:       # no feedback: the full pass is the closed-loop prediction
-        pred = model(model.make_inputs(x))
+        pred = model(model.make_inputs(x, spike_prev=spike[None, :-1].to(device)))
         v = model.to_mV(pred.v)
         imem = None if pred.imem is None else model.imem_to_nA(pred.imem)
     return v[0].float().cpu(), None if imem is None else imem[0].float().cpu()
@@ -423,7 +426,8 @@ def fit_spike_waveform(model, sims, kernel_ms: int = 10, max_sims: int | None = 
         bins = np.flatnonzero(np.asarray(item["spike"]) > 0)
         if bins.size == 0:
             continue
-        v_pred, i_pred = _predict(model, torch.as_tensor(item["x_syn"]).float(), v[:, 0].float(), device)
+        v_pred, i_pred = _predict(model, torch.as_tensor(item["x_syn"]).float(), v[:, 0].float(),
+                                  torch.as_tensor(np.asarray(item["spike"])).float(), device)
         res = np.zeros(tuple(v.shape), dtype=np.float64)
         res[:, 1:] = v[:, 1:].numpy() - v_pred.numpy()
         k_v, c, used = spike_triggered_average(res, bins, K, isolation_ms, baseline_ms)
