@@ -241,9 +241,12 @@ class Simulator:
         from lfdeep_neuron import mechanisms
         from lfdeep_neuron.data.inputs import dendritic_lengths_um
         from lfdeep_neuron.hay import HayL5PC
+        from lfdeep_neuron.hay.morphology import check_morphology
 
         from lfdeep_neuron.lfp import AxialLaplacian
 
+        # read the morphology first: a bad file is one quick error, not one after minutes of compiling
+        check_morphology(cfg.morphology)
         mechanisms.load(coreneuron=cfg.engine == "coreneuron")
         self.cfg = cfg
         self.cell = HayL5PC(cfg.morphology)

@@ -29,6 +29,7 @@ from lfdeep_neuron.errors import InputError
 
 __all__ = [
     "MorphologyError",
+    "check_morphology",
     "resolve_morphology_path",
     "import_neurolucida",
     "rotation_matrix",
@@ -135,6 +136,20 @@ def import_neurolucida(owner, path: Path) -> None:
         raise MorphologyError(
             f"morphology file {path} does not have the Hay L5PC structure: NEURON's Neurolucida reader "
             f"made {got} sections, expected {want} (is it Hay's cell1.asc?){detail}")
+
+
+def check_morphology(morphology) -> Path:
+    """Resolve and read a morphology with :func:`import_neurolucida` into a throwaway owner (no mechanisms
+    needed), raising :class:`MorphologyError` as building the cell would; its sections are freed again."""
+
+    class _Owner:
+        pass
+
+    path = resolve_morphology_path(morphology)
+    owner = _Owner()
+    import_neurolucida(owner, path)
+    del owner
+    return path
 
 
 def rotation_matrix(rotation) -> np.ndarray:
