@@ -206,9 +206,10 @@ def streamed_spike_trains(model, ds, n_sims: int, thresholds, device="cpu", cell
         x = b["x_syn"].to(device)
         thr = torch.as_tensor(np.repeat(thresholds, B), dtype=torch.float32)     # cells threshold-major
         st = Streamer(model, K * B, device=device, v0_mV=b["v"][..., 0].repeat(K, 1), spike_threshold=thr)
-        spiked = np.zeros((K * B, x.shape[-1] - 1), dtype=bool)
+        spiked = torch.empty(K * B, x.shape[-1] - 1, dtype=torch.bool, device=st.device)
         for t in range(1, x.shape[-1]):                                # one step of all copies at a time
-            spiked[:, t - 1] = st.step(x[..., t].repeat(K, 1)).spiked.cpu().numpy()
+            spiked[:, t - 1] = st.step(x[..., t].repeat(K, 1)).spiked
+        spiked = spiked.cpu().numpy()                                  # one transfer per batch, not per step
         for j, p in enumerate(positions):
             r = ds.records[p]
             true[p], durations[p] = np.asarray(r.spike_times_ms), int(r.n_steps)
@@ -231,8 +232,10 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     between the best one's neighbours. Ties in Γ go to the spike count closest to the true one.
 
     Returns dict ``threshold``, ``gamma``, ``n_pred``, ``n_true``, ``n_candidates``, ``tried`` (list of
-    [threshold, Γ, predicted spikes]).
+    [threshold, Γ, predicted spikes]), ``sim_indices``.
     """
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
     model = model.eval().to(device)
     n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
     if n == 0:
@@ -241,19 +244,22 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=n * (1 + n_candidates * rounds), desc=f"calibrate {ds.split} (streamed)", unit="run")
-    # round 0: one run without spikes -> candidate thresholds by the spike counts they would give
-    base = simulate_split(model, ds, n, device, batch=4, teacher_forced=False, spike_threshold=float("inf"))
-    if bar is not None:
-        bar.update(n)
-    n_true = int(sum(r["spike_times_ms"].size for r in base))
-    logits = [r["logit_cl"] for r in base]
+    # round 0: one run without spikes (logits only) -> candidate thresholds by the spike counts they would give
+    logits = []
+    for positions, b in _batches(ds, n, 4):
+        cl = closed_loop(model, b["x_syn"][..., 1:], v0_mV=b["v"][..., 0], device=device,
+                         spike_threshold=float("inf"), voltages=False)
+        logits += list(cl.spike_logit.float().cpu().numpy())
+        if bar is not None:
+            bar.update(len(positions))
+    n_true = int(sum(r.spike_times_ms.size for r in ds.records[:n]))
     top = np.unique(np.concatenate(logits))[::-1][:max(8, 8 * n_true + 8)]
     grid = (top[:-1] + top[1:]) / 2 if top.size > 1 else top + 1.0
     counts = np.array([sum(spikes_from_logits(l, t).size for l in logits) for t in grid])
     targets = max(n_true, 1) * np.geomspace(0.25, 4.0, n_candidates)
     cands = np.unique(grid[[int(np.argmin(np.abs(counts - c))) for c in targets]])
     tried: dict[float, dict] = {}
-    for rnd in range(rounds):
+    for _ in range(rounds):
         new = np.array([c for c in cands if float(c) not in tried])
         if new.size:
             pred, true, dur = streamed_spike_trains(model, ds, n, new, device, cells, bar)
@@ -272,7 +278,8 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     m = tried[best]
     return {"threshold": float(best), "gamma": m["gamma"], "n_pred": m["n_pred"], "n_true": n_true,
             "n_candidates": len(tried), "tried": [[t, tried[t]["gamma"], tried[t]["n_pred"]] for t in sorted(tried)],
-            "method": "streamed: one closed-loop run per candidate (spike history)"}
+            "method": "streamed: one closed-loop run per candidate (spike history)",
+            "sim_indices": [int(r.index) for r in ds.records[:n]]}
 
 
 @torch.no_grad()
@@ -324,8 +331,6 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
     elif val_ds is not None and model.config.spike_history:     # emitted spikes feed back: a run per candidate
         calibration = calibrate_streamed_threshold(model, val_ds, max_val_sims, device, window_ms,
                                                    progress=progress)
-        n_val = len(val_ds.records) if max_val_sims is None else min(int(max_val_sims), len(val_ds.records))
-        calibration["sim_indices"] = [int(r.index) for r in val_ds.records[:n_val]]
         thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, max Γ)"
     elif val_ds is not None:
         val = simulate_split(model, val_ds, max_val_sims, device, batch, teacher_forced=False, progress=progress)

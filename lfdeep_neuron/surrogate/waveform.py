@@ -350,8 +350,9 @@ def spike_triggered_average(residual, spike_bins, kernel_ms: int, isolation_ms: 
 def _predict(model, x_syn: torch.Tensor, v0_mV: torch.Tensor, spike: torch.Tensor, device
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Closed-loop prediction of steps 1..T-1 (mV, nA): ``[S, T-1]`` each (imem None without current tasks).
-    A model with spike history reads the true spikes ``spike [T]``: the waveform is added at emitted spikes,
-    so it is fitted on the residual of a run whose spikes are the true ones."""
+    A model with spike history and no voltage feedback reads the true spikes ``spike [T]``: the waveform is
+    added at emitted spikes, so it is fitted on the residual of a run whose spikes are the true ones (with
+    voltage feedback too, the streamed run feeds back its own spikes at the checkpoint's threshold)."""
     from lfdeep_neuron.surrogate.stream import closed_loop
 
     x = x_syn[None, :, 1:].to(device)
