@@ -231,3 +231,23 @@ def test_hay_cell_has_193_branches_and_spike_configs_build():
             assert m.n_features == 2 * 193 and m.num_parameters() < 1_000_000, (name, cls, m.num_parameters())
             v, s = m.eval()(torch.zeros(1, m.n_inputs, 3))
             assert v.shape == (1, 642, 3) and s.shape == (1, 3)
+
+
+@pytest.mark.parametrize("backbone", ["lstm", "elm"])
+def test_recurrent_dropout_trains_only(backbone):
+    """config.dropout drops trunk units in training; evaluation (and so stepping) never drops."""
+    torch.manual_seed(0)
+    m = MH.from_config("tiny", backbone=backbone, channels=(16,), n_segments=4, n_channels=8, dropout=0.5)
+    x = torch.rand(2, m.n_inputs, 30)
+    h_eval = m.trunk.eval()(m.backbone_inputs(x))
+    h_train = m.trunk.train()(m.backbone_inputs(x))
+    dropped = h_train == 0
+    assert 0.3 < dropped.float().mean() < 0.7
+    assert torch.allclose(h_train[~dropped], 2 * h_eval[~dropped], atol=1e-6)   # inverted dropout: kept x 1/(1-p)
+    m.eval()
+    state = m.trunk.initial_state(2)
+    steps = []
+    for t in range(x.shape[2]):
+        h_t, state = m.trunk.step(m.backbone_inputs(x[..., t]), state)
+        steps.append(h_t)
+    assert torch.allclose(torch.stack(steps, -1), h_eval, atol=1e-5)

@@ -9,6 +9,9 @@ never a Python loop. A single LSTM (``n_groups = 1``, the MH trunk) runs its ful
 fused ``nn.LSTM`` kernel instead, with the same weights (2.7x faster forward + backward on one CPU thread).
 Stepping from :meth:`initial_state` reproduces the full pass to float round-off.
 
+``config.dropout`` (training only) drops units of the output sequence, between the recurrence and the heads;
+stepping is an evaluation and never drops.
+
 Shapes: input ``[B, c_in, T]``; output ``[B, G * W, T]`` with channel ``g * W + k`` = unit k of group g;
 state tensors ``[N, G * W]`` (cells first).
 """
@@ -58,7 +61,7 @@ class _Recurrent(Backbone):
             state = self._cell(a_t, state)   # a[t]: one gradient stack instead of T full-size zero-filled ones
             outs.append(state[0])
         h = torch.stack(outs, dim=-1)                                    # [G, B, W, T]
-        return h.transpose(0, 1).reshape(B, self.c_out, T)
+        return self.drop(h.transpose(0, 1).reshape(B, self.c_out, T))
 
     def step(self, x_t: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         a = self._project(x_t).view(x_t.shape[0], self.n_groups, -1).transpose(0, 1)   # [G, N, A]
@@ -77,8 +80,9 @@ class GroupedLSTM(_Recurrent):
 
     n_state = 2
 
-    def __init__(self, c_in: int, hidden: int, n_groups: int = 1):
+    def __init__(self, c_in: int, hidden: int, n_groups: int = 1, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         G, H = n_groups, hidden
         self.c_in, self.c_out, self.n_groups, self.hidden = c_in, G * H, G, H
         bound = 1.0 / math.sqrt(H)
@@ -101,11 +105,11 @@ class GroupedLSTM(_Recurrent):
         weights = {"weight_ih_l0": self.w_in.weight[order], "weight_hh_l0": self.w_rec[0].t()[order],
                    "bias_ih_l0": self.w_in.bias[order], "bias_hh_l0": torch.zeros_like(self.w_in.bias)}
         h, _ = functional_call(self._fused[0], weights, (x.permute(2, 0, 1),))   # [T, B, H]
-        return h.permute(1, 2, 0)
+        return self.drop(h.permute(1, 2, 0))
 
     @classmethod
     def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "GroupedLSTM":
-        return cls(c_in, _one_width("lstm", widths), n_groups)
+        return cls(c_in, _one_width("lstm", widths), n_groups, dropout=config.dropout)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_in(x)
@@ -133,8 +137,9 @@ class LeakyMemory(_Recurrent):
     n_state = 1
 
     def __init__(self, c_in: int, units: int, n_groups: int = 1, tau_min_ms: float = 1.0,
-                 tau_max_ms: float = 150.0):
+                 tau_max_ms: float = 150.0, dropout: float = 0.0):
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         G, M = n_groups, units
         Hd = 2 * M
         self.c_in, self.c_out, self.n_groups, self.units = c_in, G * M, G, M
@@ -151,7 +156,7 @@ class LeakyMemory(_Recurrent):
 
     @classmethod
     def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "LeakyMemory":
-        return cls(c_in, _one_width("elm", widths), n_groups)
+        return cls(c_in, _one_width("elm", widths), n_groups, dropout=config.dropout)
 
     def tau_ms(self) -> torch.Tensor:
         """Time constants ``[G, M]`` (ms)."""
