@@ -13,6 +13,7 @@ import torch
 from lfdeep_neuron.data.dataset import SimulationDataset, bin_events, spike_indicator
 from lfdeep_neuron.data.records import RecordFormatError, write_record
 from lfdeep_neuron.data.simulate import assign_splits
+from lfdeep_neuron.errors import InputError
 
 torch.set_num_threads(1)
 S, C = 7, 1278
@@ -219,6 +220,8 @@ def test_several_dataset_directories_are_one_dataset(tmp_path):
     both["train"].restrict(0.06)
     first = sorted(r.index for r in single["train"].records)[:2]
     assert sorted(r.index for r in both["train"].records) == [*first, DATASET_INDEX_STRIDE]
+    with pytest.raises(InputError, match=rf"^{a},{b}: split 'train' holds .* fewer than the 99 s asked for"):
+        both["train"].restrict(99.0)                                   # the folders named plainly
 
 
 def test_restrict_keeps_nested_subsets_that_survive_corpus_growth(tmp_path):

@@ -357,7 +357,8 @@ class SimulationDataset(torch.utils.data.Dataset):
         total_s = np.cumsum([self.records[i].n_steps / 1000.0 for i in order])
         n = int(np.searchsorted(total_s, simulated_s - 1e-9) + 1)
         if total_s[-1] < simulated_s - 1e-9:
-            raise InputError(f"{self.root}: split {self.split!r} holds {total_s[-1]:.1f} simulated s, "
+            where = self.root if isinstance(self.root, Path) else ",".join(str(r) for r in self.root)
+            raise InputError(f"{where}: split {self.split!r} holds {total_s[-1]:.1f} simulated s, "
                              f"fewer than the {simulated_s:g} s asked for")
         self.records = [self.records[i] for i in sorted(order[:n])]
         self._build_windows()
