@@ -110,6 +110,10 @@ def test_init_warm_starts_from_another_checkpoint(tmp_path):
     assert b["provenance"]["args"]["init"] == str(tmp_path / "a.pt")
     assert b["provenance"]["init"]["path"] == str(tmp_path / "a.pt")
     assert b["provenance"]["init"]["provenance"]["steps"] == 4            # the chain of trainings is recorded
+    # dropout is a training setting, not part of the function: a warm start may change it
+    train(_args(tmp_path / "b2.pt", "--init", str(tmp_path / "a.pt"), "--set", "dropout=0.3", "--steps", "1",
+                "--lr", "1e-12", "--eval-every", "0", "--val-windows", "2", "--threads", "1"))
+    assert load_checkpoint(tmp_path / "b2.pt")["config"]["dropout"] == 0.3
     fresh = train(_args(tmp_path / "c.pt", "--steps", "1", "--lr", "1e-12", "--eval-every", "0",
                         "--val-windows", "2"))
     c = load_checkpoint(tmp_path / "c.pt")

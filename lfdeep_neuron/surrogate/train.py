@@ -603,13 +603,21 @@ def _restore_rng(state: dict, rank: int, device) -> None:
         torch.cuda.set_rng_state(pick(state["rng_cuda"]), device)
 
 
+_TRAINING_ONLY = ("dropout",)      # config entries that change how a model trains, not its weights or function
+
+
+def _weights_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _TRAINING_ONLY}
+
+
 def _same_model(ckpt: dict, model: Surrogate) -> bool:
-    """Same arch and config (a checkpoint written before a config field existed has that field's default)."""
+    """Same arch and config up to training-only entries such as dropout (a checkpoint written before a config
+    field existed has that field's default)."""
     try:
         cfg = SurrogateConfig(**ckpt.get("config", {})).to_dict()
     except (TypeError, ValueError):
         return False
-    return ckpt.get("arch") == model.arch and cfg == model.config.to_dict()
+    return ckpt.get("arch") == model.arch and _weights_config(cfg) == _weights_config(model.config.to_dict())
 
 
 def _adds_spike_history(ckpt: dict, model: Surrogate) -> bool:
@@ -619,7 +627,8 @@ def _adds_spike_history(ckpt: dict, model: Surrogate) -> bool:
     except (TypeError, ValueError):
         return False
     return (ckpt.get("arch") == model.arch and model.config.spike_history
-            and not ckpt.get("config", {}).get("spike_history", False) and cfg == model.config.to_dict())
+            and not ckpt.get("config", {}).get("spike_history", False)
+            and _weights_config(cfg) == _weights_config(model.config.to_dict()))
 
 
 def _with_spike_input(state: dict, model: Surrogate) -> dict:
