@@ -32,8 +32,22 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "lfdeep_neuron.cli", *map(str, args)]
 
 
+def _short_splits(args) -> str:
+    """Which of the fixed scoring sets the corpus cannot fill yet ('' when both can): every point is scored
+    on the same simulations, so none is scored on fewer."""
+    from lfdeep_neuron.data.dataset import SimulationDataset
+
+    short = []
+    for split, n in (("test", args.test_sims), ("val", args.val_sims)):
+        have = len(SimulationDataset(args.test_data, split=split, fields=("v",)).records)
+        if have < n:
+            short.append(f"the {split} split holds {have} simulations, fewer than the {n} asked for")
+    return "; ".join(short)
+
+
 def run_point(budget: str, args) -> dict | None:
-    """Train (or resume) and score one budget; None while its training is unfinished."""
+    """Train (or resume) and score one budget; None while its training is unfinished or the corpus cannot
+    fill the scoring sets yet."""
     out = Path(args.out)
     ckpt = out / f"s{budget}.pt"
     cmd = _cli("train", "--recipe", args.recipe, "--data", args.data, "--out", ckpt, "--steps", args.steps,
@@ -51,6 +65,10 @@ def run_point(budget: str, args) -> dict | None:
     ev = out / f"s{budget}_eval"
     summary = ev / "summary.json"
     if not summary.exists():
+        short = _short_splits(args)
+        if short:
+            print(f"{args.test_data}: {short}; budget {budget} is trained, its scoring waits for a larger corpus")
+            return None
         res = subprocess.run(_cli("evaluate", "--model", ckpt, "--data", args.test_data, "--split", "test",
                                   "--out", ev, *args.eval_args))
         if res.returncode != 0:
@@ -122,6 +140,9 @@ def main(argv=None) -> int:
     for budget in args.seconds:
         row = run_point(budget, args)
         if row is None:
+            if rows:
+                write_outputs(rows, out, f"{args.recipe}: {args.steps} steps per point, test split of "
+                                         f"{args.test_data} (budgets so far)")
             return 3
         rows.append(row)
     write_outputs(rows, out, f"{args.recipe}: {args.steps} steps per point, test split of {args.test_data}")
