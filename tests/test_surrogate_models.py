@@ -251,3 +251,23 @@ def test_recurrent_dropout_trains_only(backbone):
         h_t, state = m.trunk.step(m.backbone_inputs(x[..., t]), state)
         steps.append(h_t)
     assert torch.allclose(torch.stack(steps, -1), h_eval, atol=1e-5)
+
+
+def test_fused_lstm_full_pass_equals_the_stepped_recurrence_with_gradients():
+    """One LSTM's full pass runs through the fused kernel (CPU); it must equal the generic per-step recurrence
+    in value and in every parameter's gradient."""
+    from lfdeep_neuron.surrogate.recurrent import GroupedLSTM
+
+    torch.manual_seed(1)
+    g = GroupedLSTM(7, 5)
+    x = torch.randn(3, 7, 40)
+    fused = g(x)
+    looped = super(GroupedLSTM, g).forward(x)          # the generic recurrence of the base class
+    torch.testing.assert_close(fused, looped, rtol=0, atol=1e-5)
+    grads = []
+    for out in (fused, looped):
+        g.zero_grad()
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward(retain_graph=True)
+        grads.append([p.grad.clone() for p in g.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)

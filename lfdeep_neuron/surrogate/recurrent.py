@@ -5,8 +5,8 @@ constants. Both implement :class:`~lfdeep_neuron.surrogate.backbone.Backbone` an
 A recurrence cannot be evaluated for all time steps at once, so the full pass runs the same cell function
 over time (one input projection for the whole sequence first; per step only the recurrent part). It is
 vectorised over cells and groups: G experts are one batched matmul (``bmm`` over a leading group dim),
-never a Python loop. A single LSTM (``n_groups = 1``, the MH trunk) runs its full pass through PyTorch's
-fused ``nn.LSTM`` kernel instead, with the same weights (2.7x faster forward + backward on one CPU thread).
+never a Python loop. On the CPU a single LSTM (``n_groups = 1``, the MH trunk) runs its full pass through
+PyTorch's fused ``nn.LSTM`` kernel instead, with the same weights (2.7x faster forward + backward on one thread).
 Stepping from :meth:`initial_state` reproduces the full pass to float round-off.
 
 ``config.dropout`` (training only) drops units of the output sequence, between the recurrence and the heads;
@@ -99,7 +99,7 @@ class GroupedLSTM(_Recurrent):
         self._fused = [nn.LSTM(c_in, H)] if G == 1 else None   # a list: its own parameters stay unregistered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused is None:
+        if self._fused is None or x.device.type != "cpu":   # the fused path is only tested on the CPU
             return super().forward(x)
         order = self._fused_order
         weights = {"weight_ih_l0": self.w_in.weight[order], "weight_hh_l0": self.w_rec[0].t()[order],
