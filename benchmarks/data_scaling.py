@@ -106,6 +106,8 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
         for k in keys:
             ax.plot(x, [r[k] for r in rows], "o-", label=dict(COLUMNS)[k])
         ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}" for v in x])        # the budgets themselves, no overlapping minor labels
+        ax.minorticks_off()
         ax.set_xlabel("training data (simulated s)")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
