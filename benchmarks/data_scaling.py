@@ -138,16 +138,16 @@ def main(argv=None) -> int:
     args.eval_args = ["--max-sims", str(args.test_sims), "--max-val-sims", str(args.val_sims)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    title = f"{args.recipe}: {args.steps} steps per point, test split of {args.test_data}"
     rows = []
     for budget in args.seconds:
         row = run_point(budget, args)
         if row is None:
             if rows:
-                write_outputs(rows, out, f"{args.recipe}: {args.steps} steps per point, test split of "
-                                         f"{args.test_data} (budgets so far)")
+                write_outputs(rows, out, title + " (budgets so far)")
             return 3
         rows.append(row)
-    write_outputs(rows, out, f"{args.recipe}: {args.steps} steps per point, test split of {args.test_data}")
+    write_outputs(rows, out, title)
     return 0
 
 

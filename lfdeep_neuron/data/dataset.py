@@ -224,9 +224,8 @@ class SimulationDataset(torch.utils.data.Dataset):
         found, self.meta = _discover(root)
         self._all_records = found
         chosen = _split_indices(found, self.meta, split)
-        where = self.root if isinstance(self.root, Path) else "the given files"
         if not chosen:
-            raise InputError(f"split {split!r} of {where} holds no simulations ({len(found)} in total)")
+            raise InputError(f"split {split!r} of {self._where()} holds no simulations ({len(found)} in total)")
         self._required = ["segments", "v_1ms"] + [_FIELD_DATASET[k] for k in self.fields if k in _FIELD_DATASET]
         if "x_syn" in self.fields:
             self._required += [self.events, "synapses"]
@@ -335,6 +334,13 @@ class SimulationDataset(torch.utils.data.Dataset):
         self._win_t0 = np.concatenate(t0s)
         self._win_spiking = np.concatenate(spiking)
 
+    def _where(self) -> str:
+        """The dataset as messages name it: its directory, its directories as DIR1,DIR2, or 'the given files'."""
+        if isinstance(self.root, Path):
+            return str(self.root)
+        paths = [Path(p) for p in self.root]
+        return ",".join(map(str, paths)) if paths and all(p.is_dir() for p in paths) else "the given files"
+
     def restrict(self, simulated_s: float) -> None:
         """Keep only the first simulations, in generation order, that hold ``simulated_s`` seconds.
 
@@ -357,8 +363,7 @@ class SimulationDataset(torch.utils.data.Dataset):
         total_s = np.cumsum([self.records[i].n_steps / 1000.0 for i in order])
         n = int(np.searchsorted(total_s, simulated_s - 1e-9) + 1)
         if total_s[-1] < simulated_s - 1e-9:
-            where = self.root if isinstance(self.root, Path) else ",".join(str(r) for r in self.root)
-            raise InputError(f"{where}: split {self.split!r} holds {total_s[-1]:.1f} simulated s, "
+            raise InputError(f"{self._where()}: split {self.split!r} holds {total_s[-1]:.1f} simulated s, "
                              f"fewer than the {simulated_s:g} s asked for")
         self.records = [self.records[i] for i in sorted(order[:n])]
         self._build_windows()

@@ -41,6 +41,10 @@ class _Recurrent(Backbone):
 
     n_state: int = 1
 
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)                                  # on the output sequence, training only
+
     def _groups_first(self, t: torch.Tensor) -> torch.Tensor:       # [N, G * W] -> [G, N, W]
         return t.view(t.shape[0], self.n_groups, -1).transpose(0, 1)
 
@@ -81,8 +85,7 @@ class GroupedLSTM(_Recurrent):
     n_state = 2
 
     def __init__(self, c_in: int, hidden: int, n_groups: int = 1, dropout: float = 0.0):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
+        super().__init__(dropout)
         G, H = n_groups, hidden
         self.c_in, self.c_out, self.n_groups, self.hidden = c_in, G * H, G, H
         bound = 1.0 / math.sqrt(H)
@@ -138,8 +141,7 @@ class LeakyMemory(_Recurrent):
 
     def __init__(self, c_in: int, units: int, n_groups: int = 1, tau_min_ms: float = 1.0,
                  tau_max_ms: float = 150.0, dropout: float = 0.0):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
+        super().__init__(dropout)
         G, M = n_groups, units
         Hd = 2 * M
         self.c_in, self.c_out, self.n_groups, self.units = c_in, G * M, G, M
