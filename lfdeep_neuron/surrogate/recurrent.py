@@ -6,7 +6,8 @@ A recurrence cannot be evaluated for all time steps at once, so the full pass ru
 over time (one input projection for the whole sequence first; per step only the recurrent part). It is
 vectorised over cells and groups: G experts are one batched matmul (``bmm`` over a leading group dim),
 never a Python loop. On the CPU a single LSTM (``n_groups = 1``, the MH trunk) runs its full pass through
-PyTorch's fused ``nn.LSTM`` kernel instead, with the same weights (2.7x faster forward + backward on one thread).
+PyTorch's fused ``nn.LSTM`` kernel instead, with the same weights (2.4x faster forward + backward on one thread:
+``benchmarks/training_step.py``).
 Stepping from :meth:`initial_state` reproduces the full pass to float round-off.
 
 ``config.dropout`` (training only) drops units of the output sequence, between the recurrence and the heads;
