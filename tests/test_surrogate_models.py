@@ -174,13 +174,13 @@ def test_local_synaptic_features():
     u = torch.zeros(1, m.n_channels, 12)
     u[0, 2, 3] = 1.0                                          # excitatory channel 2 = segment 3, step 3
     u[0, 7, 5] = 0.5                                          # inhibitory channel 7 = segment 3, step 5
-    tr = m.local_traces(u)                                    # [T, B, S, 2, K]
+    tr = m.local_traces(u, block=5)                           # [B, S, 2, K, T]; 12 steps = 2 blocks + 2
     S = m.n_segments
-    assert tr.shape == (12, 1, S, 2, 2)
+    assert tr.shape == (1, S, 2, 2, 12)
     k = torch.arange(12.0)
     exc = torch.where(k[:, None] >= 3, torch.exp(-(k - 3)[:, None] / torch.tensor([2.0, 10.0])), torch.zeros(1))
-    torch.testing.assert_close(tr[:, 0, 3, 0], exc)
-    rows = m.local_rows(tr[:, 0].reshape(12, S, 4))           # [T, n_tasks, 4]
+    torch.testing.assert_close(tr[0, 3, 0].t(), exc)
+    rows = m.local_rows(tr[0].permute(3, 0, 1, 2).reshape(12, S, 4))   # [T, n_tasks, 4]
     torch.testing.assert_close(rows[:, 3, :2], exc)           # voltage task of segment 3: its exc traces
     torch.testing.assert_close(rows[:, S + 1 + 3, :2], exc)   # its current task too
     assert rows[:, 3, 2:].abs().sum() > 0 and rows[:5, 3, 2:].abs().sum() == 0      # inh from step 5 on
@@ -188,6 +188,42 @@ def test_local_synaptic_features():
     assert rows[:, others].abs().sum() == 0                   # no other task (spike task: the soma) sees it
     with pytest.raises(ValueError, match="positive"):
         MMoE.from_config("tiny", local_taus=(0.0,))
+
+
+@pytest.mark.parametrize("T", [1, 7, 16, 45])
+def test_blocked_local_traces_equal_the_recursion(T):
+    """The training pass computes the local traces by blocks (in-block Toeplitz GEMM + a scan over blocks);
+    they equal the 1-ms recursion the streaming step runs, for lengths below, at and across a block."""
+    torch.manual_seed(0)
+    m = MH.from_config("tiny", local_taus=(2.0, 8.0, 32.0))
+    u = torch.rand(3, m.n_channels, T, dtype=torch.float64)
+    m = m.double()
+    seg = m.segment_inputs(u)
+    y = torch.zeros(*seg.shape[:3], 3, dtype=torch.float64)
+    ref = []
+    for t in range(T):
+        y = seg[..., t, None] + m.local_decay * y
+        ref.append(y)
+    torch.testing.assert_close(m.local_traces(u, block=16), torch.stack(ref, -1), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_local_towers_read_each_segments_traces():
+    """Linear towers: the batched per-segment product over time equals w_loc . traces of each task's segment
+    (voltage task s and current task S+1+s read segment s; the spike task nothing), step and sequence alike."""
+    torch.manual_seed(1)
+    m = MH.from_config("tiny", local_taus=(2.0, 8.0), imem_tasks=True, tower_soft=0, tower_hard=0)
+    assert m.towers.linear
+    B, T, S = 2, 9, m.n_segments
+    traces = torch.randn(B, S, m.n_local, T)
+    got = m._linear_local(traces).view(B, T, m.n_tasks)
+    w = m.towers.w_loc
+    want_v = torch.einsum("bsft,sf->bts", traces, w[:S])
+    want_i = torch.einsum("bsft,sf->bts", traces, w[S + 1:])
+    torch.testing.assert_close(got[..., :S], want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[..., S + 1:], want_i, rtol=1e-5, atol=1e-5)
+    assert got[..., S].abs().max() == 0
+    one = m._linear_local(traces[..., :1])                    # the streaming layout, T = 1
+    torch.testing.assert_close(one, got[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_branch_routing_sums_per_section():

@@ -506,8 +506,8 @@ class Surrogate(nn.Module):
         feats, u = self.encode(x)
         local = None
         traces = None
-        if self.n_local:                                                 # [T, B, S, 2, K] -> [B*T, S, F]
-            traces = self.local_traces(u).transpose(0, 1).reshape(B * T, self.n_segments, self.n_local)
+        if self.n_local:                                                 # [B, S, 2, K, T] -> [B, S, F, T]
+            traces = self.local_traces(u).flatten(2, 3)
         rows = [_rows(b(feats)) for b in self.all_backbones()]
         y = self._outputs(rows, traces)                                  # [B*T, n_tasks]
         y = y.reshape(B, T, self.n_tasks).transpose(1, 2)                # [B, n_tasks, T]
@@ -515,9 +515,9 @@ class Surrogate(nn.Module):
         return y if all_tasks else self.split_tasks(y)
 
     def _outputs(self, rows: list, traces: torch.Tensor | None) -> torch.Tensor:
-        """Rows of :meth:`all_backbones` (+ local traces ``[R, S, F]``) -> task outputs ``[R, n_tasks]`` (before
-        the residual). The towers read the rows of :meth:`backbones`; the direct heads the soma backbone's, if
-        any, else the trunk's."""
+        """Rows of :meth:`all_backbones` (+ local traces ``[B, S, F, T]``, rows R = B*T) -> task outputs
+        ``[R, n_tasks]`` (before the residual). The towers read the rows of :meth:`backbones`; the direct heads
+        the soma backbone's, if any, else the trunk's."""
         if self.soma_net is not None:
             rows, direct_rows = rows[:-1], rows[-1]
         else:
@@ -527,17 +527,25 @@ class Surrogate(nn.Module):
         elif self.towers.linear:                 # local features enter the output linearly, per segment
             y = self._heads(*rows) + self._linear_local(traces)
         else:                                    # each task's tower reads its segment's traces
-            y = self._heads(*rows, local=self.local_rows(traces))
+            y = self._heads(*rows, local=self.local_rows(traces.permute(0, 3, 1, 2).flatten(0, 1)))
         return self._direct(y, direct_rows)
 
     def _linear_local(self, traces: torch.Tensor) -> torch.Tensor:
-        """Linear towers: ``w_loc . traces`` of each task's segment ``[R, n_tasks]`` (the spike task reads the
-        soma, which has no synapses: 0). Slices, not a gather: task n < S is segment n, imem task S+1+s is s."""
-        S, w = self.n_segments, self.towers.w_loc
-        parts = [(traces * w[:S]).sum(-1), traces.new_zeros(traces.shape[0], 1)]
-        if self.config.imem_tasks:
-            parts.append((traces * w[S + 1:]).sum(-1))
-        return torch.cat(parts, dim=1)
+        """Linear towers: ``w_loc . traces`` of each task's segment, traces ``[B, S, F, T]`` -> ``[B*T, n_tasks]``
+        (the spike task reads the soma, which has no synapses: 0). Task n < S is segment n, imem task S+1+s is
+        s, so the voltage and current weights of a segment stack into one ``[G, F]`` matrix: one batched GEMM
+        per (cell, segment) over the time axis reads the traces once and materialises no ``[R, S, F]``
+        product, forward or backward. A single step (T = 1, streaming) is a plain weighted sum."""
+        B, S, n_f, T = traces.shape
+        w = self.towers.w_loc
+        w_tasks = (w[:S], w[S + 1:]) if self.config.imem_tasks else (w[:S],)
+        if T == 1:                                                       # [N, S, F] . [S, F] per task group
+            out = [(traces[..., 0] * w_g).sum(-1) for w_g in w_tasks]
+        else:
+            prod = torch.matmul(torch.stack(w_tasks, 1), traces)        # [S, G, F] @ [B, S, F, T] -> [B, S, G, T]
+            prod = prod.permute(0, 3, 2, 1).reshape(B * T, len(w_tasks), S)
+            out = prod.unbind(1)
+        return torch.cat([out[0], traces.new_zeros(B * T, 1), *out[1:]], dim=1)
 
     def _direct(self, y: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         """Add the direct heads (soma voltage, spike) read from the trunk rows ``[R, H]`` to ``y [R, n_tasks]``."""
@@ -553,17 +561,33 @@ class Surrogate(nn.Module):
                                                                          *u_syn.shape[2:])
 
     @torch.no_grad()
-    def local_traces(self, u_syn: torch.Tensor) -> torch.Tensor:
-        """Exponential traces ``[T, B, S, 2, K]`` of each segment's transformed synaptic inputs (from
-        ``u_syn [B, C, T]``, 1 ms steps, starting from zero). Inputs, not parameters: no gradient flows here."""
-        seg = self.segment_inputs(u_syn)                                  # [B, S, 2, T]
+    def local_traces(self, u_syn: torch.Tensor, block: int = 16) -> torch.Tensor:
+        """Exponential traces ``[B, S, 2, K, T]`` of each segment's transformed synaptic inputs (from
+        ``u_syn [B, C, T]``, 1 ms steps, starting from zero): ``y(t) = d_k y(t-1) + x(t)``, the recursion
+        :meth:`step` runs. Inputs, not parameters: no gradient flows here.
+
+        Computed by blocks of ``block`` steps: inside a block the recursion is a matrix product with the
+        lower-triangular Toeplitz matrix of powers ``d_k^(i-j)`` (one GEMM for all cells, segments, taus and
+        blocks); then each block adds ``d_k^(i+1)`` times the trace at the end of the block before, a scan over
+        the T / block blocks. Same values as the step-by-step recursion (float rounding apart), in time-last
+        layout, at a fraction of the cost of a Python loop over every step."""
+        seg = self.segment_inputs(u_syn)                                     # [B, S, 2, T]
         B, S, _, T = seg.shape
-        y = seg.new_zeros(B, S, 2, len(self.local_decay))
-        out = seg.new_empty(T, B, S, 2, y.shape[-1])
-        for t in range(T):        # a first-order recursion over time (vectorised over cells, segments, taus)
-            y = torch.addcmul(seg[..., t, None], y, self.local_decay)
-            out[t] = y
-        return out
+        d = self.local_decay                                                 # [K]
+        K, L = len(d), max(1, min(block, T))
+        nb = -(-T // L)
+        x = F.pad(seg, (0, nb * L - T)).reshape(-1, L)                       # [M * nb, L], M = B*S*2
+        lag = torch.arange(L, device=seg.device)
+        lag = lag[:, None] - lag[None, :]                                    # [i, j] = i - j
+        toe = torch.where(lag >= 0, d[:, None, None] ** lag.clamp(min=0).to(d.dtype), 0.0)   # [K, i, j]
+        z = (x @ toe.permute(2, 0, 1).reshape(L, K * L)).view(-1, nb, K, L)  # in-block traces from zero
+        z = z.permute(0, 2, 1, 3).contiguous()                               # [M, K, nb, L]
+        carry = d.view(1, K) ** (torch.arange(1, L + 1, device=seg.device, dtype=d.dtype)[:, None])  # [L, K]
+        ends = z[..., L - 1].clone()                                         # [M, K, nb]: block ends, from zero
+        for j in range(1, nb):              # a scan over blocks, not steps (vectorised over everything else)
+            ends[..., j] += carry[L - 1] * ends[..., j - 1]
+        z[:, :, 1:].addcmul_(ends[:, :, :-1, None], carry.t()[None, :, None, :])   # what enters from earlier blocks
+        return z.view(B, S, 2, K, nb * L)[..., :T]
 
     def local_rows(self, traces: torch.Tensor) -> torch.Tensor:
         """Segment traces ``[R, S, F]`` -> each task's own features ``[R, n_tasks, F]``: the traces of the
@@ -612,7 +636,7 @@ class Surrogate(nn.Module):
         traces = None
         if self.n_local:
             local = (torch.addcmul(self.segment_inputs(u)[..., None], local[0], self.local_decay),)  # as forward
-            traces = local[0].view(x_t.shape[0], self.n_segments, self.n_local)
+            traces = local[0].view(x_t.shape[0], self.n_segments, self.n_local, 1)   # [N, S, F, T = 1]
         y = self._add_residual(self._outputs(rows, traces), x_t)
         return y, (tuple(new), local)
 
