@@ -86,6 +86,32 @@ def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
     assert [r["step"] for r in _log(tmp_path / "b.pt.jsonl")] == [5, 10, 12]   # no duplicated rows after resuming
 
 
+def test_keep_best_writes_the_best_validated_weights_and_survives_a_resume(tmp_path):
+    extra = ["--steps", "40", "--eval-every", "10", "--val-windows", "3", "--val-sims", "1", "--lr", "3e-3",
+             "--keep-best", "val_loss_v_tf"]
+    part = train(_args(tmp_path / "k.pt", *extra, "--stop-after", "20"))
+    assert part["best"]["step"] in (10, 20)
+    summary = train(_args(tmp_path / "k.pt", *extra))
+    rows = [r for r in _log(tmp_path / "k.pt.jsonl") if "val_loss_v_tf" in r]
+    assert [r["step"] for r in rows] == [10, 20, 30, 40]
+    want = min(rows, key=lambda r: r["val_loss_v_tf"])
+    assert summary["best"]["step"] == want["step"] and summary["best"]["value"] == want["val_loss_v_tf"]
+    assert [r["step"] for r in rows if r.get("best")][-1] == want["step"]
+    best = load_checkpoint(tmp_path / "k.pt.best")
+    assert best["provenance"]["steps"] == want["step"] and best["metrics"]["best_of"] == "val_loss_v_tf"
+    assert "train_state" not in best
+    if want["step"] != 40:                                    # the best weights are not the last ones
+        last = load_checkpoint(tmp_path / "k.pt")["state_dict"]
+        assert any(not torch.equal(v, last[k]) for k, v in best["state_dict"].items())
+    # --val-sims: the validation windows come from the first val simulations only
+    from lfdeep_neuron.surrogate.train import _open_windows
+    _, _, val1 = _open_windows(_args(tmp_path / "x.pt", "--val-sims", "1"), None)
+    _, _, val_all = _open_windows(_args(tmp_path / "x.pt"), None)
+    assert set(val1.index[:, 0]) == {0} and len(val_all) > len(val1)
+    with pytest.raises(SystemExit):
+        _args(tmp_path / "x.pt", "--keep-best", "val_nonsense")
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(_args(tmp_path / "c.pt", "--steps", "3", "--stop-after", "2", "--eval-every", "0"))
     with pytest.raises(CheckpointError, match="was written for arch 'mmoeex'.*pass --restart"):

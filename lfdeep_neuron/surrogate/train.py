@@ -79,7 +79,7 @@ DEFAULTS: dict = dict(
     imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
-    log_every=10,
+    val_sims=None, keep_best=None, log_every=10,
     stop_after=None, time_limit_min=None, restart=False, no_progress=False,
 )
 _FLAGS_ONLY = {"data", "out", "init", "set", "restart", "stop_after", "no_progress", "device", "threads", "workers"}
@@ -141,6 +141,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--save-every", "write CKPT.last every N steps", type=int)
     add(g, "--eval-every", "validate every N steps (0: only at the end)", type=int)
     add(g, "--val-windows", "validation windows", type=int)
+    add(g, "--val-sims", "validate on the first N simulations of the val split only (fixed windows while the "
+                         "corpus grows)", type=int)
+    add(g, "--keep-best", "also write CKPT.best: the weights at the validation with the best value of this metric "
+                          "(a key of the validation log, e.g. val_bce_spike_tf; AUCs count higher as better)",
+        choices=VAL_METRICS)
     add(g, "--log-every", "log every N steps", type=int)
     add(g, "--stop-after", "stop after N steps in this invocation (CKPT.last); a later run resumes", type=int)
     add(g, "--time-limit-min", "wall-clock budget of this invocation: stop there, write CKPT.last (and a usable "
@@ -293,13 +298,15 @@ class Windows(torch.utils.data.Dataset):
     ...``; items are dicts of tensors (``x_syn``, ``v``, ``spike``, ``imem`` as ``sims.read`` gives them).
 
     ``spike_balance`` (0..1): windows holding a somatic spike are repeated until about that fraction of the
-    index holds one (a fixed index: the sampler's draws are what vary)."""
+    index holds one (a fixed index: the sampler's draws are what vary). ``max_sims``: windows of the first
+    simulations only."""
 
-    def __init__(self, sims, window_ms: int, stride_ms: int, skip_ms: int = 0, spike_balance: float | None = None):
+    def __init__(self, sims, window_ms: int, stride_ms: int, skip_ms: int = 0, spike_balance: float | None = None,
+                 max_sims: int | None = None):
         self.sims, self.window_ms = sims, int(window_ms)
         self.segments, self.synapses = sims.segments, sims.synapses
         rows, spiking = [], []
-        for pos, rec in enumerate(sims.records):
+        for pos, rec in enumerate(sims.records[:max_sims]):     # max_sims: the first simulations only
             starts = np.arange(int(skip_ms), int(rec.n_steps) - self.window_ms + 1, int(stride_ms))
             bins = np.sort(np.ceil(np.asarray(rec.spike_times_ms, dtype=np.float64)).astype(np.int64))
             n_in = np.searchsorted(bins, starts + self.window_ms) - np.searchsorted(bins, starts)
@@ -464,6 +471,18 @@ def with_own_feedback(model: Surrogate, x: torch.Tensor, v_pred_z: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------------------
+#: Keys of :func:`validate`'s result (``--keep-best`` picks one).
+VAL_METRICS = ("val_loss_v_tf", "val_bce_spike_tf", "val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl",
+               "val_soma_clip_rmse_mV_cl", "val_spike_auc")
+
+
+def _improves(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of validation ``metric`` beats ``best`` (None: nothing yet; AUCs: higher is better)."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value > best if metric.endswith("auc") else value < best)
+
+
 @torch.no_grad()
 def validate(model: Surrogate, val_ds, n_windows: int, device, warmup: int = 0, batch: int = 16) -> dict:
     """Errors on ``n_windows`` evenly spaced validation windows (after ``warmup`` steps of each).
@@ -705,7 +724,9 @@ def _open_windows(args, datasets) -> tuple:
         train_sims.restrict(float(args.train_seconds))
     window = int(args.window_ms)
     train_ds = Windows(train_sims, window, args.stride_ms or max(1, window // 2), args.skip_ms, args.spike_balance)
-    val_ds = Windows(val_sims, window, window, args.skip_ms)
+    if args.val_sims is not None and args.val_sims < 1:
+        raise InputError(f"--val-sims must be >= 1, got {args.val_sims}")
+    val_ds = Windows(val_sims, window, window, args.skip_ms, max_sims=args.val_sims)
     if len(train_ds) == 0 or len(val_ds) == 0:
         raise InputError(f"--data {args.data}: no {window}-ms windows after skipping {args.skip_ms} ms (train "
                          f"{len(train_ds)}, val {len(val_ds)}): shorter --window-ms / --skip-ms or longer "
@@ -761,6 +782,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
     main_proc = rank == 0
     out = Path(args.out)
     last, log_path = out.with_name(out.name + ".last"), out.with_name(out.name + ".jsonl")
+    best_path = out.with_name(out.name + ".best")
     torch.manual_seed(args.seed + rank)
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -793,13 +815,17 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         lbtw_l0 = state["lbtw_l0"].to(device) if state.get("lbtw_l0") is not None else None
         _restore_rng(state, rank, device)
         wall0 = float(state.get("wall_s", 0.0))
+        best = state.get("best")     # kept only if scored the same way (metric, validation windows)
+        if best and (best.get("metric"), best.get("val_sims"), best.get("val_windows")) != \
+                (args.keep_best, args.val_sims, args.val_windows):
+            best = None
     else:
         pw, p = _spike_pos_weight(args, train_ds)
         pos_weight = torch.tensor(pw, device=device)
         if 0 < p < 1 and not args.init:   # the spike output starts at the (pos-weighted) base rate
             with torch.no_grad():
                 model.towers.b2[model.n_segments] = math.log(p * pw / (1 - p))
-        lbtw_l0, wall0 = None, 0.0
+        lbtw_l0, wall0, best = None, 0.0, None
 
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -827,7 +853,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "pos_weight": pos_weight.detach().cpu(), "lbtw_l0": None if lbtw_l0 is None else lbtw_l0.cpu(),
                 "rng_cpu": rng_cpu, "rng_cuda": rng_cuda, "wall_s": wall0 + time.time() - t_start,
-                "init": provenance["init"]}}
+                "init": provenance["init"], "best": best}}
         if main_proc:
             save_checkpoint(path, model, segments=train_ds.segments, synapses=train_ds.synapses,
                             dt_ms=float(getattr(train_sims, "dt_ms", 1.0)),
@@ -889,6 +915,11 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
             if is_eval:
                 metrics = validate(model, val_ds, args.val_windows, device, args.warmup_ms)
                 row.update(metrics)
+                if args.keep_best and _improves(args.keep_best, metrics[args.keep_best], (best or {}).get("value")):
+                    best = {"metric": args.keep_best, "value": metrics[args.keep_best], "step": step,
+                            "val_sims": args.val_sims, "val_windows": args.val_windows}
+                    save(best_path, step, {**metrics, "steps": step, "best_of": args.keep_best}, with_state=False)
+                    row["best"] = True
                 if bar is not None:
                     bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             log.write(row)
@@ -909,7 +940,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
 
     # -- the final checkpoint ---------------------------------------------------------------------------
     summary = {"steps_done": step, "resumed_from": start, "out": str(out), "last": str(last),
-               "log": str(log_path), "metrics": metrics}
+               "log": str(log_path), "metrics": metrics, "best": best}
     if timed_out and main_proc:
         print(f"time limit of {args.time_limit_min} min reached at step {step} of {args.steps}; "
               f"{last} holds the state: the same command resumes")
@@ -922,6 +953,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         summary["metrics"] = final
         if main_proc:
             print(f"wrote {out} (" + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + ")")
+            if best:
+                print(f"{best_path}: step {best['step']}, {best['metric']} {best['value']:.4g} (best so far)")
     elif main_proc:
         print(f"stopped at step {step} of {args.steps}; {last} holds the state, run again to resume")
     if world > 1:
