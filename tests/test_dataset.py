@@ -254,3 +254,31 @@ def test_restrict_keeps_nested_subsets_that_survive_corpus_growth(tmp_path):
     assert sets[6.0] == set(range(12)) and sets[2.5] == {r.index for r in small.records} == set(range(5))
     with pytest.raises(InputError, match="fewer than"):
         SimulationDataset(tmp_path, split=None, fields=("v",)).restrict(7.0)
+
+
+def test_decompressed_cache_serves_the_same_windows_and_follows_rewrites(synthetic_dir, tmp_path):
+    """cache_dir: windows come from memory-mapped uncompressed copies, equal to the records bit for bit; a
+    rewritten record gets a fresh copy."""
+    import os
+    d, data = synthetic_dir
+    cache = tmp_path / "cache"
+    plain = SimulationDataset(d, split=None, window_ms=30, stride_ms=20)
+    cached = SimulationDataset(d, split=None, window_ms=30, stride_ms=20, cache_dir=cache)
+    for i in range(len(plain)):
+        a, b = plain[i], cached[i]
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (i, k)
+    copies = sorted(p.name for p in next(cache.iterdir()).iterdir())
+    assert copies == sorted(["input_effective__syn_idx.npy", "input_effective__t_ms.npy", "imem_mean_1ms.npy",
+                             "v_1ms.npy"])
+    assert not any(p.name.endswith(".tmp") for p in cache.rglob("*"))
+    # the record is rewritten (new values): the cache follows, the old copy is not served
+    path = d / "sim_000000.h5"
+    v_new, _, _ = _record(path, 0, rng=np.random.default_rng(99))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    fresh = SimulationDataset(d, split=None, window_ms=30, stride_ms=20, cache_dir=cache)
+    first = next(i for i in range(len(fresh)) if int(fresh[i]["sim_index"]) == 0)
+    np.testing.assert_array_equal(fresh[first]["v"].numpy(), v_new[:, 0:30])
+    assert len([p for p in cache.iterdir() if p.name.startswith("sim_000000-")]) == 2

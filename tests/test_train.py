@@ -295,6 +295,10 @@ def test_bad_recipes_and_data_are_one_line_input_errors(tmp_path):
     bad.write_text('arch = "mh"\nstpes = 3\n')
     with pytest.raises(InputError, match=r"bad.toml: unknown recipe keys \['stpes'\]"):
         parse_args(["--recipe", str(bad), "--data", DATA, "--out", "x.pt"])
+    bad.write_text('arch = "mh"\ncache_dir = "c"\n')             # how to read, not what to train: a flag only
+    with pytest.raises(InputError, match=r"bad.toml: unknown recipe keys \['cache_dir'\]"):
+        parse_args(["--recipe", str(bad), "--data", DATA, "--out", "x.pt"])
+    assert parse_args(["--arch", "mh", "--data", DATA, "--out", "x.pt", "--cache-dir", "c"]).cache_dir == "c"
     bad.write_text('arch = "mh"\nsteps = \n')
     with pytest.raises(InputError, match="bad.toml: not a valid TOML recipe"):
         parse_args(["--recipe", str(bad), "--data", DATA, "--out", "x.pt"])

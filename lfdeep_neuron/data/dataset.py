@@ -185,6 +185,10 @@ class SimulationDataset(torch.utils.data.Dataset):
         Subset of ``("x_syn", "v", "imem", "spike")`` to read.
     events : {"input_effective", "input"}
         Which event list feeds ``x_syn`` (default: the events that act on the cell).
+    cache_dir : str or Path, optional
+        Read windows from uncompressed, memory-mapped copies of the records' datasets kept in this folder
+        (:class:`~lfdeep_neuron.data.cache.DecompressedCache`; built on first use, same values): windows
+        then cost a copy instead of decompressing their chunks.
 
     Attributes
     ----------
@@ -197,8 +201,12 @@ class SimulationDataset(torch.utils.data.Dataset):
 
     def __init__(self, root, split: str | None = "train", window_ms: int | None = None,
                  stride_ms: int | None = None, spike_balance: float | None = None, seed: int = 0,
-                 fields=FIELDS, events: str = "input_effective"):
+                 fields=FIELDS, events: str = "input_effective", cache_dir=None):
         self.root = root if isinstance(root, (list, tuple)) else Path(root)
+        self.cache, self._cached_names = None, {}
+        if cache_dir is not None:
+            from lfdeep_neuron.data.cache import DecompressedCache
+            self.cache = DecompressedCache(cache_dir)
         self.split = split
         bad = set(fields) - set(FIELDS)
         if bad:
@@ -269,6 +277,20 @@ class SimulationDataset(torch.utils.data.Dataset):
         if self.window_ms is not None and n_steps < self.window_ms:
             raise ValueError(f"{path}: {n_steps} ms is shorter than window_ms={self.window_ms}")
         return _RecordInfo(index, path, n_steps, np.asarray(spikes, dtype=np.float64), sorted_ev)
+
+    def _source(self, path: Path):
+        """What :meth:`read` indexes by HDF5 dataset path: the open record, or (``cache_dir``) a dict of its
+        memory-mapped uncompressed datasets."""
+        if self.cache is None:
+            return self._file(path)
+        names = self._cached_names.get(path)
+        if names is None:
+            names = [d for k, d in (("v", "v_1ms"), ("imem", "imem_mean_1ms")) if k in self.fields]
+            if "x_syn" in self.fields:
+                names += [f"{self.events}/{n}" for n in ("t_ms", "syn_idx", "weight")
+                          if f"{self.events}/{n}" in self._file(path)]
+            self._cached_names[path] = names
+        return self.cache.arrays(path, names)
 
     def _file(self, path: Path) -> h5py.File:
         if os.getpid() != self._pid:  # a DataLoader worker: never share handles across processes
@@ -407,24 +429,24 @@ class SimulationDataset(torch.utils.data.Dataset):
         r = self.records[sim_pos]
         if t0_ms < 0 or t0_ms + n_bins > r.n_steps:
             raise IndexError(f"window [{t0_ms}, {t0_ms + n_bins}) outside the {r.n_steps} ms of {r.path}")
-        f = self._file(r.path)
+        src = self._source(r.path)
         out = {}
         sl = slice(t0_ms, t0_ms + n_bins)
         if "x_syn" in self.fields:
-            g = f[self.events]
-            t = g["t_ms"][()]
+            ev = self.events
+            t = src[f"{ev}/t_ms"][()]
             if r.events_sorted:  # bins ceil(t) in [t0, t0+W)  <=>  t in (t0 - 1, t0 + W - 1]
                 lo = np.searchsorted(t, t0_ms - 1, side="right")
                 hi = np.searchsorted(t, t0_ms + n_bins - 1, side="right")
             else:
                 lo, hi = 0, t.size
-            syn = g["syn_idx"][lo:hi]
-            w = g["weight"][lo:hi] if "weight" in g else None
+            syn = src[f"{ev}/syn_idx"][lo:hi]
+            w = src[f"{ev}/weight"][lo:hi] if f"{ev}/weight" in src else None
             out["x_syn"] = bin_events(syn, t[lo:hi], self.n_channels, t0_ms, n_bins, w)
         if "v" in self.fields:
-            out["v"] = np.asarray(f["v_1ms"][:, sl], dtype=np.float32)
+            out["v"] = np.array(src["v_1ms"][:, sl], dtype=np.float32)     # a copy: never a view of a memmap
         if "imem" in self.fields:
-            out["imem"] = np.asarray(f["imem_mean_1ms"][:, sl], dtype=np.float32)
+            out["imem"] = np.array(src["imem_mean_1ms"][:, sl], dtype=np.float32)
         if "spike" in self.fields:
             out["spike"] = spike_indicator(r.spike_times_ms, t0_ms, n_bins)
         return out

@@ -79,10 +79,11 @@ DEFAULTS: dict = dict(
     imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
-    val_sims=None, keep_best=None, log_every=10,
+    val_sims=None, keep_best=None, log_every=10, cache_dir=None,
     stop_after=None, time_limit_min=None, restart=False, no_progress=False,
 )
-_FLAGS_ONLY = {"data", "out", "init", "set", "restart", "stop_after", "no_progress", "device", "threads", "workers"}
+_FLAGS_ONLY = {"data", "out", "init", "set", "restart", "stop_after", "no_progress", "device", "threads", "workers",
+               "cache_dir"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,6 +138,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "2 on a machine whose cores are busy with other jobs", type=int)
     add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
     add(g, "--workers", "DataLoader worker processes", type=int)
+    add(g, "--cache-dir", "read training windows from uncompressed memory-mapped copies of the records kept in this "
+                          "folder (built on first use; ~13 MB per 6-s simulation; same values, ~5x cheaper windows)")
     add(g, "--seed", "seed of initialisation and batches", type=int)
     add(g, "--save-every", "write CKPT.last every N steps", type=int)
     add(g, "--eval-every", "validate every N steps (0: only at the end)", type=int)
@@ -287,7 +290,7 @@ def open_data(args) -> tuple:
     fields = ("x_syn", "v", "spike") + (("imem",) if args.imem else ())
     try:
         return tuple(SimulationDataset(roots if len(roots) > 1 else roots[0], split=split, window_ms=None,
-                                       seed=args.seed, fields=fields)
+                                       seed=args.seed, fields=fields, cache_dir=args.cache_dir)
                      for split in ("train", "val"))
     except (RecordFormatError, ValueError, FileNotFoundError) as err:
         raise InputError(f"--data {args.data}: {err}") from err
