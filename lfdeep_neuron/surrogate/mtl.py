@@ -580,9 +580,10 @@ class Surrogate(nn.Module):
         lag = torch.arange(L, device=seg.device)
         lag = lag[:, None] - lag[None, :]                                    # [i, j] = i - j
         toe = torch.where(lag >= 0, d[:, None, None] ** lag.clamp(min=0).to(d.dtype), 0.0)   # [K, i, j]
-        z = (x @ toe.permute(2, 0, 1).reshape(L, K * L)).view(-1, nb, K, L)  # in-block traces from zero
+        with torch.autocast(seg.device.type, enabled=False):              # traces in the inputs' precision
+            z = (x @ toe.to(x.dtype).permute(2, 0, 1).reshape(L, K * L)).view(-1, nb, K, L)  # in-block, from zero
         z = z.permute(0, 2, 1, 3).contiguous()                               # [M, K, nb, L]
-        carry = d.view(1, K) ** (torch.arange(1, L + 1, device=seg.device, dtype=d.dtype)[:, None])  # [L, K]
+        carry = (d.view(1, K) ** torch.arange(1, L + 1, device=seg.device, dtype=d.dtype)[:, None]).to(x.dtype)
         ends = z[..., L - 1].clone()                                         # [M, K, nb]: block ends, from zero
         for j in range(1, nb):              # a scan over blocks, not steps (vectorised over everything else)
             ends[..., j] += carry[L - 1] * ends[..., j - 1]
