@@ -1,6 +1,6 @@
 """Cost of one training step of a recurrent surrogate on the CPU, and what the fused LSTM kernel saves.
 
-    python benchmarks/training_step.py [--model models/l5pc_spike_lstm_mh.pt] [--batch 8] [--window-ms 400]
+    python benchmarks/training_step.py [--model CKPT (default: the bundled model)] [--batch 8] [--window-ms 400]
 
 Times forward + backward (the optimiser step is negligible) of one batch of ``--batch`` windows of
 ``--window-ms`` steps on random inputs of the checkpoint's shapes, on ``--threads`` torch threads:
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _median_s(fn, repeats: int) -> float:
@@ -37,19 +36,20 @@ def _median_s(fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(REPO / "models" / "l5pc_spike_lstm_mh.pt"))
+    p.add_argument("--model", default=None, help="checkpoint (default: the bundled model, models/DEFAULT)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--window-ms", type=int, default=400)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
 
-    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
     from lfdeep_neuron.surrogate.recurrent import GroupedLSTM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
+        args.model = args.model or str(bundled_checkpoint())
         model = load_surrogate(args.model).train()
     except (OSError, ValueError) as err:          # missing file, not a checkpoint, a mismatched one
         print(f"training_step: {err}", file=sys.stderr)

@@ -262,10 +262,19 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     for name in names:
         args = parse_args(["--recipe", name, "--data", DATA, "--out", str(tmp_path / "x.pt")])
         assert args.arch in ("mh", "mmoe", "mmoeex") and args.steps >= 1000
-    # the bundled model was trained by its two recipes (stage 2 warm-started from stage 1)
-    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint
+    # the bundled model was trained with the settings of its recipe (run as spike_lstm_mh + flags, one stage)
+    from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
 
-    ck = load_checkpoint(bundled_checkpoint())
+    prov = load_checkpoint(bundled_checkpoint())["provenance"]
+    recipe = parse_args(["--recipe", "spike_lstm_mh_8k", "--data", DATA, "--out", "x.pt"])
+    assert prov["init"] is None and prov["steps"] == recipe.steps == 8000
+    for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
+                "soma_weight", "voltage_weight", "imem_weight", "spike_pos_weight", "model", "seed", "val_sims",
+                "val_windows", "keep_best"):
+        assert getattr(recipe, key) == prov["args"][key], key
+    # the previous bundled model (kept: the spike-history recipes warm-start from it): two recipes, stage 2
+    # warm-started from stage 1
+    ck = load_checkpoint(MODELS_DIR / "l5pc_spike_lstm_mh.pt")
     stages = (ck["provenance"], ck["provenance"]["init"]["provenance"])
     for name, prov in zip(("spike_lstm_mh_spikefocus", "spike_lstm_mh"), stages):
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
