@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 
 
-
 def _median_s(fn, repeats: int) -> float:
     fn()
     times = []

@@ -50,6 +50,8 @@ def test_cli_trains_and_writes_checkpoint_log_and_state(tmp_path):
     assert list(meta["segments"]["name"][:2]) == ["soma[0]", "dend[0]"]
     for k in ("val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl", "val_soma_clip_rmse_mV_cl"):
         assert 0 < meta["metrics"][k] < 50
+    from lfdeep_neuron.surrogate.train import VAL_METRICS
+    assert set(VAL_METRICS) == {k for k in meta["metrics"] if k.startswith("val_")}   # --keep-best's choices
     assert 0 <= meta["metrics"]["val_spike_auc"] <= 1
     # normalisation comes from the training data (v0 of the synthetic cell: rest at -70 mV)
     torch.testing.assert_close(model.v_rest, torch.full((5,), -70.0))
@@ -320,6 +322,11 @@ def test_bad_recipes_and_data_are_one_line_input_errors(tmp_path):
         parse_args(["--data", DATA, "--out", "x.pt"])
     missing, empty = tmp_path / "missing", tmp_path / "empty"
     empty.mkdir()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(InputError, match=rf"--cache-dir {blocker}/c: cannot be a cache folder \({blocker} is not"):
+        train(parse_args(["--data", str(empty), "--arch", "mh", "--out", str(tmp_path / "o" / "m.pt"),
+                          "--cache-dir", str(blocker / "c")]))
     for d, what in ((missing, "no such directory"), (empty, r"no simulation records \(\*.h5\) in this folder")):
         with pytest.raises(InputError, match=f"--data {d}: {what}"):
             train(parse_args(["--data", str(d), "--arch", "mh", "--out", str(tmp_path / "o" / "m.pt")]))

@@ -278,6 +278,8 @@ def open_data(args) -> tuple:
         kw.setdefault("seed", args.seed)
         val_kw = {**kw, "n_sims": max(2, kw.get("n_sims", 8) // 4)}
         return SyntheticDataset(None, "train", None, **kw), SyntheticDataset(None, "val", None, **val_kw)
+    if args.cache_dir is not None:          # fail here, in one line, not inside the first batch; write nothing
+        _check_writable_folder(Path(args.cache_dir), "--cache-dir")
     roots = [Path(p) for p in str(args.data).split(",")]      # several dataset folders: one dataset
     for root in roots:
         if not root.is_dir():
@@ -294,6 +296,16 @@ def open_data(args) -> tuple:
                      for split in ("train", "val"))
     except (RecordFormatError, ValueError, FileNotFoundError) as err:
         raise InputError(f"--data {args.data}: {err}") from err
+
+
+def _check_writable_folder(folder: Path, flag: str) -> None:
+    """InputError unless ``folder`` is, or can be created as, a writable folder (nothing is created here)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        what = "not a folder" if not existing.is_dir() else "not writable"
+        raise InputError(f"{flag} {folder}: cannot be a cache folder ({existing} is {what})")
 
 
 class Windows(torch.utils.data.Dataset):
