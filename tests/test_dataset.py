@@ -282,3 +282,35 @@ def test_decompressed_cache_serves_the_same_windows_and_follows_rewrites(synthet
     first = next(i for i in range(len(fresh)) if int(fresh[i]["sim_index"]) == 0)
     np.testing.assert_array_equal(fresh[first]["v"].numpy(), v_new[:, 0:30])
     assert len([p for p in cache.iterdir() if p.name.startswith("sim_000000-")]) == 2
+
+
+def test_stats_pool_per_record_moments_and_reuse_them(synthetic_dir):
+    """Pooled per-record moments equal the statistics of the concatenated records; each record's moments are
+    cached beside it and reused while it is unchanged, recomputed when it changes."""
+    from lfdeep_neuron.data.dataset import STATS_PARTS_DIR, combine_moments, compute_stats, record_moments
+
+    d, data = synthetic_dir
+    paths = sorted(d.glob("*.h5"))
+    fresh = compute_stats(paths, C)
+    v = np.concatenate([data[i][0] for i in range(len(paths))], axis=1).astype(np.float64)
+    np.testing.assert_allclose(fresh["v_std"], v.std(1), rtol=1e-5)
+    pooled = combine_moments(record_moments(p, C) for p in paths)
+    for k in fresh:
+        np.testing.assert_allclose(pooled[k], fresh[k], rtol=1e-6)
+    cached = compute_stats(paths, C, cache=True)
+    parts = sorted((d / STATS_PARTS_DIR).glob("*.npz"))
+    assert [p.stem for p in parts] == [p.stem for p in paths]
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    again = compute_stats(paths, C, cache=True)
+    assert [p.stat().st_mtime_ns for p in parts] == stamps            # reused, not rewritten
+    for k in fresh:
+        np.testing.assert_array_equal(again[k], cached[k])
+        np.testing.assert_allclose(cached[k], fresh[k], rtol=1e-6)
+    # a changed record invalidates its part only
+    import h5py
+    with h5py.File(paths[0], "r+") as f:
+        f["v_1ms"][0, :] = f["v_1ms"][0, :] + 10.0
+    changed = compute_stats(paths, C, cache=True)
+    assert parts[0].stat().st_mtime_ns != stamps[0]
+    assert [p.stat().st_mtime_ns for p in parts[1:]] == stamps[1:]
+    np.testing.assert_allclose(changed["v_mean"][0], fresh["v_mean"][0] + 10.0 / len(paths), rtol=1e-6)

@@ -88,7 +88,7 @@ def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
     assert [r["step"] for r in _log(tmp_path / "b.pt.jsonl")] == [5, 10, 12]   # no duplicated rows after resuming
 
 
-def test_keep_best_writes_the_best_validated_weights_and_survives_a_resume(tmp_path):
+def test_keep_best_writes_the_best_validated_weights_and_survives_a_resume(tmp_path, capsys):
     extra = ["--steps", "40", "--eval-every", "10", "--val-windows", "3", "--val-sims", "1", "--lr", "3e-3",
              "--keep-best", "val_loss_v_tf"]
     part = train(_args(tmp_path / "k.pt", *extra, "--stop-after", "20"))
@@ -110,6 +110,9 @@ def test_keep_best_writes_the_best_validated_weights_and_survives_a_resume(tmp_p
     _, _, val1 = _open_windows(_args(tmp_path / "x.pt", "--val-sims", "1"), None)
     _, _, val_all = _open_windows(_args(tmp_path / "x.pt"), None)
     assert set(val1.index[:, 0]) == {0} and len(val_all) > len(val1)
+    n_val = len(val_all.sims.records)
+    _open_windows(_args(tmp_path / "x.pt", "--val-sims", str(n_val + 5)), None)
+    assert f"--val-sims {n_val + 5}: the validation split" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _args(tmp_path / "x.pt", "--keep-best", "val_nonsense")
 

@@ -14,7 +14,8 @@ dataset larger than RAM works. An item is a dict::
 
 Splits are by simulation (from ``meta.json``, else :func:`~lfdeep_neuron.data.simulate.assign_splits`),
 never by time. Normalisation statistics (:attr:`SimulationDataset.stats`) are computed once over the
-train split and cached in the directory (``stats.npz``, keyed by the train records).
+train split and cached in the directory (``stats.npz``, keyed by the train records); each record's moments are
+kept beside it (``.stats_parts/``), so that when a corpus grows only its new records are read.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from lfdeep_neuron.data.records import RecordFormatError, read_group, validate_r
 from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.data.simulate import META_NAME, assign_splits, read_meta
 
-__all__ = ["SimulationDataset", "bin_events", "spike_indicator", "compute_stats", "STATS_NAME"]
+__all__ = ["SimulationDataset", "bin_events", "spike_indicator", "compute_stats", "record_moments", "combine_moments",
+           "STATS_NAME", "STATS_PARTS_DIR"]
 
 STATS_NAME = "stats.npz"
 FIELDS = ("x_syn", "v", "imem", "spike")
@@ -498,7 +500,7 @@ class SimulationDataset(torch.utils.data.Dataset):
             with np.load(cache) as z:
                 if str(z["key"]) == key and str(z["events"]) == self.events:
                     return {k: z[k] for k in z.files if k not in ("key", "events")}
-        stats = compute_stats(files, self.n_channels, self.events)
+        stats = compute_stats(files, self.n_channels, self.events, cache=True)
         try:
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, key=np.array(key), events=np.array(self.events), **stats)
@@ -508,58 +510,105 @@ class SimulationDataset(torch.utils.data.Dataset):
         return stats
 
 
-def compute_stats(paths, n_channels: int = 1278, events: str = "input_effective") -> dict:
-    """Normalisation statistics over records (streamed in 1024-ms chunks; float64 accumulation)."""
-    v_sum = v_sq = i_sum = i_sq = None
-    x_count = np.zeros(n_channels, dtype=np.float64)
-    n_bins = 0
-    n_spikes = 0
-    v0_sum = 0.0
-    n_records = 0
-    has_imem = True
-    shift_v = shift_i = None
-    for p in paths:
-        with h5py.File(p, "r") as f:
-            v_ds = f["v_1ms"]
-            S, T = v_ds.shape
-            has_imem = has_imem and "imem_mean_1ms" in f
-            if v_sum is None:
-                v_sum, v_sq, i_sum, i_sq = (np.zeros(S) for _ in range(4))
-                shift_v = np.asarray(v_ds[:, 0], dtype=np.float64)  # shifted sums: no cancellation
-                shift_i = np.asarray(f["imem_mean_1ms"][:, 0], dtype=np.float64) if has_imem else np.zeros(S)
+STATS_PARTS_DIR = ".stats_parts"     # per-record moments, beside the records (a cache: safe to delete)
+
+
+def record_moments(path, n_channels: int = 1278, events: str = "input_effective") -> dict:
+    """Sufficient statistics of one record (streamed in 1024-ms chunks, float64).
+
+    Returns ``n_bins``; ``v_mean``, ``v_m2`` [S] (mean and summed squared deviation, mV, mV^2); ``v0`` [S];
+    ``imem_mean``, ``imem_m2`` [S] (absent without ``imem_mean_1ms``); ``x_count`` [C] (summed event weights of
+    the bins); ``n_spikes``. :func:`combine_moments` pools records exactly (Chan et al.'s pairwise update)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        v_ds = f["v_1ms"]
+        S, T = v_ds.shape
+        names = [("v", v_ds)] + ([("imem", f["imem_mean_1ms"])] if "imem_mean_1ms" in f else [])
+        for name, ds in names:
+            shift = np.asarray(ds[:, 0], dtype=np.float64)      # shifted sums: no cancellation
+            s1, s2 = np.zeros(S), np.zeros(S)
             for a in range(0, T, _STATS_CHUNK_MS):
-                v = np.asarray(v_ds[:, a:a + _STATS_CHUNK_MS], dtype=np.float64) - shift_v[:, None]
-                v_sum += v.sum(1)
-                v_sq += (v * v).sum(1)
-                if has_imem:
-                    im = np.asarray(f["imem_mean_1ms"][:, a:a + _STATS_CHUNK_MS], dtype=np.float64) - shift_i[:, None]
-                    i_sum += im.sum(1)
-                    i_sq += (im * im).sum(1)
-            n_bins += T
-            v0_sum = v0_sum + np.asarray(v_ds[:, 0], dtype=np.float64)
-            n_records += 1
-            if events in f:
-                syn = f[f"{events}/syn_idx"][()]
-                t = f[f"{events}/t_ms"][()]
-                keep = np.ceil(t) < T
-                w = f[f"{events}/weight"][()][keep] if "weight" in f[events] else None
-                x_count += np.bincount(syn[keep], weights=w, minlength=n_channels)
-            if "soma_spike_times_ms" in f:
-                n_spikes += int(f["soma_spike_times_ms"].shape[0])
-    if n_bins == 0:
+                x = np.asarray(ds[:, a:a + _STATS_CHUNK_MS], dtype=np.float64) - shift[:, None]
+                s1 += x.sum(1)
+                s2 += (x * x).sum(1)
+            out[f"{name}_mean"] = shift + s1 / T
+            out[f"{name}_m2"] = np.maximum(s2 - s1 * s1 / T, 0.0)
+        out["v0"] = np.asarray(v_ds[:, 0], dtype=np.float64)
+        x_count = np.zeros(n_channels, dtype=np.float64)
+        if events in f:
+            syn = f[f"{events}/syn_idx"][()]
+            t = f[f"{events}/t_ms"][()]
+            keep = np.ceil(t) < T
+            w = f[f"{events}/weight"][()][keep] if "weight" in f[events] else None
+            x_count += np.bincount(syn[keep], weights=w, minlength=n_channels)
+        out["x_count"] = x_count
+        out["n_spikes"] = np.int64(f["soma_spike_times_ms"].shape[0]) if "soma_spike_times_ms" in f else np.int64(0)
+    out["n_bins"] = np.int64(T)
+    return out
+
+
+def combine_moments(parts) -> dict:
+    """Pool :func:`record_moments` of several records into normalisation statistics (see
+    :attr:`SimulationDataset.stats`); ``imem_*`` only if every record has it."""
+    parts = list(parts)
+    if not parts:
         raise ValueError("compute_stats: no records")
-    v_mean = v_sum / n_bins
+    n = np.float64(0)
+    acc = {}
+    has_imem = all("imem_mean" in p for p in parts)
+    for p in parts:
+        m = np.float64(p["n_bins"])
+        for name in ("v", "imem") if has_imem else ("v",):
+            mean, m2 = p[f"{name}_mean"], p[f"{name}_m2"]
+            if n == 0:
+                acc[f"{name}_mean"], acc[f"{name}_m2"] = mean.copy(), m2.copy()
+            else:
+                delta = mean - acc[f"{name}_mean"]
+                acc[f"{name}_mean"] += delta * (m / (n + m))
+                acc[f"{name}_m2"] += m2 + delta * delta * (n * m / (n + m))
+        n += m
     out = {
-        "v_mean": (shift_v + v_mean).astype(np.float32),
-        "v_std": np.maximum(np.sqrt(np.maximum(v_sq / n_bins - v_mean**2, 0)), V_STD_FLOOR_MV).astype(np.float32),
-        "v0": (v0_sum / n_records).astype(np.float32),
-        "x_rate": (x_count / n_bins).astype(np.float32),
-        "spike_rate": np.float32(n_spikes / n_bins),
-        "n_bins": np.int64(n_bins),
+        "v_mean": acc["v_mean"].astype(np.float32),
+        "v_std": np.maximum(np.sqrt(acc["v_m2"] / n), V_STD_FLOOR_MV).astype(np.float32),
+        "v0": (sum(p["v0"] for p in parts) / len(parts)).astype(np.float32),
+        "x_rate": (sum(p["x_count"] for p in parts) / n).astype(np.float32),
+        "spike_rate": np.float32(sum(int(p["n_spikes"]) for p in parts) / n),
+        "n_bins": np.int64(n),
     }
     if has_imem:
-        i_mean = i_sum / n_bins
-        out["imem_mean"] = (shift_i + i_mean).astype(np.float32)
-        out["imem_std"] = np.maximum(np.sqrt(np.maximum(i_sq / n_bins - i_mean**2, 0)),
-                                     IMEM_STD_FLOOR_NA).astype(np.float32)
+        out["imem_mean"] = acc["imem_mean"].astype(np.float32)
+        out["imem_std"] = np.maximum(np.sqrt(acc["imem_m2"] / n), IMEM_STD_FLOOR_NA).astype(np.float32)
     return out
+
+
+def _cached_moments(path: Path, n_channels: int, events: str) -> dict:
+    """:func:`record_moments` of ``path``, kept in ``STATS_PARTS_DIR`` beside it (keyed by the record's size and
+    modification time), so that a growing corpus only reads its new records; a read-only folder recomputes."""
+    st = path.stat()
+    key = json.dumps([_STATS_VERSION, path.name, st.st_size, int(st.st_mtime_ns), events, n_channels])
+    part = path.parent / STATS_PARTS_DIR / f"{path.stem}.npz"
+    if part.is_file():
+        try:
+            with np.load(part) as z:
+                if str(z["key"]) == key:
+                    return {k: z[k] for k in z.files if k != "key"}
+        except (OSError, ValueError, KeyError):
+            pass                                  # unreadable part: recompute it
+    moments = record_moments(path, n_channels, events)
+    try:
+        part.parent.mkdir(exist_ok=True)
+        tmp = part.with_name(f".{part.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, key=np.array(key), **moments)
+        os.replace(tmp, part)
+    except OSError:
+        pass
+    return moments
+
+
+def compute_stats(paths, n_channels: int = 1278, events: str = "input_effective", cache: bool = False) -> dict:
+    """Normalisation statistics over records (see :attr:`SimulationDataset.stats`); with ``cache`` each
+    record's moments are kept beside it (``STATS_PARTS_DIR``) and reused while the record is unchanged."""
+    paths = [Path(p) for p in paths]
+    parts = (_cached_moments(p, n_channels, events) if cache else record_moments(p, n_channels, events)
+             for p in paths)
+    return combine_moments(parts)
