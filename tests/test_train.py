@@ -267,16 +267,20 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     for name in names:
         args = parse_args(["--recipe", name, "--data", DATA, "--out", str(tmp_path / "x.pt")])
         assert args.arch in ("mh", "mmoe", "mmoeex") and args.steps >= 1000
-    # the bundled model was trained with the settings of its recipe (run as spike_lstm_mh + flags, one stage)
+    # every one-stage bundled model l5pc_NAME.pt was trained with the settings of recipe NAME (run as a base
+    # recipe + flags); models/DEFAULT names one of them
     from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
 
-    prov = load_checkpoint(bundled_checkpoint())["provenance"]
-    recipe = parse_args(["--recipe", "spike_lstm_mh_8k", "--data", DATA, "--out", "x.pt"])
-    assert prov["init"] is None and prov["steps"] == recipe.steps == 8000
-    for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
-                "soma_weight", "voltage_weight", "imem_weight", "spike_pos_weight", "model", "seed", "val_sims",
-                "val_windows", "keep_best"):
-        assert getattr(recipe, key) == prov["args"][key], key
+    one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k")
+    assert Path(bundled_checkpoint()).stem in {f"l5pc_{n}" for n in one_stage}
+    for name in one_stage:
+        prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
+        recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
+        assert prov["init"] is None and prov["steps"] == recipe.steps == 8000
+        for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
+                    "soma_weight", "voltage_weight", "imem_weight", "spike_pos_weight", "model", "seed", "val_sims",
+                    "val_windows", "keep_best"):
+            assert getattr(recipe, key) == prov["args"][key], (name, key)
     # the previous bundled model (kept: the spike-history recipes warm-start from it): two recipes, stage 2
     # warm-started from stage 1
     ck = load_checkpoint(MODELS_DIR / "l5pc_spike_lstm_mh.pt")
