@@ -397,3 +397,30 @@ def test_spike_history_trains_and_warm_starts_from_a_model_without_it(tmp_path):
     with pytest.raises(CheckpointError, match="--init .*written for"):
         train(_args(tmp_path / "bad.pt", "--init", str(tmp_path / "plain.pt"), "--set", "spike_history=true",
                     "--set", "n_experts=2", "--steps", "1", "--eval-every", "0", "--val-windows", "2"))
+
+
+def test_spike_history_noise_drops_and_adds_spikes_and_trains(tmp_path):
+    from lfdeep_neuron.surrogate.train import corrupt_spike_history
+
+    torch.manual_seed(0)
+    s = (torch.rand(4, 20000) < 0.01).float()
+    assert torch.equal(corrupt_spike_history(s, 0.0, 0.0), s)
+    assert corrupt_spike_history(s, 1.0, 0.0).sum() == 0
+    dropped = corrupt_spike_history(s, 0.3, 0.0)
+    assert (dropped <= s).all() and abs(dropped.sum() / s.sum() - 0.7) < 0.05
+    added = corrupt_spike_history(torch.zeros(4, 20000), 0.0, 50.0)        # 50 Hz = 0.05 per 1-ms bin
+    assert set(added.unique().tolist()) <= {0.0, 1.0} and abs(added.mean() - 0.05) < 0.005
+    with pytest.raises(InputError, match="--history-drop must be in"):
+        train(_args(tmp_path / "h.pt", "--history-drop", "1.5"))
+    # a spike-history model trains with both, and the noise is part of the resumable run
+    extra = ["--set", "spike_history=true", "--history-drop", "0.2", "--history-extra-hz", "5", "--eval-every", "0"]
+    full = train(_args(tmp_path / "a.pt", "--steps", "4", *extra))
+    train(_args(tmp_path / "b.pt", "--steps", "4", "--stop-after", "2", *extra))
+    again = train(_args(tmp_path / "b.pt", "--steps", "4", *extra))
+    assert again["resumed_from"] == 2
+    a, b = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert load_checkpoint(tmp_path / "a.pt")["provenance"]["args"]["history_drop"] == 0.2
+    clean = train(_args(tmp_path / "c.pt", "--steps", "4", *extra[:2], "--eval-every", "0"))
+    c = load_checkpoint(tmp_path / "c.pt")["state_dict"]
+    assert clean["steps_done"] == 4 and any(not torch.equal(v, c[k]) for k, v in a.items())   # the noise was used

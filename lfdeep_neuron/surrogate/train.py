@@ -27,7 +27,9 @@ Defaults are the regime that worked on real Hay data: no voltage feedback (feedb
 loop), no rollout loss, 400-ms windows that skip each simulation's first 500 ms (the initial transient).
 For feedback models, ``rollout K`` runs the model K times on its own predictions and trains on the final
 feedback sequence as a second half of the batch (measured on the synthetic cell: closed-loop RMSE 6.9 / 11.7
--> 3.6 / 3.4 mV); ``fb_noise`` adds Gaussian noise (z units) to the teacher-forced feedback.
+-> 3.6 / 3.4 mV); ``fb_noise`` adds Gaussian noise (z units) to the teacher-forced feedback. Spike-history
+models read the true spikes in training; ``history_drop`` / ``history_extra_hz`` corrupt that input (missed and
+spurious spikes, :func:`corrupt_spike_history`) so that the model learns not to over-trust it.
 
 Stopping and resuming
 ---------------------
@@ -77,7 +79,7 @@ DEFAULTS: dict = dict(
     lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
     voltage_weight=1.0, soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None,
     imem_weight=1.0, lbtw_alpha=0.0,
-    rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0,
+    rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0, history_drop=0.0, history_extra_hz=0.0,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
     val_sims=None, keep_best=None, log_every=10, cache_dir=None,
     stop_after=None, time_limit_min=None, restart=False, no_progress=False,
@@ -132,6 +134,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--rollout-p", "per-step probability of using the own prediction", type=float)
     add(g, "--rollout-weight", "weight of the rollout half of the batch", type=float)
     add(g, "--fb-noise", "Gaussian noise (z units) on teacher-forced feedback", type=float)
+    g = p.add_argument_group("spike-history models only")
+    add(g, "--history-drop", "probability of removing each true spike from the spike-history input (the model's "
+                             "own misses in closed loop)", type=float)
+    add(g, "--history-extra-hz", "rate of spurious spikes added to the spike-history input, per second (its own "
+                                 "false spikes)", type=float)
     g = p.add_argument_group("running")
     add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
     add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is as fast or much faster than "
@@ -224,6 +231,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise InputError(f"--steps must be >= 1, got {settings['steps']}")
     if settings["threads"] is not None and int(settings["threads"]) < 1:
         raise InputError(f"--threads must be >= 1, got {settings['threads']}")
+    if not 0.0 <= float(settings["history_drop"]) <= 1.0 or float(settings["history_extra_hz"]) < 0:
+        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-drop must be in [0, 1] and --history-extra-hz "
+                         f">= 0, got {settings['history_drop']} and {settings['history_extra_hz']}")
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -489,6 +499,18 @@ def with_own_feedback(model: Surrogate, x: torch.Tensor, v_pred_z: torch.Tensor,
 #: Keys of :func:`validate`'s result (``--keep-best`` picks one).
 VAL_METRICS = ("val_loss_v_tf", "val_bce_spike_tf", "val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl",
                "val_soma_clip_rmse_mV_cl", "val_spike_auc")
+
+
+def corrupt_spike_history(spike_prev: torch.Tensor, drop: float, extra_hz: float, step_ms: float = 1.0) -> torch.Tensor:
+    """The spike-history input ``[B, T]`` (0/1) with each spike removed with probability ``drop`` and spurious
+    spikes added at ``extra_hz`` (per bin: ``extra_hz * step_ms / 1000``), from torch's global generator (saved
+    with the training state, so a resumed run draws the same). The targets stay the true ones: the model learns
+    not to trust a history that its own misses and false spikes will corrupt in closed loop."""
+    if not 0.0 <= drop <= 1.0 or extra_hz < 0:
+        raise ValueError(f"history noise: drop must be in [0, 1] and extra_hz >= 0, got {drop}, {extra_hz}")
+    keep = torch.rand_like(spike_prev) >= drop
+    extra = torch.rand_like(spike_prev) < extra_hz * step_ms / 1000.0
+    return torch.where(extra, torch.ones_like(spike_prev), spike_prev * keep)
 
 
 def _improves(metric: str, value: float, best: float | None) -> bool:
@@ -761,6 +783,9 @@ def _batch_inputs(model: Surrogate, batch: dict, args, device, amp: dict) -> tup
         C, S = model.n_channels, model.n_segments
         x = x.clone()
         x[:, C:C + S] += args.fb_noise * torch.randn_like(x[:, C:C + S])
+    if model.config.spike_history and (args.history_drop > 0 or args.history_extra_hz > 0):
+        x = x.clone()
+        x[:, -1] = corrupt_spike_history(x[:, -1], args.history_drop, args.history_extra_hz)
     B = x.shape[0]
     if args.rollout > 0 and model.config.feedback:     # without feedback there is nothing to roll out
         x_own = x
