@@ -19,6 +19,7 @@ kept beside it (``.stats_parts/``), so that when a corpus grows only its new rec
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -501,13 +502,21 @@ class SimulationDataset(torch.utils.data.Dataset):
                 if str(z["key"]) == key and str(z["events"]) == self.events:
                     return {k: z[k] for k in z.files if k not in ("key", "events")}
         stats = compute_stats(files, self.n_channels, self.events, cache=True)
-        try:
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-            np.savez(tmp, key=np.array(key), events=np.array(self.events), **stats)
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # read-only dataset: keep the statistics in memory only
+        _savez_if_writable(cache, key=np.array(key), events=np.array(self.events), **stats)
         return stats
+
+
+def _savez_if_writable(path: Path, **arrays) -> None:
+    """Write ``path`` (npz) atomically -- a temporary file, then a rename -- or, where the folder is read-only or
+    full, nothing at all (a cache: the caller keeps its values in memory)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):          # a half-written temporary (full disk)
+            tmp.unlink(missing_ok=True)
 
 
 STATS_PARTS_DIR = ".stats_parts"     # per-record moments, beside the records (a cache: safe to delete)
@@ -526,6 +535,8 @@ def record_moments(path, n_channels: int = 1278, events: str = "input_effective"
         names = [("v", v_ds)] + ([("imem", f["imem_mean_1ms"])] if "imem_mean_1ms" in f else [])
         for name, ds in names:
             shift = np.asarray(ds[:, 0], dtype=np.float64)      # shifted sums: no cancellation
+            if name == "v":
+                out["v0"] = shift
             s1, s2 = np.zeros(S), np.zeros(S)
             for a in range(0, T, _STATS_CHUNK_MS):
                 x = np.asarray(ds[:, a:a + _STATS_CHUNK_MS], dtype=np.float64) - shift[:, None]
@@ -533,7 +544,6 @@ def record_moments(path, n_channels: int = 1278, events: str = "input_effective"
                 s2 += (x * x).sum(1)
             out[f"{name}_mean"] = shift + s1 / T
             out[f"{name}_m2"] = np.maximum(s2 - s1 * s1 / T, 0.0)
-        out["v0"] = np.asarray(v_ds[:, 0], dtype=np.float64)
         x_count = np.zeros(n_channels, dtype=np.float64)
         if events in f:
             syn = f[f"{events}/syn_idx"][()]
@@ -595,13 +605,7 @@ def _cached_moments(path: Path, n_channels: int, events: str) -> dict:
         except (OSError, ValueError, KeyError):
             pass                                  # unreadable part: recompute it
     moments = record_moments(path, n_channels, events)
-    try:
-        part.parent.mkdir(exist_ok=True)
-        tmp = part.with_name(f".{part.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, key=np.array(key), **moments)
-        os.replace(tmp, part)
-    except OSError:
-        pass
+    _savez_if_writable(part, key=np.array(key), **moments)
     return moments
 
 

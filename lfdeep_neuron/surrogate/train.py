@@ -764,7 +764,7 @@ def _open_windows(args, datasets) -> tuple:
     if args.val_sims is not None and args.val_sims < 1:
         raise InputError(f"--val-sims must be >= 1, got {args.val_sims}")
     val_ds = Windows(val_sims, window, window, args.skip_ms, max_sims=args.val_sims)
-    n_val = len(getattr(val_sims, "records", ()))
+    n_val = len(val_sims.records)
     if args.val_sims is not None and n_val < args.val_sims:
         print(f"warning: --val-sims {args.val_sims}: the validation split of --data {args.data} holds {n_val} "
               f"simulations; validating on those", file=sys.stderr)
