@@ -132,10 +132,15 @@ def main(argv=None) -> int:
                    help="score every point on the first N test simulations (the split grows with the corpus: a "
                         "fixed N keeps the points comparable)")
     p.add_argument("--val-sims", type=int, default=20, help="calibrate the threshold on the first N val simulations")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads of every train and evaluate call (default: torch's own)")
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="further arguments for every `train` call (last on the line)")
     args = p.parse_args(argv)
     args.eval_args = ["--max-sims", str(args.test_sims), "--max-val-sims", str(args.val_sims)]
+    if args.threads:
+        args.eval_args += ["--threads", str(args.threads)]
+        args.train_args = ["--threads", str(args.threads), *args.train_args]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{args.recipe}: {args.steps} steps per point, test split of {args.test_data}"

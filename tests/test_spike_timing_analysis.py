@@ -1,0 +1,47 @@
+"""The spike-timing benchmark's analysis functions on logits whose answer is known."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from lfdeep_neuron.surrogate.metrics import spikes_from_logits
+
+_spec = importlib.util.spec_from_file_location(
+    "spike_timing", Path(__file__).resolve().parents[1] / "benchmarks" / "spike_timing.py")
+spike_timing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(spike_timing)
+
+
+def _bumps(n, centres, width):
+    """Logits (index i = step i + 1, covering (i, i + 1] ms) of -8 with a triangular bump of peak 0 and half-width ``width`` steps at each index."""
+    lg = np.full(n, -8.0)
+    for c in centres:
+        for d in range(-width, width + 1):
+            lg[c + d] = max(lg[c + d], -8.0 * abs(d) / (width + 1))
+    return lg
+
+
+def test_peak_rule_times_the_maximum_and_crossing_the_onset():
+    lg = _bumps(200, [50, 120], width=3)
+    peak = spike_timing.peak_spikes(lg, -4.0, first_step=1)
+    cross = spikes_from_logits(lg, -4.0, first_step=1)
+    # index i is step i + 1, placed at (i + 1) - 0.5 ms
+    np.testing.assert_allclose(peak, [50.5, 120.5])
+    np.testing.assert_allclose(cross, [49.5, 119.5])       # first step above -4: index 49 (-2) after 48 (-4.0)
+    assert spike_timing.peak_spikes(lg, 0.5).size == 0     # nothing above the threshold
+
+
+def test_logit_profile_is_centred_on_the_spike_bin():
+    lg = _bumps(300, [60, 150, 240], width=2)
+    sims = [{"logit_cl": lg, "spike_times_ms": np.array([60.5, 150.5, 240.5]), "T": 301}]
+    prof = spike_timing.logit_profile(sims, half_ms=10)
+    med = dict(zip(prof["offsets_ms"], prof["median"]))
+    assert prof["n"] == 3 and med[0] == 0.0 and med[-10] == -8.0 and med[1] < 0
+    assert prof["argmax_counts"][5] == 3 and sum(prof["argmax_counts"]) == 3
+    # a spike whose ±10-ms window leaves the run is not counted
+    sims[0]["spike_times_ms"] = np.array([3.0, 60.5])
+    assert spike_timing.logit_profile(sims, half_ms=10)["n"] == 1
+    # Γ sweep: the peak rule finds both bumps at exactly their spike bins
+    sims = [{"logit_cl": lg, "spike_times_ms": np.array([60.5, 150.5, 240.5]), "T": 301}]
+    g = spike_timing.sweep_peak(sims, [-4.0])
+    assert g[0] > 0.95
