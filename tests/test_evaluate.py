@@ -77,6 +77,23 @@ def test_calibrate_threshold_finds_the_separating_logit():
         assert M.pooled_spike_metrics(pred, true, [T, T])["gamma"] <= cal["gamma"] + 1e-12
 
 
+def test_calibrate_threshold_count_criterion_matches_the_spike_count():
+    """One true spike is missed by the logit and a decoy sits below the hits: maximum Γ leaves the decoy out
+    (3 correct spikes), matching the count takes it (4 spikes for 4 true)."""
+    T = 500
+    true = [np.array([100.3, 250.9, 400.0, 450.5])]
+    lg = np.random.default_rng(3).normal(-6, 0.5, T - 1)
+    lg[np.ceil(true[0][:3]).astype(int) - 1] = 2.5                # the 4th true spike: no logit peak
+    lg[30] = 1.0                                                    # the decoy
+    by_gamma = M.calibrate_threshold([lg], true, [T], first_step=1)
+    by_count = M.calibrate_threshold([lg], true, [T], first_step=1, criterion="count")
+    assert 1.0 < by_gamma["threshold"] < 2.5 and by_gamma["n_pred"] == 3 and by_gamma["criterion"] == "gamma"
+    assert by_count["threshold"] < 1.0 and by_count["n_pred"] == 4 and by_count["criterion"] == "count"
+    assert by_count["gamma"] < by_gamma["gamma"]
+    with pytest.raises(ValueError, match="calibration criterion"):
+        M.calibrate_threshold([lg], true, [T], first_step=1, criterion="rate")
+
+
 def test_rmse_by_group_and_per_segment():
     true = np.zeros((4, 10))
     pred = np.zeros((4, 10))
@@ -444,3 +461,24 @@ def test_evaluate_calibrates_a_spike_history_model_with_one_run_per_threshold(re
     test = run("test", thr)
     assert s["spikes"]["closed_loop"]["n_pred"] == test["n_pred"]
     assert s["spikes"]["closed_loop"]["n_coinc"] == test["n_coinc"]
+
+
+def test_evaluate_count_calibration_of_a_spike_history_model(reference, small_dataset, tmp_path):
+    """``evaluate --calibrate count``: the chosen candidate is the tried one whose spike count is closest to the
+    validation split's true count."""
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    root, _, _ = small_dataset
+    model = _tiny_model(reference, seed=4, spike_history=True, feedback=False)
+    ckpt = save_checkpoint(tmp_path / "hist.pt", model, segments=reference["segments"],
+                           synapses=reference["synapses"], provenance={"data": "reference (test)"})
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(root), "--out", str(out), "--calibrate", "count",
+                 "--no-progress", "--no-figures"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    cal = s["spikes"]["calibration"]
+    assert cal["criterion"] == "count" and "spike count matched" in s["spikes"]["threshold_source"]
+    gap = {t: abs(n - cal["n_true"]) for t, _, n in cal["tried"]}
+    assert gap[cal["threshold"]] == min(gap.values())

@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lfdeep_neuron.surrogate.metrics import (GROUPS, SOMA_CLIP_MV, SPIKE_OFFSET_MS, calibrate_threshold,
+from lfdeep_neuron.surrogate.metrics import (CALIBRATION_CRITERIA, GROUPS, SOMA_CLIP_MV, SPIKE_OFFSET_MS,
+                                             calibrate_threshold, calibration_key,
                                              diversity_metrics, group_labels, pooled_spike_metrics, rmse_by_group,
                                              segment_groups, spike_auc, spikes_from_logits, sq_err_per_segment)
 
@@ -62,6 +63,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split")
     p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations")
     p.add_argument("--spike-threshold", type=float, default=None, help="use this logit threshold (no calibration)")
+    p.add_argument("--calibrate", choices=CALIBRATION_CRITERIA, default="gamma",
+                   help="threshold criterion on the validation split: 'gamma' maximises Γ, 'count' matches the "
+                        "true spike count")
     p.add_argument("--window-ms", type=float, default=2.0, help="coincidence window ±Δ for Γ (ms)")
     p.add_argument("--batch", type=int, default=2, help="simulations per batch")
     p.add_argument("--device", default="cpu")
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.model).with_name(Path(args.model).stem + "_eval")
     summary, arrays = evaluate(model, test_ds, val_ds, max_sims=args.max_sims, max_val_sims=args.max_val_sims,
                                device=args.device, batch=args.batch, spike_threshold=args.spike_threshold,
-                               window_ms=args.window_ms, progress=not args.no_progress)
+                               window_ms=args.window_ms, progress=not args.no_progress, criterion=args.calibrate)
     write_outputs(out, summary, arrays, figures=not args.no_figures)
     if args.update_checkpoint:
         update_checkpoint_metrics(args.model, summary["metrics_for_checkpoint"])
@@ -223,8 +227,9 @@ def streamed_spike_trains(model, ds, n_sims: int, thresholds, device="cpu", cell
 @torch.no_grad()
 def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_ms: float = 2.0,
                                  n_candidates: int = 12, rounds: int = 2, cells: int = 48,
-                                 progress: bool = False) -> dict:
-    """Spike threshold of maximum pooled Γ for a model that reads its own spikes (``config.spike_history``).
+                                 progress: bool = False, criterion: str = "gamma") -> dict:
+    """Spike threshold of maximum pooled Γ for a model that reads its own spikes (``config.spike_history``);
+    ``criterion='count'``: the one whose spike count is closest to the true count (:func:`~.metrics.calibration_key`).
 
     Its logits depend on the threshold (emitted spikes are inputs), so every candidate needs its own
     closed-loop run: round 1 takes ``n_candidates`` thresholds whose spike counts, in a run that emits
@@ -236,6 +241,7 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     """
     from lfdeep_neuron.surrogate.stream import closed_loop
 
+    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
     model = model.eval().to(device)
     n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
     if n == 0:
@@ -266,8 +272,7 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
             for c, trains in zip(new, pred):
                 tried[float(c)] = pooled_spike_metrics(trains, true, dur, window_ms)
         order = sorted(tried)
-        key = lambda t: ((tried[t]["gamma"] if not math.isnan(tried[t]["gamma"]) else -np.inf),  # noqa: E731
-                         -abs(tried[t]["n_pred"] - n_true))
+        key = lambda t: calibration_key(tried[t]["gamma"], tried[t]["n_pred"], n_true, criterion)  # noqa: E731
         best = max(order, key=key)
         i = order.index(best)
         lo = order[i - 1] if i > 0 else best - 1.0
@@ -278,7 +283,7 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     m = tried[best]
     return {"threshold": float(best), "gamma": m["gamma"], "n_pred": m["n_pred"], "n_true": n_true,
             "n_candidates": len(tried), "tried": [[t, tried[t]["gamma"], tried[t]["n_pred"]] for t in sorted(tried)],
-            "method": "streamed: one closed-loop run per candidate (spike history)",
+            "method": "streamed: one closed-loop run per candidate (spike history)", "criterion": criterion,
             "sim_indices": [int(r.index) for r in ds.records[:n]]}
 
 
@@ -296,7 +301,7 @@ def expert_outputs(model, x: torch.Tensor) -> torch.Tensor | None:
 
 def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, device="cpu", batch: int = 2,
              spike_threshold: float | None = None, window_ms: float = 2.0, progress: bool = False,
-             figure_sim: int | None = None) -> tuple[dict, dict]:
+             figure_sim: int | None = None, criterion: str = "gamma") -> tuple[dict, dict]:
     """Score ``model`` on whole simulations of ``test_ds``; calibrate the spike threshold on ``val_ds``.
 
     Parameters
@@ -308,6 +313,9 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
         else the checkpoint's ``metrics['spike_threshold_logit']``, else 0.
     spike_threshold : float, optional
         Fixed logit threshold (skips calibration).
+    criterion : {'gamma', 'count'}
+        Calibration criterion (:func:`~lfdeep_neuron.surrogate.metrics.calibration_key`): maximum Γ, or the
+        spike count closest to the true one.
     figure_sim : int, optional
         Position (within the scored simulations) of the one whose traces are kept for the figures; default:
         the one with the most somatic spikes in NEURON (the first on ties), so the soma figure shows spikes.
@@ -326,18 +334,20 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
 
     # -- spike threshold ------------------------------------------------------------------------------
     calibration = None
+    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
+    rule = "max Γ" if criterion == "gamma" else "spike count matched"
     if spike_threshold is not None:
         thr, thr_source = float(spike_threshold), "given"
     elif val_ds is not None and model.config.spike_history:     # emitted spikes feed back: a run per candidate
         calibration = calibrate_streamed_threshold(model, val_ds, max_val_sims, device, window_ms,
-                                                   progress=progress)
-        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, max Γ)"
+                                                   progress=progress, criterion=criterion)
+        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, {rule})"
     elif val_ds is not None:
         val = simulate_split(model, val_ds, max_val_sims, device, batch, teacher_forced=False, progress=progress)
         calibration = calibrate_threshold([r["logit_cl"] for r in val], [r["spike_times_ms"] for r in val],
-                                          [r["T"] for r in val], window_ms, first_step=1)
+                                          [r["T"] for r in val], window_ms, first_step=1, criterion=criterion)
         calibration["sim_indices"] = [r["index"] for r in val]
-        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, max Γ)"
+        thr, thr_source = calibration["threshold"], f"calibrated on split {val_ds.split!r} (closed loop, {rule})"
     else:
         from lfdeep_neuron.surrogate.rollout import default_threshold
         thr, thr_source = default_threshold(model), "checkpoint metrics (or 0)"

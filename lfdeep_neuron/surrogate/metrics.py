@@ -22,7 +22,7 @@ import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
            "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
-           "calibrate_threshold", "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
+           "calibrate_threshold", "calibration_key", "CALIBRATION_CRITERIA", "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
 
 #: Group names, in reporting order.
@@ -294,9 +294,27 @@ def pooled_spike_metrics(pred_trains, true_trains, durations_ms, window_ms: floa
     }
 
 
+#: Criteria of the spike-threshold calibration: ``gamma`` maximises the pooled Γ (ties: the spike count closest
+#: to the true one); ``count`` matches the true spike count (ties: the higher Γ), a smoother objective where
+#: Γ is flat over a wide range of thresholds.
+CALIBRATION_CRITERIA = ("gamma", "count")
+
+
+def calibration_key(gamma: float, n_pred: int, n_true: int, criterion: str = "gamma") -> tuple:
+    """Sort key of a candidate threshold (larger is better) under ``criterion`` (:data:`CALIBRATION_CRITERIA`)."""
+    g = gamma if not math.isnan(gamma) else -np.inf
+    if criterion == "gamma":
+        return (g, -abs(n_pred - n_true))
+    if criterion == "count":
+        return (-abs(n_pred - n_true), g)
+    raise ValueError(f"calibration criterion must be one of {CALIBRATION_CRITERIA}, got {criterion!r}")
+
+
 def calibrate_threshold(logits_list, true_trains, durations_ms, window_ms: float = 2.0, step_ms: float = 1.0,
-                        offset_ms: float = SPIKE_OFFSET_MS, first_step: int = 0, max_candidates: int = 400) -> dict:
-    """Spike-logit threshold that maximises the pooled Γ over simulations (validation split).
+                        offset_ms: float = SPIKE_OFFSET_MS, first_step: int = 0, max_candidates: int = 400,
+                        criterion: str = "gamma") -> dict:
+    """Spike-logit threshold that maximises the pooled Γ over simulations (validation split), or with
+    ``criterion='count'`` the one whose spike count is closest to the true count (see :func:`calibration_key`).
 
     Candidates are midpoints between consecutive distinct values among the highest logits (enough of them
     to produce up to 4x the true spike count, capped at ``max_candidates``), plus one above the maximum
@@ -312,6 +330,7 @@ def calibrate_threshold(logits_list, true_trains, durations_ms, window_ms: float
     n_true = int(sum(np.size(t) for t in true_trains))
     if allv.size == 0:
         raise ValueError("calibrate_threshold: no logits")
+    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
     top = np.unique(allv)[::-1]
     top = top[:min(top.size, max(8, 4 * n_true + 8), max_candidates)]
     above = top[0] + 1.0
@@ -323,13 +342,12 @@ def calibrate_threshold(logits_list, true_trains, durations_ms, window_ms: float
     for thr in cands:
         pred = [spikes_from_logits(l, thr, step_ms, offset_ms, first_step) for l in lgs]
         m = pooled_spike_metrics(pred, true_trains, durations_ms, window_ms)
-        g = m["gamma"] if not math.isnan(m["gamma"]) else -np.inf
-        key = (g, -abs(m["n_pred"] - n_true))
+        key = calibration_key(m["gamma"], m["n_pred"], n_true, criterion)
         if best is None or key > best[0]:
             best = (key, float(thr), m)
     _, thr, m = best
     return {"threshold": thr, "gamma": m["gamma"], "n_pred": m["n_pred"], "n_true": n_true,
-            "n_candidates": int(cands.size)}
+            "n_candidates": int(cands.size), "criterion": criterion}
 
 
 # ---------------------------------------------------------------------------------------------------------
