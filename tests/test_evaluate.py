@@ -419,19 +419,27 @@ def test_evaluate_adds_the_checkpoints_spike_waveform(reference, checkpoint, sma
     assert s["spike_waveform"].startswith("added")
 
 
+def _history_checkpoint(reference, tmp_path):
+    """A tiny untrained spike-history model and its checkpoint (one torch thread)."""
+    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
+
+    torch.set_num_threads(1)
+    model = _tiny_model(reference, seed=4, spike_history=True, feedback=False)
+    ckpt = save_checkpoint(tmp_path / "hist.pt", model, segments=reference["segments"],
+                           synapses=reference["synapses"], provenance={"data": "reference (test)"})
+    return model, ckpt
+
+
 def test_evaluate_calibrates_a_spike_history_model_with_one_run_per_threshold(reference, small_dataset, tmp_path):
     """A model that reads its own spikes: every candidate threshold is scored by its own closed-loop run, and
     the reported calibration and test spikes equal independent closed-loop runs at those thresholds."""
     from lfdeep_neuron.cli import main
     from lfdeep_neuron.data.dataset import SimulationDataset
-    from lfdeep_neuron.surrogate.checkpoint import load_surrogate, save_checkpoint
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
     from lfdeep_neuron.surrogate.stream import closed_loop
 
-    torch.set_num_threads(1)
     root, cuts, splits = small_dataset
-    model = _tiny_model(reference, seed=4, spike_history=True, feedback=False)
-    ckpt = save_checkpoint(tmp_path / "hist.pt", model, segments=reference["segments"],
-                           synapses=reference["synapses"], provenance={"data": "reference (test)"})
+    model, ckpt = _history_checkpoint(reference, tmp_path)
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(ckpt), "--data", str(root), "--out", str(out), "--update-checkpoint",
                  "--no-progress", "--no-figures"]) == 0
@@ -467,13 +475,9 @@ def test_evaluate_count_calibration_of_a_spike_history_model(reference, small_da
     """``evaluate --calibrate count``: the chosen candidate is the tried one whose spike count is closest to the
     validation split's true count."""
     from lfdeep_neuron.cli import main
-    from lfdeep_neuron.surrogate.checkpoint import save_checkpoint
 
-    torch.set_num_threads(1)
     root, _, _ = small_dataset
-    model = _tiny_model(reference, seed=4, spike_history=True, feedback=False)
-    ckpt = save_checkpoint(tmp_path / "hist.pt", model, segments=reference["segments"],
-                           synapses=reference["synapses"], provenance={"data": "reference (test)"})
+    _, ckpt = _history_checkpoint(reference, tmp_path)
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(ckpt), "--data", str(root), "--out", str(out), "--calibrate", "count",
                  "--no-progress", "--no-figures"]) == 0
