@@ -80,15 +80,18 @@ def logit_profile(sims: list[dict], half_ms: int = 10) -> dict:
             "argmax_counts": np.bincount(inner.argmax(1), minlength=11).tolist(), "n": len(rows)}
 
 
-def peak_spikes(logits, threshold: float, first_step: int = 1, offset_ms: float = 0.5) -> np.ndarray:
+def peak_spikes(logits, threshold: float, first_step: int = 1) -> np.ndarray:
     """Spike times (ms) at the logit's local maxima above ``threshold`` (``lg[k] > thr``,
-    ``lg[k] >= lg[k-1]``, ``lg[k] > lg[k+1]``), timed as :func:`spikes_from_logits` times a step."""
+    ``lg[k] >= lg[k-1]``, ``lg[k] > lg[k+1]``), timed as :func:`spikes_from_logits` times a step (1 ms,
+    ``SPIKE_OFFSET_MS`` before its end)."""
+    from lfdeep_neuron.surrogate.metrics import SPIKE_OFFSET_MS
+
     lg = np.asarray(logits, dtype=np.float64).reshape(-1)
     if lg.size < 3:
         return np.zeros(0)
     mid = lg[1:-1]
     k = np.flatnonzero((mid > threshold) & (mid >= lg[:-2]) & (mid > lg[2:])) + 1 + first_step
-    return k * 1.0 - offset_ms
+    return k * 1.0 - SPIKE_OFFSET_MS
 
 
 def sweep_peak(sims: list[dict], thresholds) -> list[float]:

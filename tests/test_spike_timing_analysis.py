@@ -13,7 +13,8 @@ _spec.loader.exec_module(spike_timing)
 
 
 def _bumps(n, centres, width):
-    """Logits (index i = step i + 1, covering (i, i + 1] ms) of -8 with a triangular bump of peak 0 and half-width ``width`` steps at each index."""
+    """Logits (index i = step i + 1, covering (i, i + 1] ms) of -8 with a triangular bump of peak 0 and
+    half-width ``width`` steps at each index of ``centres``."""
     lg = np.full(n, -8.0)
     for c in centres:
         for d in range(-width, width + 1):

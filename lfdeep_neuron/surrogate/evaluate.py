@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from lfdeep_neuron.surrogate.metrics import (CALIBRATION_CRITERIA, GROUPS, SOMA_CLIP_MV, SPIKE_OFFSET_MS,
-                                             calibrate_threshold, calibration_key,
+                                             calibrate_threshold, calibration_key, check_calibration_criterion,
                                              diversity_metrics, group_labels, pooled_spike_metrics, rmse_by_group,
                                              segment_groups, spike_auc, spikes_from_logits, sq_err_per_segment)
 
@@ -63,7 +63,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split")
     p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations")
     p.add_argument("--spike-threshold", type=float, default=None, help="use this logit threshold (no calibration)")
-    p.add_argument("--calibrate", choices=CALIBRATION_CRITERIA, default="gamma",
+    p.add_argument("--calibrate", choices=tuple(CALIBRATION_CRITERIA), default="gamma",
                    help="threshold criterion on the validation split: 'gamma' maximises Γ, 'count' matches the "
                         "true spike count")
     p.add_argument("--window-ms", type=float, default=2.0, help="coincidence window ±Δ for Γ (ms)")
@@ -241,7 +241,7 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
     """
     from lfdeep_neuron.surrogate.stream import closed_loop
 
-    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
+    check_calibration_criterion(criterion)                 # an unknown criterion fails before any work
     model = model.eval().to(device)
     n = len(ds.records) if max_sims is None else min(int(max_sims), len(ds.records))
     if n == 0:
@@ -334,8 +334,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
 
     # -- spike threshold ------------------------------------------------------------------------------
     calibration = None
-    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
-    rule = "max Γ" if criterion == "gamma" else "spike count matched"
+    rule = check_calibration_criterion(criterion)          # an unknown criterion fails before any work
     if spike_threshold is not None:
         thr, thr_source = float(spike_threshold), "given"
     elif val_ds is not None and model.config.spike_history:     # emitted spikes feed back: a run per candidate

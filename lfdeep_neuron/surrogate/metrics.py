@@ -22,7 +22,8 @@ import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
            "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
-           "calibrate_threshold", "calibration_key", "CALIBRATION_CRITERIA", "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
+           "calibrate_threshold", "calibration_key", "check_calibration_criterion", "CALIBRATION_CRITERIA",
+           "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
 
 #: Group names, in reporting order.
@@ -294,20 +295,24 @@ def pooled_spike_metrics(pred_trains, true_trains, durations_ms, window_ms: floa
     }
 
 
-#: Criteria of the spike-threshold calibration: ``gamma`` maximises the pooled Γ (ties: the spike count closest
-#: to the true one); ``count`` matches the true spike count (ties: the higher Γ), a smoother objective where
-#: Γ is flat over a wide range of thresholds.
-CALIBRATION_CRITERIA = ("gamma", "count")
+#: Criteria of the spike-threshold calibration, with how a report names them: ``gamma`` maximises the pooled Γ
+#: (ties: the spike count closest to the true one); ``count`` matches the true spike count (ties: the higher Γ),
+#: a smoother objective where Γ is flat over a wide range of thresholds.
+CALIBRATION_CRITERIA = {"gamma": "max Γ", "count": "spike count matched"}
+
+
+def check_calibration_criterion(criterion: str) -> str:
+    """How a report names ``criterion``; ValueError when it is not one of :data:`CALIBRATION_CRITERIA`."""
+    if criterion not in CALIBRATION_CRITERIA:
+        raise ValueError(f"calibration criterion must be one of {tuple(CALIBRATION_CRITERIA)}, got {criterion!r}")
+    return CALIBRATION_CRITERIA[criterion]
 
 
 def calibration_key(gamma: float, n_pred: int, n_true: int, criterion: str = "gamma") -> tuple:
     """Sort key of a candidate threshold (larger is better) under ``criterion`` (:data:`CALIBRATION_CRITERIA`)."""
+    check_calibration_criterion(criterion)
     g = gamma if not math.isnan(gamma) else -np.inf
-    if criterion == "gamma":
-        return (g, -abs(n_pred - n_true))
-    if criterion == "count":
-        return (-abs(n_pred - n_true), g)
-    raise ValueError(f"calibration criterion must be one of {CALIBRATION_CRITERIA}, got {criterion!r}")
+    return (g, -abs(n_pred - n_true)) if criterion == "gamma" else (-abs(n_pred - n_true), g)
 
 
 def calibrate_threshold(logits_list, true_trains, durations_ms, window_ms: float = 2.0, step_ms: float = 1.0,
@@ -330,7 +335,7 @@ def calibrate_threshold(logits_list, true_trains, durations_ms, window_ms: float
     n_true = int(sum(np.size(t) for t in true_trains))
     if allv.size == 0:
         raise ValueError("calibrate_threshold: no logits")
-    calibration_key(0.0, 0, 0, criterion)                  # an unknown criterion fails before any work
+    check_calibration_criterion(criterion)                 # an unknown criterion fails before any work
     top = np.unique(allv)[::-1]
     top = top[:min(top.size, max(8, 4 * n_true + 8), max_candidates)]
     above = top[0] + 1.0
