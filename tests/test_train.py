@@ -271,7 +271,7 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     # recipe + flags); models/DEFAULT names one of them
     from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
 
-    one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k")
+    one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k", "spike_lstm_mh_history_128_8k")
     assert Path(bundled_checkpoint()).stem in {f"l5pc_{n}" for n in one_stage}
     for name in one_stage:
         prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
