@@ -424,3 +424,51 @@ def test_spike_history_noise_drops_and_adds_spikes_and_trains(tmp_path):
     clean = train(_args(tmp_path / "c.pt", "--steps", "4", *extra[:2], "--eval-every", "0"))
     c = load_checkpoint(tmp_path / "c.pt")["state_dict"]
     assert clean["steps_done"] == 4 and any(not torch.equal(v, c[k]) for k, v in a.items())   # the noise was used
+
+
+def test_own_spike_history_is_the_streamers_crossing_rule_and_trains(tmp_path):
+    from lfdeep_neuron.surrogate.train import emitted_spike_history
+
+    logit = torch.tensor([[-3.0, -1.0, 0.5, 0.7, -2.0, 1.0, 2.0, -4.0],
+                          [1.0, 2.0, -5.0, -5.0, -5.0, -5.0, 3.0, 3.0]])
+    first = torch.tensor([1.0, 0.0])
+    h = emitted_spike_history(logit, -1.5, first)
+    # spikes at the upward crossings (steps 1 and 5 of row 0; 0 and 6 of row 1), read back one step later
+    assert h.tolist() == [[1, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
+    with pytest.raises(InputError, match="--history-own must be in"):
+        train(_args(tmp_path / "h.pt", "--history-own", "2"))
+    # a spike-history model trains with its own spikes, resumably; the own history changes the result
+    extra = ["--set", "spike_history=true", "--history-own", "1", "--history-own-threshold", "-3",
+             "--eval-every", "0"]
+    full = train(_args(tmp_path / "a.pt", "--steps", "4", *extra))
+    train(_args(tmp_path / "b.pt", "--steps", "4", "--stop-after", "2", *extra))
+    again = train(_args(tmp_path / "b.pt", "--steps", "4", *extra))
+    assert full["steps_done"] == 4 and again["resumed_from"] == 2
+    a, b = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert load_checkpoint(tmp_path / "a.pt")["provenance"]["args"]["history_own"] == 1.0
+    clean = train(_args(tmp_path / "c.pt", "--steps", "4", *extra[:2], "--eval-every", "0"))
+    c = load_checkpoint(tmp_path / "c.pt")["state_dict"]
+    assert clean["steps_done"] == 4 and any(not torch.equal(v, c[k]) for k, v in a.items())
+
+
+def test_own_spike_history_feeds_back_what_the_model_emits():
+    from lfdeep_neuron.surrogate.mtl import build_model
+    from lfdeep_neuron.surrogate.train import emitted_spike_history, with_own_spike_history
+
+    torch.manual_seed(0)
+    model = build_model("mh", "tiny", n_channels=6, n_segments=4, spike_history=True, feedback=False)
+    x = model.make_inputs(torch.rand(3, 6, 50) * 2, torch.zeros(3, 4, 50), (torch.rand(3, 50) < 0.1).float())
+    S, dev = model.n_segments, torch.device("cpu")
+    assert torch.equal(with_own_spike_history(model, x, 0.0, -1.0, 2, dev, {"enabled": False}), x)
+    with torch.no_grad():
+        thr = float(model(x, all_tasks=True)[:, S].median())      # a threshold that the logits cross
+        once = x.clone()
+        once[:, -1] = emitted_spike_history(model(x, all_tasks=True)[:, S], thr, x[:, -1, 0])
+        twice = once.clone()
+        twice[:, -1] = emitted_spike_history(model(once, all_tasks=True)[:, S], thr, x[:, -1, 0])
+    model.train()
+    got1 = with_own_spike_history(model, x, 1.0, thr, 1, dev, {"enabled": False})
+    got2 = with_own_spike_history(model, x, 1.0, thr, 2, dev, {"enabled": False})
+    assert torch.equal(got1, once) and torch.equal(got2, twice) and model.training
+    assert not torch.equal(got1[:, -1], x[:, -1]) and torch.equal(got1[:, :-1], x[:, :-1])

@@ -29,7 +29,8 @@ For feedback models, ``rollout K`` runs the model K times on its own predictions
 feedback sequence as a second half of the batch (measured on the synthetic cell: closed-loop RMSE 6.9 / 11.7
 -> 3.6 / 3.4 mV); ``fb_noise`` adds Gaussian noise (z units) to the teacher-forced feedback. Spike-history
 models read the true spikes in training; ``history_drop`` / ``history_extra_hz`` corrupt that input (missed and
-spurious spikes, :func:`corrupt_spike_history`) so that the model learns not to over-trust it.
+spurious spikes, :func:`corrupt_spike_history`) so that the model learns not to over-trust it; ``history_own``
+feeds a fraction of the windows the spikes the model emits itself (:func:`with_own_spike_history`).
 
 Stopping and resuming
 ---------------------
@@ -80,6 +81,7 @@ DEFAULTS: dict = dict(
     voltage_weight=1.0, soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None,
     imem_weight=1.0, lbtw_alpha=0.0,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0, history_drop=0.0, history_extra_hz=0.0,
+    history_own=0.0, history_own_threshold=-1.5, history_own_passes=2,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
     val_sims=None, keep_best=None, log_every=10, cache_dir=None,
     stop_after=None, time_limit_min=None, restart=False, no_progress=False,
@@ -139,6 +141,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                              "own misses in closed loop)", type=float)
     add(g, "--history-extra-hz", "rate of spurious spikes added to the spike-history input, per second (its own "
                                  "false spikes)", type=float)
+    add(g, "--history-own", "fraction of windows whose spike-history input is the model's own emitted spikes "
+                            "(no-grad passes, the engine's crossing rule) instead of the true ones", type=float)
+    add(g, "--history-own-threshold", "spike-logit threshold of those passes (near the calibrated one)", type=float)
+    add(g, "--history-own-passes", "no-grad passes, each reading the previous pass's spikes (1: spikes emitted "
+                                   "with the true history; more approach the closed loop)", type=int)
     g = p.add_argument_group("running")
     add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
     add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is as fast or much faster than "
@@ -234,6 +241,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= float(settings["history_drop"]) <= 1.0 or float(settings["history_extra_hz"]) < 0:
         raise InputError(f"{path or 'lfdeep-neuron train'}: --history-drop must be in [0, 1] and --history-extra-hz "
                          f">= 0, got {settings['history_drop']} and {settings['history_extra_hz']}")
+    if not 0.0 <= float(settings["history_own"]) <= 1.0 or int(settings["history_own_passes"]) < 1:
+        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own must be in [0, 1] and --history-own-passes "
+                         f">= 1, got {settings['history_own']} and {settings['history_own_passes']}")
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -513,6 +523,38 @@ def corrupt_spike_history(spike_prev: torch.Tensor, drop: float, extra_hz: float
     return torch.where(extra, torch.ones_like(spike_prev), spike_prev * keep)
 
 
+def emitted_spike_history(logit: torch.Tensor, threshold: float, first: torch.Tensor) -> torch.Tensor:
+    """The spike-history input ``[B, T]`` a streamer would feed back for spike logits ``logit [B, T]``: one
+    spike at each upward crossing of ``threshold`` (the engine's rule; the window's first step counts as
+    coming from below), read one step later; ``first [B]`` is the history of the window's first step."""
+    above = logit > threshold
+    spiked = above & ~torch.cat([torch.zeros_like(above[:, :1]), above[:, :-1]], dim=1)
+    return torch.cat([first[:, None], spiked[:, :-1].to(first.dtype)], dim=1)
+
+
+def with_own_spike_history(model: Surrogate, x: torch.Tensor, p: float, threshold: float, passes: int,
+                           device, amp: dict) -> torch.Tensor:
+    """``x`` with the spike-history row of a fraction ``p`` of its windows (drawn per window from torch's
+    global generator) replaced by the spikes the model emits itself: ``passes`` no-grad passes, the first
+    reading the true history, each next one the spikes of the previous (a fixed-point iteration towards the
+    closed loop, which one pass per step would reach exactly). Targets stay the true ones: the model learns
+    to fire right after its own misses and false spikes, which is what it meets in closed loop."""
+    use = torch.rand(x.shape[0], device=x.device) < p
+    if p <= 0 or not bool(use.any()):
+        return x
+    xo = x[use].clone()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, **amp):
+        for _ in range(passes):
+            logit = model(xo, all_tasks=True)[:, model.n_segments].float()
+            xo[:, -1] = emitted_spike_history(logit, threshold, x[use, -1, 0])
+    model.train(was_training)
+    x = x.clone()
+    x[use] = xo
+    return x
+
+
 def _improves(metric: str, value: float, best: float | None) -> bool:
     """Whether ``value`` of validation ``metric`` beats ``best`` (None: nothing yet; AUCs: higher is better)."""
     if not math.isfinite(value):
@@ -786,6 +828,9 @@ def _batch_inputs(model: Surrogate, batch: dict, args, device, amp: dict) -> tup
     if model.config.spike_history and (args.history_drop > 0 or args.history_extra_hz > 0):
         x = x.clone()
         x[:, -1] = corrupt_spike_history(x[:, -1], args.history_drop, args.history_extra_hz)
+    if model.config.spike_history and args.history_own > 0:
+        x = with_own_spike_history(model, x, args.history_own, args.history_own_threshold, args.history_own_passes,
+                                   device, amp)
     B = x.shape[0]
     if args.rollout > 0 and model.config.feedback:     # without feedback there is nothing to roll out
         x_own = x
