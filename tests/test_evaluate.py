@@ -46,6 +46,16 @@ def test_spike_auc_and_logit_spikes():
     assert M.spike_auc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
     assert M.spike_auc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
     assert M.spike_auc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
+    # TPR at a bounded false positive rate: 1000 negatives 0..999, positives at 995.5 and 500.5
+    neg, lab = np.arange(1000.0), np.r_[np.zeros(1000), 1, 1]
+    lg = np.r_[neg, 995.5, 500.5]
+    assert M.spike_tpr_at_fpr(lg, lab, 0.0) == 0.0            # nothing may beat the top negative (999)
+    assert M.spike_tpr_at_fpr(lg, lab, 0.004) == 0.5          # 4 negatives (996-999) above 995: one positive
+    assert M.spike_tpr_at_fpr(lg, lab, 0.5) == 1.0            # threshold 499
+    assert M.spike_tpr_at_fpr(lg, lab, 0.4985) == 0.5         # threshold 501: 498 negatives above it, one positive
+    assert np.isnan(M.spike_tpr_at_fpr([1.0, 2.0], [0, 0]))
+    with pytest.raises(ValueError, match="fpr must be"):
+        M.spike_tpr_at_fpr(lg, lab, 1.0)
     assert math.isnan(M.spike_auc([1, 2], [0, 0]))
     logits = np.array([-5, -5, 3, -5, 0.2, 4.0])
     t = M.spikes_from_logits(logits, 0.0, first_step=1, rule="level")   # steps 3, 5, 6 above 0

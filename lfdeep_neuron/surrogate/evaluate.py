@@ -16,7 +16,8 @@ Reported (``OUT/summary.json``; ``OUT/per_segment.csv``; figures ``OUT/*.png``):
   pooled over simulations (segments weighted equally), teacher-forced and closed loop; per simulation; and the
   somatic RMSE with both traces clipped at -55 mV (:data:`SOMA_CLIP_MV`, the NeuronIO convention), each next to
   a constant (train-mean) baseline;
-* somatic spikes: AUC of the per-step spike logit against the per-bin spike indicator; with a threshold
+* somatic spikes: AUC of the per-step spike logit against the per-bin spike indicator, and its true positive
+  rate at a false positive rate of 1e-3 per bin (:func:`~.metrics.spike_tpr_at_fpr`); with a threshold
   calibrated on the validation split (maximum pooled Γ, :func:`~.metrics.calibrate_threshold`; for models
   with spike history, whose logits depend on the threshold, :func:`calibrate_streamed_threshold`; or
   ``--spike-threshold``): spike counts, count error, coincidence factor Γ (±2 ms, Kistler et al. 1997);
@@ -45,7 +46,8 @@ import torch
 from lfdeep_neuron.surrogate.metrics import (CALIBRATION_CRITERIA, GROUPS, SOMA_CLIP_MV, SPIKE_OFFSET_MS,
                                              calibrate_threshold, calibration_key, check_calibration_criterion,
                                              diversity_metrics, group_labels, pooled_spike_metrics, rmse_by_group,
-                                             segment_groups, spike_auc, spikes_from_logits, sq_err_per_segment)
+                                             segment_groups, spike_auc, spike_tpr_at_fpr, spikes_from_logits,
+                                             sq_err_per_segment)
 
 __all__ = ["configure_parser", "run", "evaluate", "simulate_split", "calibrate_streamed_threshold",
            "streamed_spike_trains", "expert_outputs", "write_figures", "update_checkpoint_metrics"]
@@ -385,7 +387,9 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
               "time_rule": "upward threshold crossing at step k -> spike at k - 0.5 ms", "window_ms": window_ms}
     for mode in ("tf", "cl"):
         lg = [r[f"logit_{mode}"] for r in sims]
-        spikes[f"auc_{mode}"] = spike_auc(np.concatenate(lg), np.concatenate([r["spike"] for r in sims]))
+        spike_bins = np.concatenate([r["spike"] for r in sims])
+        spikes[f"auc_{mode}"] = spike_auc(np.concatenate(lg), spike_bins)
+        spikes[f"tpr_at_fpr1e-3_{mode}"] = spike_tpr_at_fpr(np.concatenate(lg), spike_bins, 1e-3)
         pred = [spikes_from_logits(l, thr, first_step=1) for l in lg]
         spikes["closed_loop" if mode == "cl" else "teacher_forced"] = pooled_spike_metrics(
             pred, true_trains, durations, window_ms)
@@ -402,6 +406,7 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
         **{f"test_{g}_rmse_mV_tf": rmse_tf[g] for g in GROUPS if g in rmse_tf},
         **{f"test_{g}_rmse_mV_cl": rmse_cl[g] for g in GROUPS if g in rmse_cl},
         "spike_threshold_logit": thr, "spike_auc_tf": spikes["auc_tf"], "spike_auc_cl": spikes["auc_cl"],
+        "spike_tpr_at_fpr1e-3_cl": spikes["tpr_at_fpr1e-3_cl"],
         "spike_gamma_cl": cl_sp["gamma"], "spike_count_error_rel_cl": cl_sp["count_error_rel"],
         "spike_gamma_tf": spikes["teacher_forced"]["gamma"],
         "test_sims": [r["index"] for r in sims], "test_simulated_ms": int(sum(durations)),
@@ -623,7 +628,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"  {'soma <=' + format(sc['clip_mV'], 'g'):<14}{sc['teacher_forced']:>16.3f}{sc['closed_loop']:>14.3f}"
           f"{sc['baseline_train_mean']:>10.3f}   (soma clipped at {sc['clip_mV']:g} mV)")
     cl = s["closed_loop"]
-    print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f}; threshold {s['threshold_logit']:.3g} "
+    print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f} (TPR at FPR 1e-3 tf "
+          f"{s.get('tpr_at_fpr1e-3_tf', float('nan')):.3f} cl {s.get('tpr_at_fpr1e-3_cl', float('nan')):.3f}); threshold {s['threshold_logit']:.3g} "
           f"({s['threshold_source']}); closed loop Γ {cl['gamma']:.3f}, {cl['n_pred']} predicted vs "
           f"{cl['n_true']} true")
     e = summary.get("experts")

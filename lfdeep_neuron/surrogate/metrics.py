@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
-           "spikes_from_logits", "spike_onsets", "spike_auc", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
+           "spikes_from_logits", "spike_onsets", "spike_auc", "spike_tpr_at_fpr", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
            "calibrate_threshold", "calibration_key", "check_calibration_criterion", "CALIBRATION_CRITERIA",
            "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
@@ -219,6 +219,27 @@ def spike_auc(logits, labels) -> float:
         return float("nan")
     r = rankdata(s)
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def spike_tpr_at_fpr(logits, labels, fpr: float = 1e-3) -> float:
+    """True positive rate of per-bin ``logits`` against 0/1 ``labels`` at the lowest threshold whose false
+    positive rate is at most ``fpr`` (bins strictly above the threshold count as positive).
+
+    The ROC point where Γ lives: at ~1 somatic spike per second and 1000 bins per second, a false positive rate
+    of 1e-3 per bin is about as many false spikes as true ones, so two logits of very different AUC can have
+    the same TPR there. NaN when only one class is present.
+    """
+    s = np.asarray(logits, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels).reshape(-1) > 0.5
+    if s.shape != y.shape:
+        raise ValueError(f"logits {s.shape} and labels {y.shape} differ in size")
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    neg, pos = np.sort(s[~y])[::-1], s[y]
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    thr = neg[int(np.floor(fpr * neg.size))]     # at most floor(fpr * n_neg) negatives lie strictly above it
+    return float((pos > thr).mean())
 
 
 def match_spikes(pred_ms, true_ms, window_ms: float = 2.0) -> int:
