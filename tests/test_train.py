@@ -445,6 +445,8 @@ def test_own_spike_history_is_the_streamers_crossing_rule_and_trains(tmp_path):
     assert h.tolist() == [[1, 0, 1, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 1]]
     with pytest.raises(InputError, match="--history-own must be in"):
         train(_args(tmp_path / "h.pt", "--history-own", "2"))
+    with pytest.raises(InputError, match="--history-own-threshold must be a finite"):
+        train(_args(tmp_path / "h.pt", "--history-own", "0.5", "--history-own-threshold", "nan"))
     # a spike-history model trains with its own spikes, resumably; the own history changes the result
     extra = ["--set", "spike_history=true", "--history-own", "1", "--history-own-threshold", "-3",
              "--eval-every", "0"]

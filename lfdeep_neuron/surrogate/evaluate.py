@@ -387,9 +387,9 @@ def evaluate(model, test_ds, val_ds=None, max_sims=None, max_val_sims=None, devi
               "time_rule": "upward threshold crossing at step k -> spike at k - 0.5 ms", "window_ms": window_ms}
     for mode in ("tf", "cl"):
         lg = [r[f"logit_{mode}"] for r in sims]
-        spike_bins = np.concatenate([r["spike"] for r in sims])
-        spikes[f"auc_{mode}"] = spike_auc(np.concatenate(lg), spike_bins)
-        spikes[f"tpr_at_fpr1e-3_{mode}"] = spike_tpr_at_fpr(np.concatenate(lg), spike_bins, 1e-3)
+        pooled, spike_bins = np.concatenate(lg), np.concatenate([r["spike"] for r in sims])
+        spikes[f"auc_{mode}"] = spike_auc(pooled, spike_bins)
+        spikes[f"tpr_at_fpr1e-3_{mode}"] = spike_tpr_at_fpr(pooled, spike_bins, 1e-3)
         pred = [spikes_from_logits(l, thr, first_step=1) for l in lg]
         spikes["closed_loop" if mode == "cl" else "teacher_forced"] = pooled_spike_metrics(
             pred, true_trains, durations, window_ms)
@@ -628,8 +628,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"  {'soma <=' + format(sc['clip_mV'], 'g'):<14}{sc['teacher_forced']:>16.3f}{sc['closed_loop']:>14.3f}"
           f"{sc['baseline_train_mean']:>10.3f}   (soma clipped at {sc['clip_mV']:g} mV)")
     cl = s["closed_loop"]
-    print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f} (TPR at FPR 1e-3 tf "
-          f"{s.get('tpr_at_fpr1e-3_tf', float('nan')):.3f} cl {s.get('tpr_at_fpr1e-3_cl', float('nan')):.3f}); threshold {s['threshold_logit']:.3g} "
+    print(f"  spikes: AUC tf {s['auc_tf']:.3f} cl {s['auc_cl']:.3f} (TPR at FPR 1e-3 tf {s['tpr_at_fpr1e-3_tf']:.3f} "
+          f"cl {s['tpr_at_fpr1e-3_cl']:.3f}); threshold {s['threshold_logit']:.3g} "
           f"({s['threshold_source']}); closed loop Γ {cl['gamma']:.3f}, {cl['n_pred']} predicted vs "
           f"{cl['n_true']} true")
     e = summary.get("experts")

@@ -21,7 +21,8 @@ import math
 import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
-           "spikes_from_logits", "spike_onsets", "spike_auc", "spike_tpr_at_fpr", "match_spikes", "coincidence_factor", "pooled_spike_metrics",
+           "spikes_from_logits", "spike_onsets", "spike_auc", "spike_tpr_at_fpr", "match_spikes", "coincidence_factor",
+           "pooled_spike_metrics",
            "calibrate_threshold", "calibration_key", "check_calibration_criterion", "CALIBRATION_CRITERIA",
            "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
            "SPIKE_OFFSET_MS", "SOMA_CLIP_MV"]
@@ -176,10 +177,12 @@ def default_spike_threshold(model) -> float:
     return float(thr) if thr is not None else 0.0
 
 
-def spike_onsets(above: np.ndarray) -> np.ndarray:
-    """Upward crossings of a per-step boolean ``above [..., T]``: True where a run of True starts (the step
-    before the first one counts as below)."""
-    return np.concatenate([above[..., :1], above[..., 1:] & ~above[..., :-1]], axis=-1)
+def spike_onsets(above):
+    """Upward crossings of a per-step boolean ``above [..., T]`` (numpy or torch, returned as the same): True
+    where a run of True starts (the step before the first one counts as below)."""
+    onset = above.clone() if hasattr(above, "clone") else above.copy()
+    onset[..., 1:] &= ~above[..., :-1]
+    return onset
 
 
 def spikes_from_logits(logits, threshold: float, step_ms: float = 1.0, offset_ms: float = SPIKE_OFFSET_MS,

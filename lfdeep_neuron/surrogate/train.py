@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from lfdeep_neuron.errors import InputError
 from lfdeep_neuron.surrogate.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lfdeep_neuron.surrogate.metrics import SOMA_CLIP_MV
+from lfdeep_neuron.surrogate.metrics import SOMA_CLIP_MV, spike_onsets
 from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConfig, build_model
 from lfdeep_neuron.surrogate.stream import closed_loop
 
@@ -244,6 +244,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not 0.0 <= float(settings["history_own"]) <= 1.0 or int(settings["history_own_passes"]) < 1:
         raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own must be in [0, 1] and --history-own-passes "
                          f">= 1, got {settings['history_own']} and {settings['history_own_passes']}")
+    if not math.isfinite(float(settings["history_own_threshold"])):
+        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own-threshold must be a finite logit, got "
+                         f"{settings['history_own_threshold']}")
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -527,8 +530,7 @@ def emitted_spike_history(logit: torch.Tensor, threshold: float, first: torch.Te
     """The spike-history input ``[B, T]`` a streamer would feed back for spike logits ``logit [B, T]``: one
     spike at each upward crossing of ``threshold`` (the engine's rule; the window's first step counts as
     coming from below), read one step later; ``first [B]`` is the history of the window's first step."""
-    above = logit > threshold
-    spiked = above & ~torch.cat([torch.zeros_like(above[:, :1]), above[:, :-1]], dim=1)
+    spiked = spike_onsets(logit > threshold)
     return torch.cat([first[:, None], spiked[:, :-1].to(first.dtype)], dim=1)
 
 
@@ -540,15 +542,16 @@ def with_own_spike_history(model: Surrogate, x: torch.Tensor, p: float, threshol
     closed loop, which one pass per step would reach exactly). Targets stay the true ones: the model learns
     to fire right after its own misses and false spikes, which is what it meets in closed loop."""
     use = torch.rand(x.shape[0], device=x.device) < p
-    if p <= 0 or not bool(use.any()):
+    if not bool(use.any()):
         return x
     xo = x[use].clone()
+    first = xo[:, -1, 0].clone()                 # the true history of each window's first step stays
     was_training = model.training
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, **amp):
         for _ in range(passes):
             logit = model(xo, all_tasks=True)[:, model.n_segments].float()
-            xo[:, -1] = emitted_spike_history(logit, threshold, x[use, -1, 0])
+            xo[:, -1] = emitted_spike_history(logit, threshold, first)
     model.train(was_training)
     x = x.clone()
     x[use] = xo
