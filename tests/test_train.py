@@ -482,3 +482,45 @@ def test_own_spike_history_feeds_back_what_the_model_emits():
     got2 = with_own_spike_history(model, x, 1.0, thr, 2, dev, {"enabled": False})
     assert torch.equal(got1, once) and torch.equal(got2, twice) and model.training
     assert not torch.equal(got1[:, -1], x[:, -1]) and torch.equal(got1[:, :-1], x[:, :-1])
+
+
+def test_spike_timing_loss_is_the_cross_entropy_of_the_spike_millisecond(tmp_path):
+    from lfdeep_neuron.surrogate.train import spike_timing_loss
+
+    logit = torch.tensor([[0.0, 1.0, 3.0, 1.0, 0.0, -1.0, 2.0, 0.0],
+                          [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    spike = torch.tensor([[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+                          [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    # spike (0, 2): bins 0..4; (0, 6): bins 4..7 (the window's end), (1, 0): bins 0..2 (its start)
+    want = torch.stack([-torch.log_softmax(torch.tensor([0.0, 1.0, 3.0, 1.0, 0.0]), 0)[2],
+                        -torch.log_softmax(torch.tensor([0.0, -1.0, 2.0, 0.0]), 0)[2],
+                        -torch.log_softmax(torch.tensor([5.0, 0.0, 0.0]), 0)[0]]).mean()
+    assert torch.allclose(spike_timing_loss(logit, spike, 2), want)
+    # another true spike inside the window (a burst) is not a competitor: (0, 2) and (0, 4) with W = 2
+    burst = torch.tensor([[0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    want = torch.stack([-torch.log_softmax(torch.tensor([0.0, 1.0, 3.0, 1.0]), 0)[2],
+                        -torch.log_softmax(torch.tensor([1.0, 0.0, -1.0, 2.0]), 0)[1]]).mean()
+    assert torch.allclose(spike_timing_loss(logit[:1], burst, 2), want)
+    # a sharp peak at the right bin costs ~0, a peak 1 ms late a lot; gradients flow; no spike gives 0
+    sharp = torch.full((1, 9), -10.0)
+    sharp[0, 4] = 10.0
+    one = torch.zeros(1, 9)
+    one[0, 4] = 1.0
+    assert spike_timing_loss(sharp, one, 3) < 1e-6 < 10.0 < spike_timing_loss(sharp.roll(1, -1), one, 3)
+    g = logit.clone().requires_grad_()
+    spike_timing_loss(g, spike, 2).backward()
+    assert g.grad[0, 2] < 0 < g.grad[0, 1] and torch.isfinite(g.grad).all()
+    assert float(spike_timing_loss(logit, torch.zeros_like(spike), 2)) == 0.0
+    # in training: logged, changes the weights, refuses bad values in one line
+    with pytest.raises(InputError, match=r"--spike-balance must be a fraction in \(0, 1\), got 1.0"):
+        parse_args(["--data", DATA, "--arch", "mh", "--out", "x.pt", "--spike-balance", "1"])
+    for bad in (["--spike-timing-weight", "-1"], ["--spike-timing-ms", "0"]):
+        with pytest.raises(InputError, match="--spike-timing-weight must be a finite number >= 0 and --spike-timing-ms"):
+            parse_args(["--data", DATA, "--arch", "mh", "--out", "x.pt", *bad])
+    base = ["--steps", "3", "--eval-every", "0", "--spike-balance", "0.9"]
+    train(_args(tmp_path / "a.pt", *base))
+    train(_args(tmp_path / "t.pt", *base, "--spike-timing-weight", "1", "--spike-timing-ms", "3"))
+    rows = _log(tmp_path / "t.pt.jsonl")
+    assert all(r["loss_timing"] > 0 for r in rows if "loss" in r) and "loss_timing" not in _log(tmp_path / "a.pt.jsonl")[-1]
+    a, t = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "t.pt")["state_dict"]
+    assert any(not torch.equal(v, t[k]) for k, v in a.items())

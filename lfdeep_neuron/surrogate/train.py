@@ -19,7 +19,8 @@ A batch of windows ``x_syn [B, C, T]`` (raw channel values), ``v [B, S, T]`` (mV
 and the targets ``z(v[t])``, ``spike[t]`` (``z(imem[t])``) for t = 1..T-1. With ``config.soma_clip_mV`` the
 soma target is ``min(v_soma, clip)``: the spike lives in the spike output. Loss = mean over segments of the
 per-segment MSE of z-scored voltages + ``soma_weight`` * the soma's MSE + ``spike_weight`` * BCE-with-logits of
-the spike task (``spike_pos_weight``) (+ ``imem_weight`` * mean per-segment MSE of z-scored currents). The
+the spike task (``spike_pos_weight``) (+ ``imem_weight`` * mean per-segment MSE of z-scored currents)
+(+ ``spike_timing_weight`` * :func:`spike_timing_loss`, which asks the logit to peak at the spike's millisecond). The
 spike output's bias starts at the logit of the training data's spike probability per ms. ``lbtw_alpha > 0``:
 each task's weight times ``(L_i / L_i(0)) ** alpha`` (loss-balanced task weighting), renormalised.
 
@@ -68,7 +69,7 @@ from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConf
 from lfdeep_neuron.surrogate.stream import closed_loop
 
 __all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
-           "task_losses", "prepare_batch", "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
+           "task_losses", "spike_timing_loss", "prepare_batch", "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
            "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV", "parse_overrides"]
 
 RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
@@ -79,7 +80,7 @@ DEFAULTS: dict = dict(
     steps=5000, batch=16, window_ms=400, stride_ms=None, skip_ms=500, warmup_ms=0, train_seconds=None,
     lr=1e-3, lr_warmup=None, weight_decay=0.0, clip=1.0,
     voltage_weight=1.0, soma_weight=1.0, spike_weight=1.0, spike_pos_weight="1", spike_balance=None,
-    imem_weight=1.0, lbtw_alpha=0.0,
+    imem_weight=1.0, lbtw_alpha=0.0, spike_timing_weight=0.0, spike_timing_ms=5,
     rollout=0, rollout_p=1.0, rollout_weight=1.0, fb_noise=0.0, history_drop=0.0, history_extra_hz=0.0,
     history_own=0.0, history_own_threshold=-1.5, history_own_passes=2,
     device="auto", threads=None, amp=False, workers=0, seed=0, save_every=200, eval_every=500, val_windows=16,
@@ -129,6 +130,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add(g, "--soma-weight", "extra weight of the soma voltage MSE", type=float)
     add(g, "--spike-weight", "weight of the spike BCE", type=float)
     add(g, "--spike-pos-weight", "BCE pos_weight; 'auto' = sqrt(negatives/positives), clipped to [1, 50]")
+    add(g, "--spike-timing-weight", "weight of the spike-timing loss: for each true spike bin, the cross-entropy of "
+                                    "a softmax of the spike logit over the bins within --spike-timing-ms of it (the "
+                                    "logit must peak at the right millisecond, not only rise near it; 0: off)",
+        type=float)
+    add(g, "--spike-timing-ms", "half-width of that softmax window (ms = bins)", type=int)
     add(g, "--imem-weight", "weight of the mean membrane-current MSE", type=float)
     add(g, "--lbtw-alpha", "loss-balanced task weighting exponent (0: off)", type=float)
     g = p.add_argument_group("feedback models only")
@@ -247,6 +253,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not math.isfinite(float(settings["history_own_threshold"])):
         raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own-threshold must be a finite logit, got "
                          f"{settings['history_own_threshold']}")
+    if settings["spike_balance"] is not None and not 0.0 < float(settings["spike_balance"]) < 1.0:
+        raise InputError(f"{path or 'lfdeep-neuron train'}: --spike-balance must be a fraction in (0, 1), got "
+                         f"{settings['spike_balance']}")
+    timing_w, timing_ms = float(settings["spike_timing_weight"]), settings["spike_timing_ms"]
+    if not (math.isfinite(timing_w) and timing_w >= 0) or int(timing_ms) != timing_ms or int(timing_ms) < 1:
+        raise InputError(f"{path or 'lfdeep-neuron train'}: --spike-timing-weight must be a finite number >= 0 and "
+                         f"--spike-timing-ms an integer >= 1, got {settings['spike_timing_weight']} and {timing_ms}")
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -472,6 +485,27 @@ def task_losses(model: Surrogate, y: torch.Tensor, tgt: dict, warmup: int = 0,
     if model.config.imem_tasks:
         parts.append((y[:, S + 1:] - tgt["imem"][..., warmup:]).pow(2).mean(dim=(0, 2)))
     return torch.cat(parts)
+
+
+def spike_timing_loss(logit: torch.Tensor, spike: torch.Tensor, half_width: int) -> torch.Tensor:
+    """Mean over the true spike bins of ``-log softmax(logit[k - W : k + W + 1])[k]``, ``W = half_width``.
+
+    The per-bin BCE does not care whether the logit peaks at the spike's millisecond or a few ms off it; this
+    loss does: around each true spike bin ``k`` it is the cross-entropy of "which of these 2W+1 bins holds
+    the spike". Bins beyond the window's ends and the other true spike bins inside the ±W window (bursts)
+    are left out of the softmax. ``logit``, ``spike`` ``[B, T]``; a batch without spikes gives a zero that
+    keeps the graph.
+    """
+    logit = logit.float()
+    k = 2 * half_width + 1
+    win = F.pad(logit, (half_width, half_width), value=float("-inf")).unfold(-1, k, 1)     # [B, T, k]
+    centre = spike > 0.5
+    if not bool(centre.any()):
+        return logit.sum() * 0.0
+    others = F.pad(spike, (half_width, half_width)).unfold(-1, k, 1)[centre] > 0.5       # [N, k]
+    others[:, half_width] = False
+    scores = win[centre].masked_fill(others, float("-inf"))
+    return -scores.log_softmax(-1)[:, half_width].mean()
 
 
 def base_task_weights(model: Surrogate, spike_weight: float, imem_weight: float,
@@ -848,17 +882,22 @@ def _batch_inputs(model: Surrogate, batch: dict, args, device, amp: dict) -> tup
 
 
 def _total_loss(model: Surrogate, y: torch.Tensor, tgt: dict, B: int, args, pos_weight, base_w, lbtw_l0) -> tuple:
-    """``(loss, per-task losses, rollout loss or None, lbtw_l0)`` of the outputs ``y`` (teacher-forced rows
-    first, then the rollout half if any); ``lbtw_l0`` (the first step's losses) is set on the first call."""
+    """``(loss, per-task losses, rollout loss or None, spike-timing loss or None, lbtw_l0)`` of the outputs ``y``
+    (teacher-forced rows first, then the rollout half if any); ``lbtw_l0`` (the first step's losses) is set on
+    the first call."""
     losses = task_losses(model, y[:B], tgt, args.warmup_ms, pos_weight)
     if lbtw_l0 is None:
         lbtw_l0 = losses.detach().clone()
     w = lbtw_weights(base_w, losses, lbtw_l0, args.lbtw_alpha)
-    loss, loss_ro = (w * losses).sum(), None
+    loss, loss_ro, loss_timing = (w * losses).sum(), None, None
     if y.shape[0] > B:
         loss_ro = (w * task_losses(model, y[B:], tgt, args.warmup_ms, pos_weight)).sum()
         loss = loss + args.rollout_weight * loss_ro
-    return loss, losses, loss_ro, lbtw_l0
+    if args.spike_timing_weight > 0:
+        warm = args.warmup_ms
+        loss_timing = spike_timing_loss(y[:B, model.n_segments, warm:], tgt["spike"][..., warm:], args.spike_timing_ms)
+        loss = loss + args.spike_timing_weight * loss_timing
+    return loss, losses, loss_ro, loss_timing, lbtw_l0
 
 
 def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
@@ -978,7 +1017,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         x, tgt, B = _batch_inputs(model, batch, args, device, amp)
         with torch.autocast(device.type, **amp):
             y = net(x, all_tasks=True)
-        loss, losses, loss_ro, lbtw_l0 = _total_loss(model, y, tgt, B, args, pos_weight, base_w, lbtw_l0)
+        loss, losses, loss_ro, loss_timing, lbtw_l0 = _total_loss(model, y, tgt, B, args, pos_weight, base_w, lbtw_l0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         opt.zero_grad(set_to_none=True)
@@ -994,7 +1033,7 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         S = model.n_segments
         for k, v in (("loss", loss), ("loss_v", losses[:S].mean()), ("loss_soma", losses[0]),
                      ("loss_spike", losses[S]), ("loss_imem", losses[S + 1:].mean() if model.config.imem_tasks
-                                                 else None), ("loss_rollout", loss_ro)):
+                                                 else None), ("loss_rollout", loss_ro), ("loss_timing", loss_timing)):
             if v is not None:
                 running.setdefault(k, []).append(float(v.detach()))
         if deadline is not None:
