@@ -515,12 +515,14 @@ def test_spike_timing_loss_is_the_cross_entropy_of_the_spike_millisecond(tmp_pat
     with pytest.raises(InputError, match=r"--spike-balance must be a fraction in \(0, 1\), got 1.0"):
         parse_args(["--data", DATA, "--arch", "mh", "--out", "x.pt", "--spike-balance", "1"])
     for bad in (["--spike-timing-weight", "-1"], ["--spike-timing-ms", "0"]):
-        with pytest.raises(InputError, match="--spike-timing-weight must be a finite number >= 0 and --spike-timing-ms"):
+        with pytest.raises(InputError,
+                           match="--spike-timing-weight must be a finite number >= 0 and --spike-timing-ms"):
             parse_args(["--data", DATA, "--arch", "mh", "--out", "x.pt", *bad])
     base = ["--steps", "3", "--eval-every", "0", "--spike-balance", "0.9"]
     train(_args(tmp_path / "a.pt", *base))
     train(_args(tmp_path / "t.pt", *base, "--spike-timing-weight", "1", "--spike-timing-ms", "3"))
     rows = _log(tmp_path / "t.pt.jsonl")
-    assert all(r["loss_timing"] > 0 for r in rows if "loss" in r) and "loss_timing" not in _log(tmp_path / "a.pt.jsonl")[-1]
+    assert all(r["loss_timing"] > 0 for r in rows if "loss" in r)
+    assert "loss_timing" not in _log(tmp_path / "a.pt.jsonl")[-1]
     a, t = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "t.pt")["state_dict"]
     assert any(not torch.equal(v, t[k]) for k, v in a.items())

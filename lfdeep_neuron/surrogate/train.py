@@ -69,7 +69,8 @@ from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConf
 from lfdeep_neuron.surrogate.stream import closed_loop
 
 __all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
-           "task_losses", "spike_timing_loss", "prepare_batch", "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
+           "task_losses", "spike_timing_loss", "prepare_batch", "base_task_weights", "lbtw_weights",
+           "with_own_feedback", "validate",
            "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV", "parse_overrides"]
 
 RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
@@ -244,22 +245,24 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise InputError(f"--steps must be >= 1, got {settings['steps']}")
     if settings["threads"] is not None and int(settings["threads"]) < 1:
         raise InputError(f"--threads must be >= 1, got {settings['threads']}")
+    where = path or "lfdeep-neuron train"          # names the recipe file in the message when there is one
     if not 0.0 <= float(settings["history_drop"]) <= 1.0 or float(settings["history_extra_hz"]) < 0:
-        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-drop must be in [0, 1] and --history-extra-hz "
+        raise InputError(f"{where}: --history-drop must be in [0, 1] and --history-extra-hz "
                          f">= 0, got {settings['history_drop']} and {settings['history_extra_hz']}")
     if not 0.0 <= float(settings["history_own"]) <= 1.0 or int(settings["history_own_passes"]) < 1:
-        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own must be in [0, 1] and --history-own-passes "
+        raise InputError(f"{where}: --history-own must be in [0, 1] and --history-own-passes "
                          f">= 1, got {settings['history_own']} and {settings['history_own_passes']}")
     if not math.isfinite(float(settings["history_own_threshold"])):
-        raise InputError(f"{path or 'lfdeep-neuron train'}: --history-own-threshold must be a finite logit, got "
+        raise InputError(f"{where}: --history-own-threshold must be a finite logit, got "
                          f"{settings['history_own_threshold']}")
     if settings["spike_balance"] is not None and not 0.0 < float(settings["spike_balance"]) < 1.0:
-        raise InputError(f"{path or 'lfdeep-neuron train'}: --spike-balance must be a fraction in (0, 1), got "
+        raise InputError(f"{where}: --spike-balance must be a fraction in (0, 1), got "
                          f"{settings['spike_balance']}")
     timing_w, timing_ms = float(settings["spike_timing_weight"]), settings["spike_timing_ms"]
     if not (math.isfinite(timing_w) and timing_w >= 0) or int(timing_ms) != timing_ms or int(timing_ms) < 1:
-        raise InputError(f"{path or 'lfdeep-neuron train'}: --spike-timing-weight must be a finite number >= 0 and "
+        raise InputError(f"{where}: --spike-timing-weight must be a finite number >= 0 and "
                          f"--spike-timing-ms an integer >= 1, got {settings['spike_timing_weight']} and {timing_ms}")
+    settings["spike_timing_ms"] = int(timing_ms)      # a recipe may write 5.0
     out = argparse.Namespace(**settings)
     out._resolved = True
     return out
@@ -895,7 +898,8 @@ def _total_loss(model: Surrogate, y: torch.Tensor, tgt: dict, B: int, args, pos_
         loss = loss + args.rollout_weight * loss_ro
     if args.spike_timing_weight > 0:
         warm = args.warmup_ms
-        loss_timing = spike_timing_loss(y[:B, model.n_segments, warm:], tgt["spike"][..., warm:], args.spike_timing_ms)
+        loss_timing = spike_timing_loss(y[:B, model.n_segments, warm:], tgt["spike"][..., warm:],
+                                        args.spike_timing_ms)
         loss = loss + args.spike_timing_weight * loss_timing
     return loss, losses, loss_ro, loss_timing, lbtw_l0
 
@@ -1017,7 +1021,8 @@ def train(args: argparse.Namespace, datasets: tuple | None = None) -> dict:
         x, tgt, B = _batch_inputs(model, batch, args, device, amp)
         with torch.autocast(device.type, **amp):
             y = net(x, all_tasks=True)
-        loss, losses, loss_ro, loss_timing, lbtw_l0 = _total_loss(model, y, tgt, B, args, pos_weight, base_w, lbtw_l0)
+        loss, losses, loss_ro, loss_timing, lbtw_l0 = _total_loss(model, y, tgt, B, args, pos_weight, base_w,
+                                                                  lbtw_l0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: {float(loss)}")
         opt.zero_grad(set_to_none=True)
