@@ -361,6 +361,9 @@ def test_windows_skip_the_start_and_soma_target_is_clipped():
     item = w[1]
     torch.testing.assert_close(item["v"], torch.from_numpy(sims.data["v"][1, :, 500:600]))
     assert len(Windows(sims, 100, 50, skip_ms=0)) == 2 * 11
+    for bad in (0.0, 1.0, 1.5):                                        # f = 1 would ask for infinite copies
+        with pytest.raises(ValueError, match="spike_balance"):
+            Windows(sims, 100, 50, skip_ms=0, spike_balance=bad)
     m = MMoE.from_config("tiny", n_segments=5, n_channels=8, soma_clip_mV=-55.0, feedback=False)
     m.set_normalization(torch.full((5,), -65.0), torch.full((5,), 5.0))
     b = {k: torch.stack([Windows(sims, 100, 50, 0)[i][k] for i in range(22)]) for k in ("x_syn", "v", "spike")}

@@ -351,12 +351,14 @@ class Windows(torch.utils.data.Dataset):
     """Windows ``[t0, t0 + window_ms)`` of every simulation of ``sims``, with ``t0 = skip_ms, skip_ms + stride_ms,
     ...``; items are dicts of tensors (``x_syn``, ``v``, ``spike``, ``imem`` as ``sims.read`` gives them).
 
-    ``spike_balance`` (0..1): windows holding a somatic spike are repeated until about that fraction of the
+    ``spike_balance`` (strictly between 0 and 1, else ValueError): windows holding a somatic spike are repeated until about that fraction of the
     index holds one (a fixed index: the sampler's draws are what vary). ``max_sims``: windows of the first
     simulations only."""
 
     def __init__(self, sims, window_ms: int, stride_ms: int, skip_ms: int = 0, spike_balance: float | None = None,
                  max_sims: int | None = None):
+        if spike_balance is not None and not 0.0 < float(spike_balance) < 1.0:
+            raise ValueError(f"spike_balance must lie strictly between 0 and 1, got {spike_balance}")
         self.sims, self.window_ms = sims, int(window_ms)
         self.segments, self.synapses = sims.segments, sims.synapses
         rows, spiking = [], []
@@ -370,7 +372,7 @@ class Windows(torch.utils.data.Dataset):
         has = np.concatenate(spiking) if spiking else np.zeros(0, bool)
         if spike_balance is not None and 0 < has.sum() < has.size:
             f = float(spike_balance)
-            reps = max(1, int(round(f / max(1e-9, 1 - f) * (~has).sum() / has.sum())))
+            reps = max(1, int(round(f / (1 - f) * (~has).sum() / has.sum())))
             self.index = np.concatenate([self.index[~has], np.repeat(self.index[has], reps, axis=0)])
             has = np.concatenate([np.zeros((~has).sum(), bool), np.ones(has.sum() * reps, bool)])
         self.spiking_fraction = float(has.mean()) if has.size else 0.0
