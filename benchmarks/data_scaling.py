@@ -45,6 +45,18 @@ def _short_splits(args) -> str:
     return "; ".join(short)
 
 
+def training_finished(ckpt: Path, steps: int) -> bool:
+    """Whether ``ckpt`` holds a training that ran all ``steps``: a run stopped by ``--time-limit-min`` also
+    writes ``CKPT`` (usable, marked ``stopped_by_time_limit``), and such a point must not be scored."""
+    from lfdeep_neuron.surrogate.checkpoint import load_checkpoint
+
+    if not Path(ckpt).exists():
+        return False
+    meta = load_checkpoint(ckpt)
+    return (not (meta.get("metrics") or {}).get("stopped_by_time_limit")
+            and int((meta.get("provenance") or {}).get("steps", 0)) >= int(steps))
+
+
 def run_point(budget: str, args) -> dict | None:
     """Train (or resume) and score one budget; None while its training is unfinished or the corpus cannot
     fill the scoring sets yet."""
@@ -55,11 +67,11 @@ def run_point(budget: str, args) -> dict | None:
     if budget != "all":
         cmd += ["--train-seconds", budget]
     if args.time_limit_min:
-        cmd += ["--time-limit-min", args.time_limit_min]
+        cmd += ["--time-limit-min", str(args.time_limit_min)]
     res = subprocess.run(cmd)
     if res.returncode != 0:
-        raise SystemExit(f"training for budget {budget} failed (exit {res.returncode}): {' '.join(cmd)}")
-    if not ckpt.exists():
+        raise SystemExit(f"training for budget {budget} failed (exit {res.returncode}): {' '.join(map(str, cmd))}")
+    if not training_finished(ckpt, args.steps):
         print(f"budget {budget}: training stopped early (time limit); rerun the same command to continue")
         return None
     ev = out / f"s{budget}_eval"
