@@ -496,3 +496,41 @@ def test_evaluate_count_calibration_of_a_spike_history_model(reference, small_da
     assert cal["criterion"] == "count" and "spike count matched" in s["spikes"]["threshold_source"]
     gap = {t: abs(n - cal["n_true"]) for t, _, n in cal["tried"]}
     assert gap[cal["threshold"]] == min(gap.values())
+
+
+def test_generalisation_gap_scores_match_a_direct_computation(reference, checkpoint, small_dataset):
+    """``benchmarks/generalisation_gap.py``: the teacher-forced train/val scores, bin for bin as a per-simulation
+    computation gives them (first ``skip_ms`` left out, outputs of step k scored against bin k + 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from lfdeep_neuron.data.dataset import SimulationDataset
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+    spec = importlib.util.spec_from_file_location(
+        "generalisation_gap", Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation_gap.py")
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    root, cuts, splits = small_dataset
+    model = load_surrogate(checkpoint)
+    ds = SimulationDataset(root, split="test", window_ms=None, fields=("x_syn", "v", "spike"))
+    got = gap.split_scores(model, ds, max_sims=2, skip_ms=100, batch=4)
+    lg, lb, sq, n, sq_soma = [], [], 0.0, 0, 0.0
+    with torch.no_grad():
+        for i in range(2):
+            it = ds[i]
+            x, v, sp = it["x_syn"][None], it["v"][None].float(), it["spike"][None]
+            out = model(model.make_inputs(x[..., 1:], v[..., :-1], sp[..., :-1]))
+            pred, true = model.to_mV(out.v).float()[0, :, 100:], v[0, :, 101:]
+            sq += float(((pred - true) ** 2).sum()); n += true.numel()
+            sq_soma += float(((pred[0].clamp_max(-55.0) - true[0].clamp_max(-55.0)) ** 2).sum())
+            lg.append(out.spike_logit.float()[0, 100:]); lb.append(sp[0, 101:].float())
+    lg, lb = torch.cat(lg), torch.cat(lb)
+    assert got["n_sims"] == 2 and got["n_spikes"] == int(lb.sum()) > 0
+    assert got["bce"] == pytest.approx(float(F.binary_cross_entropy_with_logits(lg, lb)), rel=1e-5)
+    assert got["auc"] == pytest.approx(M.spike_auc(lg.numpy(), lb.numpy() > 0.5))
+    assert got["all_mV"] == pytest.approx((sq / n) ** 0.5, rel=1e-5)
+    assert got["soma_clip_mV"] == pytest.approx((sq_soma / lb.numel()) ** 0.5, rel=1e-5)
+    assert got["all_mV"] > got["soma_clip_mV"] > 0                     # an untrained model: errors everywhere

@@ -50,7 +50,7 @@ from lfdeep_neuron.surrogate.metrics import (CALIBRATION_CRITERIA, GROUPS, SOMA_
                                              sq_err_per_segment)
 
 __all__ = ["configure_parser", "run", "evaluate", "simulate_split", "calibrate_streamed_threshold",
-           "streamed_spike_trains", "expert_outputs", "write_figures", "update_checkpoint_metrics"]
+           "streamed_spike_trains", "expert_outputs", "write_figures", "update_checkpoint_metrics", "sims_in_batches"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Running the model over whole simulations
 # ---------------------------------------------------------------------------------------------------------
-def _batches(ds, n_sims: int, batch: int):
-    """Consecutive simulations of equal length, up to ``batch`` at a time: (positions, stacked item dict)."""
+def sims_in_batches(ds, n_sims: int, batch: int):
+    """The first ``n_sims`` whole simulations of ``ds`` (``window_ms=None``), consecutive ones of equal length
+    up to ``batch`` at a time: yields (positions, dict of stacked ``x_syn``, ``v``, ``spike`` tensors)."""
     pos = list(range(n_sims))
     i = 0
     while i < len(pos):
@@ -155,7 +156,7 @@ def simulate_split(model, ds, max_sims=None, device="cpu", batch: int = 2, teach
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"evaluate {ds.split}", unit="sim")
     out = []
-    for positions, b in _batches(ds, n, batch):
+    for positions, b in sims_in_batches(ds, n, batch):
         x = b["x_syn"].to(device)
         v = b["v"].to(device)
         v_true = v[..., 1:]
@@ -207,7 +208,7 @@ def streamed_spike_trains(model, ds, n_sims: int, thresholds, device="cpu", cell
     K = len(thresholds)
     pred = [[None] * n_sims for _ in range(K)]
     true, durations = [None] * n_sims, [None] * n_sims
-    for positions, b in _batches(ds, n_sims, max(1, cells // K)):
+    for positions, b in sims_in_batches(ds, n_sims, max(1, cells // K)):
         B = len(positions)
         x = b["x_syn"].to(device)
         thr = torch.as_tensor(np.repeat(thresholds, B), dtype=torch.float32)     # cells threshold-major
@@ -254,7 +255,7 @@ def calibrate_streamed_threshold(model, ds, max_sims=None, device="cpu", window_
         bar = tqdm(total=n * (1 + n_candidates * rounds), desc=f"calibrate {ds.split} (streamed)", unit="run")
     # round 0: one run without spikes (logits only) -> candidate thresholds by the spike counts they would give
     logits = []
-    for positions, b in _batches(ds, n, 4):
+    for positions, b in sims_in_batches(ds, n, 4):
         cl = closed_loop(model, b["x_syn"][..., 1:], v0_mV=b["v"][..., 0], device=device,
                          spike_threshold=float("inf"), voltages=False)
         logits += list(cl.spike_logit.float().cpu().numpy())
