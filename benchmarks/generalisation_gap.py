@@ -24,10 +24,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-SOMA_CLIP_MV = -55.0
-
 
 def split_scores(model, ds, max_sims: int, skip_ms: int = 500, batch: int = 4) -> dict:
     """Teacher-forced scores of ``model`` on the first ``max_sims`` whole simulations of ``ds``
@@ -35,8 +31,8 @@ def split_scores(model, ds, max_sims: int, skip_ms: int = 500, batch: int = 4) -
     import torch
     import torch.nn.functional as F
 
-    from lfdeep_neuron.surrogate.evaluate import sims_in_batches
-    from lfdeep_neuron.surrogate.metrics import spike_auc
+    from lfdeep_neuron.surrogate.evaluate import clipped_soma_sse, sims_in_batches
+    from lfdeep_neuron.surrogate.metrics import spike_auc, sq_err_per_segment
 
     n = min(int(max_sims), len(ds.records))
     logits, labels = [], []
@@ -47,13 +43,11 @@ def split_scores(model, ds, max_sims: int, skip_ms: int = 500, batch: int = 4) -
         for _, b in sims_in_batches(ds, n, batch):
             x, v, spike = b["x_syn"], b["v"].float(), b["spike"]
             out = model(model.make_inputs(x[..., 1:], v[..., :-1], spike[..., :-1]))
-            pred = model.to_mV(out.v).float()[..., skip_ms:]
-            true = v[..., 1 + skip_ms:]
-            sq_all += float(((pred - true) ** 2).sum())
-            n_all += true.numel()
-            soma_p, soma_t = pred[:, 0].clamp_max(SOMA_CLIP_MV), true[:, 0].clamp_max(SOMA_CLIP_MV)
-            sq_soma += float(((soma_p - soma_t) ** 2).sum())
-            n_soma += soma_t.numel()
+            pred = model.to_mV(out.v).float()[..., skip_ms:].numpy()
+            true = v[..., 1 + skip_ms:].numpy()
+            sse, n_t = sq_err_per_segment(pred, true)               # [S], samples per segment
+            sq_all, n_all = sq_all + float(sse.sum()), n_all + n_t * len(sse)
+            sq_soma, n_soma = sq_soma + clipped_soma_sse(pred[:, 0], true[:, 0]), n_soma + n_t
             logits.append(out.spike_logit.float()[:, skip_ms:].reshape(-1))
             labels.append(spike[:, 1 + skip_ms:].reshape(-1).float())
     lg, lb = torch.cat(logits), torch.cat(labels)
@@ -80,11 +74,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, args.threads))
     fields = ("x_syn", "v", "spike")
     splits = {s: SimulationDataset(args.data, split=s, window_ms=None, fields=fields) for s in ("train", "val")}
+    models = {path: load_surrogate(path) for path in args.models}     # every checkpoint checked before any output
     rows = []
     print(f"{'model':48s} {'split':5s} {'sims':>4s} {'spikes':>6s} {'BCE':>8s} {'AUC':>7s} {'all mV':>7s} "
           f"{'soma clip mV':>12s}")
-    for path in args.models:
-        model = load_surrogate(path)
+    for path, model in models.items():
         for split, ds in splits.items():
             r = {"model": str(path), "split": split, **split_scores(model, ds, args.max_sims, args.skip_ms)}
             rows.append(r)
@@ -96,4 +90,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lfdeep_neuron.cli import BAD_INPUT, EXIT_BAD_INPUT
+
+    try:
+        sys.exit(main())
+    except BAD_INPUT as err:                        # a wrong folder or checkpoint: one line, as the CLI does
+        print(f"generalisation_gap.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

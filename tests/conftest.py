@@ -1,4 +1,4 @@
-"""Shared fixtures: where the third-party Hay material lives.
+"""Shared fixtures: where the third-party Hay material lives; the scripts of ``benchmarks/`` as modules.
 
 The Hay morphology is third-party data and is not part of the repository.
 Tests find it at ``../shared/hay/cell1.asc`` (next to the checkout) or at
@@ -6,6 +6,7 @@ Tests find it at ``../shared/hay/cell1.asc`` (next to the checkout) or at
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -24,6 +25,17 @@ def _morphology_path() -> Path | None:
         if cand.is_file():
             return cand
     return None
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``load(name)``: the script ``benchmarks/<name>.py`` imported as a module (benchmarks are not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture(scope="session")

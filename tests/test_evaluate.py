@@ -498,21 +498,15 @@ def test_evaluate_count_calibration_of_a_spike_history_model(reference, small_da
     assert gap[cal["threshold"]] == min(gap.values())
 
 
-def test_generalisation_gap_scores_match_a_direct_computation(reference, checkpoint, small_dataset):
+def test_generalisation_gap_scores_match_a_direct_computation(reference, checkpoint, small_dataset, benchmark_module):
     """``benchmarks/generalisation_gap.py``: the teacher-forced train/val scores, bin for bin as a per-simulation
     computation gives them (first ``skip_ms`` left out, outputs of step k scored against bin k + 1)."""
-    import importlib.util
-    from pathlib import Path
-
     import torch.nn.functional as F
 
     from lfdeep_neuron.data.dataset import SimulationDataset
     from lfdeep_neuron.surrogate.checkpoint import load_surrogate
 
-    spec = importlib.util.spec_from_file_location(
-        "generalisation_gap", Path(__file__).resolve().parents[1] / "benchmarks" / "generalisation_gap.py")
-    gap = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gap)
+    gap = benchmark_module("generalisation_gap")
     root, cuts, splits = small_dataset
     model = load_surrogate(checkpoint)
     ds = SimulationDataset(root, split="test", window_ms=None, fields=("x_syn", "v", "spike"))

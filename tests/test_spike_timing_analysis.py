@@ -1,15 +1,13 @@
 """The spike-timing benchmark's analysis functions on logits whose answer is known."""
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+import pytest
 
 from lfdeep_neuron.surrogate.metrics import spikes_from_logits
 
-_spec = importlib.util.spec_from_file_location(
-    "spike_timing", Path(__file__).resolve().parents[1] / "benchmarks" / "spike_timing.py")
-spike_timing = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(spike_timing)
+
+@pytest.fixture(scope="module")
+def spike_timing(benchmark_module):
+    return benchmark_module("spike_timing")
 
 
 def _bumps(n, centres, width):
@@ -22,7 +20,7 @@ def _bumps(n, centres, width):
     return lg
 
 
-def test_peak_rule_times_the_maximum_and_crossing_the_onset():
+def test_peak_rule_times_the_maximum_and_crossing_the_onset(spike_timing):
     lg = _bumps(200, [50, 120], width=3)
     peak = spike_timing.peak_spikes(lg, -4.0, first_step=1)
     cross = spikes_from_logits(lg, -4.0, first_step=1)
@@ -32,7 +30,7 @@ def test_peak_rule_times_the_maximum_and_crossing_the_onset():
     assert spike_timing.peak_spikes(lg, 0.5).size == 0     # nothing above the threshold
 
 
-def test_logit_profile_is_centred_on_the_spike_bin():
+def test_logit_profile_is_centred_on_the_spike_bin(spike_timing):
     lg = _bumps(300, [60, 150, 240], width=2)
     sims = [{"logit_cl": lg, "spike_times_ms": np.array([60.5, 150.5, 240.5]), "T": 301}]
     prof = spike_timing.logit_profile(sims, half_ms=10)

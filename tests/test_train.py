@@ -1,7 +1,6 @@
 """Training: the CLI end to end on synthetic data, loss pieces, and resumption after interruption."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -229,14 +228,7 @@ def test_own_feedback_shifts_predictions_by_one_step():
     assert torch.all(own ^ true) and 0 < own.float().mean() < 1
 
 
-def _benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path):
+def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path, benchmark_module):
     out = tmp_path / "t.pt"
     summary = train(_args(out, "--steps", "100000", "--time-limit-min", "0.05", "--eval-every", "0",
                           "--val-windows", "2"))
@@ -247,13 +239,13 @@ def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path):
     assert 0 < meta["metrics"]["val_rmse_mV_cl"] < 50
     assert load_checkpoint(tmp_path / "t.pt.last")["train_state"]["step"] == done
     # the data-scaling benchmark must not score such a point as if it were trained
-    data_scaling = _benchmark("data_scaling")
+    data_scaling = benchmark_module("data_scaling")
     assert not data_scaling.training_finished(out, 100000)
     assert data_scaling.training_finished(out, done) is False          # marked stopped, whatever steps asked
     assert not data_scaling.training_finished(tmp_path / "absent.pt", 1)
 
 
-def test_time_limited_runs_resume_to_the_uninterrupted_result(tmp_path):
+def test_time_limited_runs_resume_to_the_uninterrupted_result(tmp_path, benchmark_module):
     """Rerunning the same time-limited command until done ends where one uninterrupted run ends."""
     extra = ["--steps", "14", "--save-every", "100", "--eval-every", "0", "--val-windows", "2",
              "--set", "dropout=0.1", "--spike-balance", "0.5"]
@@ -266,7 +258,7 @@ def test_time_limited_runs_resume_to_the_uninterrupted_result(tmp_path):
         if s["steps_done"] >= 14 and "stopped_by_time_limit" not in s["metrics"]:
             break
     assert starts[:3] == [0, 1, 2] and s["steps_done"] == 14
-    assert _benchmark("data_scaling").training_finished(tmp_path / "b.pt", 14)     # finished: scored
+    assert benchmark_module("data_scaling").training_finished(tmp_path / "b.pt", 14)     # finished: scored
     a, b = load_checkpoint(tmp_path / "a.pt"), load_checkpoint(tmp_path / "b.pt")
     assert b["provenance"]["steps"] == 14
     for k, v in a["state_dict"].items():

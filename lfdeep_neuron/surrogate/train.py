@@ -351,9 +351,9 @@ class Windows(torch.utils.data.Dataset):
     """Windows ``[t0, t0 + window_ms)`` of every simulation of ``sims``, with ``t0 = skip_ms, skip_ms + stride_ms,
     ...``; items are dicts of tensors (``x_syn``, ``v``, ``spike``, ``imem`` as ``sims.read`` gives them).
 
-    ``spike_balance`` (strictly between 0 and 1, else ValueError): windows holding a somatic spike are repeated until about that fraction of the
-    index holds one (a fixed index: the sampler's draws are what vary). ``max_sims``: windows of the first
-    simulations only."""
+    ``spike_balance`` (strictly between 0 and 1, else ValueError): windows holding a somatic spike are repeated
+    until about that fraction of the index holds one (a fixed index: the sampler's draws are what vary).
+    ``max_sims``: windows of the first simulations only."""
 
     def __init__(self, sims, window_ms: int, stride_ms: int, skip_ms: int = 0, spike_balance: float | None = None,
                  max_sims: int | None = None):
