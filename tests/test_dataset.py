@@ -314,3 +314,48 @@ def test_stats_pool_per_record_moments_and_reuse_them(synthetic_dir):
     assert parts[0].stat().st_mtime_ns != stamps[0]
     assert [p.stat().st_mtime_ns for p in parts[1:]] == stamps[1:]
     np.testing.assert_allclose(changed["v_mean"][0], fresh["v_mean"][0] + 10.0 / len(paths), rtol=1e-6)
+
+
+def test_first_n_simulations_of_a_folder_are_a_fixed_subset(tmp_path):
+    """DIR:first=N: the folder's simulations 0..N-1 with the splits they have in the whole folder, alone or
+    joined to other folders; the set does not change as the folder grows; a gap or N = 0 is one InputError
+    naming the folder."""
+    import json
+
+    from lfdeep_neuron.data.dataset import DATASET_INDEX_STRIDE, parse_folder_spec
+
+    def write(d, i):
+        write_record(d / f"sim_{i:06d}.h5", segments={"name": np.array(["soma[0](0.5)"])},
+                     traces={"v_1ms": np.full((1, 20), -70.0 + i, np.float32), "soma_spike_times_ms": np.zeros(0)},
+                     attrs={"duration_ms": 20.0})
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, n in ((a, 12), (b, 6)):
+        d.mkdir()
+        for i in range(n):
+            write(d, i)
+        (d / "meta.json").write_text(json.dumps({"format": "lfdeep-neuron simulation dataset", "records": [],
+                                                 "generation": {"seed": 5, "split_fractions":
+                                                                {"train": 0.5, "val": 0.25, "test": 0.25}}}))
+    assert parse_folder_spec(f"{a}:first=7") == (a, 7) and parse_folder_spec(a) == (a, None)
+    whole = {s: {r.index for r in SimulationDataset(a, split=s, fields=("v",)).records}
+             for s in ("train", "val", "test")}
+    part = {s: {r.index for r in SimulationDataset(f"{a}:first=7", split=s, fields=("v",)).records}
+            for s in ("train", "val", "test")}
+    for s in whole:
+        assert part[s] == {i for i in whole[s] if i < 7}
+    assert set().union(*part.values()) == set(range(7))
+    for i in range(12, 15):                                  # the folder grows: the subset stays
+        write(a, i)
+    again = SimulationDataset(f"{a}:first=7", split="train", fields=("v",))
+    assert {r.index for r in again.records} == part["train"]
+    assert again.stats["v_mean"][0] != SimulationDataset(a, split="train", fields=("v",)).stats["v_mean"][0]
+    joined = SimulationDataset([str(b), f"{a}:first=7"], split="train", fields=("v",))
+    b_train = {r.index for r in SimulationDataset(b, split="train", fields=("v",)).records}
+    assert {r.index for r in joined.records} == b_train | {DATASET_INDEX_STRIDE + i for i in part["train"]}
+    assert joined.provenance["root"] == [str(b), f"{a}:first=7"]
+    (a / "sim_000003.h5").unlink()                           # a gap among the first N
+    with pytest.raises(InputError, match=rf"^{a}:first=7: only 6 of its simulations 0\.\.6 are complete"):
+        SimulationDataset(f"{a}:first=7", split="train", fields=("v",))
+    with pytest.raises(InputError, match=rf"^{b}:first=0: N must be >= 1"):
+        SimulationDataset([str(a), f"{b}:first=0"], split="train", fields=("v",))

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,35 @@ class _RecordInfo:
 #: Simulation ``i`` of the ``k``-th directory of a multi-directory dataset gets index ``k * stride + i``.
 DATASET_INDEX_STRIDE = 1_000_000
 
+_FIRST_RE = re.compile(r"^(?P<folder>.+):first=(?P<n>[0-9]+)$")
+
+
+def parse_folder_spec(spec) -> tuple[Path, int | None]:
+    """``(folder, first)`` of a dataset folder named as ``DIR`` or ``DIR:first=N``.
+
+    ``DIR:first=N`` stands for the folder's first N simulations in generation order (indices 0 ... N-1), so a
+    folder that is still being generated (or that ``generate`` will extend later) can be trained on with a
+    fixed, rebuildable set of simulations. ``first`` is None for a plain ``DIR``.
+    """
+    m = _FIRST_RE.match(str(spec))
+    if m is None:
+        return Path(spec), None
+    return Path(m.group("folder")), int(m.group("n"))
+
+
+def _first_only(found, meta, folder: Path, first: int) -> tuple[list, dict]:
+    """``found`` and ``meta`` of one folder cut to simulations 0 ... first-1, each keeping the split it has in
+    the whole folder; InputError unless all of them are there."""
+    if first < 1:
+        raise InputError(f"{folder}:first={first}: N must be >= 1")
+    kept = [(i, p) for i, p in found if i < first]
+    if len(kept) < first:
+        raise InputError(f"{folder}:first={first}: only {len(kept)} of its simulations 0..{first - 1} are "
+                         "complete; generate the rest first (rerun its `generate` command) or ask for fewer")
+    idx = {i for i, _ in kept}
+    splits = {name: sorted(idx & _split_indices(found, meta, name)) for name in ("train", "val", "test")}
+    return kept, {**(meta or {}), "splits": splits, "first": first}
+
 
 def _discover(root) -> tuple[list[tuple[int, Path]], dict | None]:
     """Records of a dataset: ``[(sim index, path)]`` and the directory's meta (if any).
@@ -103,18 +133,21 @@ def _discover(root) -> tuple[list[tuple[int, Path]], dict | None]:
     ``k``-th directory is numbered ``k * DATASET_INDEX_STRIDE + i``.
     """
     if isinstance(root, (list, tuple)):
-        paths = [Path(p) for p in root]
+        specs = [parse_folder_spec(p) for p in root]
+        paths = [d for d, _ in specs]
         if paths and all(p.is_dir() for p in paths):
             found, splits = [], {"train": [], "val": [], "test": []}
             metas = []
-            for k, d in enumerate(paths):
+            for k, (d, first) in enumerate(specs):
                 f_k, m_k = _discover(d)
+                if first is not None:
+                    f_k, m_k = _first_only(f_k, m_k, d, first)
                 off = k * DATASET_INDEX_STRIDE
                 found += [(i + off, p) for i, p in f_k]
                 for name in splits:
                     splits[name] += sorted(i + off for i in _split_indices(f_k, m_k, name))
                 metas.append((m_k or {}).get("generation"))
-            return found, {"splits": splits, "datasets": [str(p) for p in paths], "generation": metas}
+            return found, {"splits": splits, "datasets": [str(p) for p in root], "generation": metas}
         return list(enumerate(paths)), None
     root = Path(root)
     if root.is_file():
@@ -205,6 +238,8 @@ class SimulationDataset(torch.utils.data.Dataset):
     def __init__(self, root, split: str | None = "train", window_ms: int | None = None,
                  stride_ms: int | None = None, spike_balance: float | None = None, seed: int = 0,
                  fields=FIELDS, events: str = "input_effective", cache_dir=None):
+        if not isinstance(root, (list, tuple)) and parse_folder_spec(root)[1] is not None:
+            root = [str(root)]                  # DIR:first=N: a one-folder list (its own splits and stats)
         self.root = root if isinstance(root, (list, tuple)) else Path(root)
         self.cache, self._cached_names = None, {}
         if cache_dir is not None:
@@ -363,8 +398,9 @@ class SimulationDataset(torch.utils.data.Dataset):
         """The dataset as messages name it: its directory, its directories as DIR1,DIR2, or 'the given files'."""
         if isinstance(self.root, Path):
             return str(self.root)
-        paths = [Path(p) for p in self.root]
-        return ",".join(map(str, paths)) if paths and all(p.is_dir() for p in paths) else "the given files"
+        paths = [parse_folder_spec(p)[0] for p in self.root]
+        return (",".join(map(str, self.root)) if paths and all(p.is_dir() for p in paths)
+                else "the given files")
 
     def restrict(self, simulated_s: float) -> None:
         """Keep only the first simulations, in generation order, that hold ``simulated_s`` seconds.
@@ -494,7 +530,7 @@ class SimulationDataset(torch.utils.data.Dataset):
         # one directory: its stats.npz; several: a file named by their set, in the first of them
         if multi:
             tag = hashlib.sha256(json.dumps(self.meta["datasets"]).encode()).hexdigest()[:8]
-            cache = Path(self.meta["datasets"][0]) / f"stats_{tag}.npz"
+            cache = parse_folder_spec(self.meta["datasets"][0])[0] / f"stats_{tag}.npz"
         else:
             cache = self.root / STATS_NAME
         if cache.is_file():

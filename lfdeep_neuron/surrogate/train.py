@@ -104,7 +104,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("what to train")
     add(g, "--recipe", "recipe file (TOML), or the name of one in lfdeep_neuron/surrogate/recipes/")
-    add(g, "--data", "data directory (sim_*.h5 of `generate`; DIR1,DIR2 joins several, each with its splits), or "
+    add(g, "--data", "data directory (sim_*.h5 of `generate`; DIR1,DIR2 joins several, each with its splits; "
+                     "DIR:first=N takes a folder's first N simulations), or "
                      "'synthetic[:segments=6,sims=8,duration=2000,seed=0]'")
     add(g, "--out", "checkpoint path CKPT; CKPT.last and CKPT.jsonl are written next to it")
     add(g, "--arch", "architecture", choices=sorted(ARCHS))
@@ -319,14 +320,15 @@ def open_data(args) -> tuple:
         return SyntheticDataset(None, "train", None, **kw), SyntheticDataset(None, "val", None, **val_kw)
     if args.cache_dir is not None:          # fail here, in one line, not inside the first batch; write nothing
         _check_writable_folder(Path(args.cache_dir), "--cache-dir")
-    roots = [Path(p) for p in str(args.data).split(",")]      # several dataset folders: one dataset
-    for root in roots:
+    from lfdeep_neuron.data.dataset import SimulationDataset, parse_folder_spec
+    roots = str(args.data).split(",")      # several dataset folders (DIR or DIR:first=N): one dataset
+    for spec in roots:
+        root = parse_folder_spec(spec)[0]
         if not root.is_dir():
             raise InputError(f"--data {root}: no such directory")
         if not any(root.glob("*.h5")):
             raise InputError(f"--data {root}: no simulation records (*.h5) in this folder; create them with "
                              "`lfdeep-neuron generate`")
-    from lfdeep_neuron.data.dataset import SimulationDataset
     from lfdeep_neuron.data.records import RecordFormatError
     fields = ("x_syn", "v", "spike") + (("imem",) if args.imem else ())
     try:
