@@ -236,3 +236,42 @@ def test_status_reports_progress(uninterrupted):
     res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", str(uninterrupted)])
     assert f"{N_SIMS} complete simulations of {DURATION_MS} ms" in res.stdout
     assert "engine coreneuron" in res.stdout and "CPU s per simulated s" in res.stdout
+
+
+def test_content_digest_sees_values_not_bytes(uninterrupted, tmp_path):
+    """`generate --status --digest`: one SHA-256 over the records' values, the check that a rebuilt folder
+    is the one README names; a file rewritten with another layout keeps it, one changed value does not."""
+    import shutil
+
+    import h5py
+
+    from lfdeep_neuron.data.records import read_record, record_values_sha256, write_record
+    from lfdeep_neuron.data.simulate import dataset_digest
+    from lfdeep_neuron.errors import InputError
+
+    ref = dataset_digest(uninterrupted)
+    assert ref["records"] == N_SIMS and ref["beyond"] == 0 and len(ref["sha256"]) == 64
+    res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", str(uninterrupted), "--digest",
+                "--no-progress"])
+    assert f"content sha256 of simulations 0..{N_SIMS - 1}: {ref['sha256']}" in res.stdout
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    one = copy / "sim_000001.h5"
+    before = (hashlib.sha256(one.read_bytes()).hexdigest(), record_values_sha256(one))
+    write_record(one, **read_record(one, require=()).write_kwargs(), compression=None)   # other bytes, same values
+    assert hashlib.sha256(one.read_bytes()).hexdigest() != before[0]
+    assert record_values_sha256(one) == before[1]
+    assert dataset_digest(copy)["sha256"] == ref["sha256"]
+
+    with h5py.File(copy / "sim_000002.h5", "r+") as f:                    # one voltage, one float16 step
+        v = f["v_1ms"]
+        v[5, 50] = np.nextafter(v[5, 50], np.float16(100))
+    assert dataset_digest(copy)["sha256"] != ref["sha256"]
+    assert dataset_digest(copy, first=2)["sha256"] == dataset_digest(uninterrupted, first=2)["sha256"]
+
+    (copy / "sim_000001.h5").unlink()                                   # a gap: only simulation 0 is digested
+    dg = dataset_digest(copy)
+    assert dg["records"] == 1 and dg["beyond"] == N_SIMS - 2
+    with pytest.raises(InputError, match="simulation 1 is not complete"):
+        dataset_digest(copy, first=3)

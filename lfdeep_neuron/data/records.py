@@ -28,6 +28,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -48,6 +49,7 @@ __all__ = [
     "open_record",
     "validate_record",
     "read_group",
+    "record_values_sha256",
     "TABLE_GROUPS",
     "EVENT_GROUPS",
     "DEFAULT_REQUIRE",
@@ -454,6 +456,42 @@ def open_record(path, require: Iterable[str] = DEFAULT_REQUIRE):
         yield f
     finally:
         f.close()
+
+
+def record_values_sha256(path) -> str:
+    """SHA-256 of the numbers a record holds, independent of how the file lays them out.
+
+    Every dataset contributes its path, dtype, shape and little-endian C-order bytes, in path order.
+    Attributes (descriptive text, the NEURON version) and the file's byte layout (HDF5 version,
+    compression filter, chunking) are left out: two records with the same digest hold the same values.
+
+    Parameters
+    ----------
+    path : str or Path
+        A record written by :func:`write_record`.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    h = hashlib.sha256()
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise RecordFormatError(f"{path}: not a readable HDF5 record ({exc})") from None
+    with f:
+        names = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in sorted(names):
+            arr = np.asarray(f[name][()])
+            if arr.dtype.kind == "O":                  # variable-length strings
+                arr = np.array([x if isinstance(x, bytes) else str(x).encode() for x in arr.ravel()],
+                               dtype="S").reshape(arr.shape)
+            arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def read_record(path, require: Iterable[str] = DEFAULT_REQUIRE) -> Record:

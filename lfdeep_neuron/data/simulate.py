@@ -49,6 +49,7 @@ __all__ = [
     "GenerationConfig",
     "generate",
     "dataset_status",
+    "dataset_digest",
     "sim_seed",
     "split_key",
     "assign_splits",
@@ -742,9 +743,61 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="bin-mean currents as -L v_mean (default, exact) or from NEURON's recorded i_membrane_")
     p.add_argument("--splits", default="0.8,0.1,0.1",
                    help="train,val,test fractions by simulation (e.g. 1,0,0 for a training-only variant)")
+    p.add_argument("--digest", action="store_true",
+                   help="with --status: also print the content digest (SHA-256 over the values) of simulations "
+                        "0..n-1, the complete ones from the start: a rebuilt folder must give the one README records")
     p.add_argument("--histogram", metavar="PNG", default=None,
                    help="with --status: also plot the per-simulation somatic firing rates (one histogram per DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def dataset_digest(out_dir, first: int | None = None, progress: bool = False) -> dict:
+    """Content digest of a dataset directory: one SHA-256 over the values of its first records.
+
+    Record ``i`` contributes ``"<i> <record_values_sha256>"`` for ``i = 0 .. n-1`` in order, so the
+    digest depends on the simulated numbers only (not on HDF5 versions, compression or timing logs):
+    a folder rebuilt with the command that made it gives the same digest, and a folder still being
+    generated can be checked on its first ``n`` records (the ``DIR:first=n`` subset of ``--data``).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        A dataset directory written by :func:`generate`.
+    first : int, optional
+        Digest records ``0 .. first-1`` (an :class:`InputError` names the first one that is not
+        complete). Default: the longest run of complete records from 0.
+    progress : bool
+        Show a progress bar (every record is read and decompressed).
+
+    Returns
+    -------
+    dict
+        ``records`` (n), ``beyond`` (complete records after the first missing one, not digested) and
+        ``sha256`` (64 hex digits).
+    """
+    import h5py
+    from tqdm.auto import tqdm
+
+    from lfdeep_neuron.data.records import record_values_sha256
+    from lfdeep_neuron.errors import InputError
+
+    complete = set()
+    for index, path in list_records(out_dir).items():
+        with contextlib.suppress(OSError, KeyError), h5py.File(path, "r") as f:
+            if int(f.attrs.get("complete", 0)) == 1:
+                complete.add(index)
+    n = 0
+    while n in complete:
+        n += 1
+    if first is not None:
+        if first < 1 or first > n:
+            raise InputError(f"{out_dir}: cannot digest its first {first} records: "
+                             + (f"simulation {n} is not complete" if first > n else "first must be >= 1"))
+        n = first
+    h = hashlib.sha256()
+    for index in tqdm(range(n), desc="digest", unit="record", disable=not progress):
+        h.update(f"{index} {record_values_sha256(record_path(out_dir, index))}\n".encode())
+    return {"records": n, "beyond": sum(1 for i in complete if i >= n), "sha256": h.hexdigest()}
 
 
 def plot_rate_histogram(statuses: list[dict], path) -> None:
@@ -794,6 +847,10 @@ def run(args) -> int:
         statuses = [dataset_status(d) for d in args.status]
         for st in statuses:
             _print_status(st)
+            if args.digest:
+                dg = dataset_digest(st["dir"], progress=not args.no_progress)
+                later = f"; {dg['beyond']} later records not included" if dg["beyond"] else ""
+                print(f"  content sha256 of simulations 0..{dg['records'] - 1}: {dg['sha256']}{later}")
         if args.histogram:
             plot_rate_histogram(statuses, args.histogram)
             print(f"histogram: {args.histogram}")
