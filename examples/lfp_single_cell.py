@@ -11,6 +11,11 @@ its LFP is ``M (-L v)`` from the predicted point samples v (and ``M i`` from pre
 the model has current tasks). ``M``: LFPykit line sources to a 16-contact laminar probe along the
 apical axis (y = -300 .. 1200 µm, 50 µm beside the soma); ``L``: the axial Laplacian.
 
+With ``--true-spikes`` the surrogate is scored a second time with NEURON's somatic spikes in place of its own:
+a spike-history model reads them as its history (teacher-forced) and the action potential is added at them;
+everything else (subthreshold voltages, currents) is still predicted. That is the LFP a perfect spike output
+would give this model: the part of the LFP error that spike timing causes.
+
 As a ceiling for any voltage-predicting surrogate, the LFP of NEURON's own point samples
 ``M (-L v_1ms)`` is scored too: point samples miss what happens inside each 1-ms bin (spikes), so
 even perfect voltages do not give the bin-mean LFP.
@@ -50,6 +55,32 @@ def run_surrogate(model, x_syn):
     return v.astype(np.float64), (None if imem is None else imem.astype(np.float64)), out["soma_spike_times_ms"]
 
 
+def run_with_true_spikes(model, x_syn, spike_times_ms):
+    """Like :func:`run_surrogate` but with the given somatic spikes instead of the model's own: one full
+    (teacher-forced) pass whose spike-history input, if the model has one, holds these spikes, then the
+    checkpoint's action potential added at them. Returns ``imem_nA`` [S, T] (column 0 = 0), or None when the
+    model has no current tasks or no waveform."""
+    import torch
+
+    from lfdeep_neuron.data.dataset import spike_indicator
+    from lfdeep_neuron.surrogate.waveform import model_waveform
+
+    wf = model_waveform(model)
+    if wf is None or not model.config.imem_tasks:
+        return None
+    T = x_syn.shape[1]
+    spiked = spike_indicator(spike_times_ms, 0, T) > 0                 # step k = ceil(t): spike in (k-1, k]
+    x = torch.as_tensor(x_syn[None, :, 1:], dtype=torch.float32)
+    history = torch.as_tensor(spiked[None, :-1], dtype=torch.float32)  # column of step k holds step k-1
+    with torch.no_grad():
+        pred = model.eval()(model.make_inputs(x, None, history if model.config.spike_history else None))
+    imem = np.zeros((model.n_segments, T))
+    imem[:, 1:] = model.imem_to_nA(pred.imem)[0].double().numpy()
+    v = np.zeros((1, model.n_segments, T))                              # only the currents are used
+    _, imem = wf.apply(v, spiked[None], imem[None])
+    return imem[0]
+
+
 def scores(phi, ref):
     """Per electrode of [T, E] LFPs: Pearson correlation and relative error ||phi - ref|| / ||ref|| (over time)."""
     a = phi - phi.mean(0, keepdims=True)
@@ -66,7 +97,8 @@ def figure(path, t, phis, electrodes, table):
     import matplotlib.pyplot as plt
 
     colors = {"NEURON (bin-mean i_membrane_)": "k", "NEURON point samples: -L v_1ms": "tab:green",
-              "surrogate: -L v": "tab:red", "surrogate: predicted currents": "tab:purple"}
+              "surrogate: -L v": "tab:red", "surrogate: predicted currents": "tab:purple",
+              "surrogate: predicted currents, NEURON's spikes": "tab:orange"}
     ref = phis["NEURON (bin-mean i_membrane_)"] * 1e3
     spacing = 1.1 * np.abs(ref - ref.mean(0, keepdims=True)).max()
     fig, axes = plt.subplots(1, 2, figsize=(13, 7), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -103,6 +135,9 @@ def main(argv=None) -> int:
     p.add_argument("--morphology", default=str(SHARED / "cell1.asc"))
     p.add_argument("--reference", default=str(SHARED / "reference" / "synaptic_seed1.h5"))
     p.add_argument("--duration", type=float, default=500.0, help="ms of the reference to replay")
+    p.add_argument("--true-spikes", action="store_true",
+                   help="also score the surrogate with NEURON's somatic spikes in place of its own (teacher-forced "
+                        "spike history, action potential at them): the LFP a perfect spike output would give")
     p.add_argument("--out-dir", default="out/lfp_single_cell")
     args = p.parse_args(argv)
 
@@ -145,6 +180,12 @@ def main(argv=None) -> int:
     phis["surrogate: -L v"] = pop.from_voltages(v_s[None])
     if i_s is not None:
         phis["surrogate: predicted currents"] = pop.from_currents(i_s[None])
+    if args.true_spikes:
+        i_o = run_with_true_spikes(model, bin_events(syn, t_ev, model.n_channels, 0, T), out["soma_spike_times_ms"])
+        if i_o is None:
+            print("--true-spikes: this model has no current tasks or no spike waveform; skipped")
+        else:
+            phis["surrogate: predicted currents, NEURON's spikes"] = pop.from_currents(i_o[None])
 
     ref = phis["NEURON (bin-mean i_membrane_)"]
     skip = 1                                    # row 0 is the t = 0 value, not a bin mean

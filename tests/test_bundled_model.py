@@ -92,3 +92,31 @@ def test_lfp_from_predicted_currents_follows_neuron(bundled, reference_dir, morp
     corr = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
     print(f"LFP correlation per contact: {np.round(corr, 3)}")
     assert np.median(corr) > MIN_LFP_MEDIAN_CORR
+
+
+def test_lfp_example_true_spikes_equal_closed_loop_given_the_same_spikes(bundled, reference_dir):
+    """`examples/lfp_single_cell.py --true-spikes` scores the surrogate with NEURON's spikes in place of its
+    own (one teacher-forced pass, AP added at them). Handed the spikes the model emits itself, that pass must
+    reproduce the closed-loop currents exactly: the spike history is the model's only feedback."""
+    import importlib.util
+    from pathlib import Path
+
+    from lfdeep_neuron.data.dataset import bin_events
+    from lfdeep_neuron.data.records import read_record
+
+    _, model = bundled
+    if not model.config.imem_tasks:
+        pytest.skip("the bundled model has no membrane-current tasks")
+    path = Path(__file__).resolve().parent.parent / "examples" / "lfp_single_cell.py"
+    spec = importlib.util.spec_from_file_location("lfp_single_cell_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    T = 1500                                            # holds the surrogate's spike near 1.36 s
+    rec = read_record(reference_dir / "synaptic_seed1.h5", require=("input_effective",))
+    x = bin_events(rec["input_effective"]["syn_idx"], rec["input_effective"]["t_ms"], model.n_channels, 0, T)
+    _, imem_cl, spikes = example.run_surrogate(model, x)
+    assert spikes.size >= 1, "the bundled model emits a spike in the first 1.5 s of synaptic_seed1 (model card)"
+    imem_forced = example.run_with_true_spikes(model, x, spikes)
+    np.testing.assert_allclose(imem_forced, imem_cl, atol=1e-5 * np.abs(imem_cl).max())   # measured 4e-7 of the max
+    imem_none = example.run_with_true_spikes(model, x, np.array([]))   # no spike: no AP in the currents
+    assert np.abs(imem_none - imem_cl).max() > 0.1 * np.abs(imem_cl).max()
