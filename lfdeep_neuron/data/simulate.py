@@ -850,7 +850,10 @@ def run(args) -> int:
             if args.digest:
                 dg = dataset_digest(st["dir"], progress=not args.no_progress)
                 later = f"; {dg['beyond']} later records not included" if dg["beyond"] else ""
-                print(f"  content sha256 of simulations 0..{dg['records'] - 1}: {dg['sha256']}{later}")
+                if dg["records"]:
+                    print(f"  content sha256 of simulations 0..{dg['records'] - 1}: {dg['sha256']}{later}")
+                else:
+                    print(f"  content sha256: nothing to digest, simulation 0 is not complete{later}")
         if args.histogram:
             plot_rate_histogram(statuses, args.histogram)
             print(f"histogram: {args.histogram}")
