@@ -49,6 +49,10 @@ def bad(tmp_path_factory) -> dict:
     data = _bundled().read_bytes()
     files["truncated_pt"].write_bytes(data[: len(data) // 2])
     files["empty_dir"].mkdir()
+    files["partial_dir"] = d / "partial_data"          # a folder holding simulation 0 only
+    files["partial_dir"].mkdir()
+    if REFERENCE.is_file():
+        (files["partial_dir"] / "sim_000000.h5").symlink_to(REFERENCE)
     return files
 
 
@@ -113,6 +117,10 @@ CASES = [
      lambda b, o: ["train", "--data", b["empty_dir"], "--arch", "mh", "--config", "tiny", "--out", o / "t" / "m.pt",
                    "--steps", "1"],
      ["empty_data"], "t", ()),
+    ("train-first-beyond-the-folder",
+     lambda b, o: ["train", "--data", f"{b['partial_dir']}:first=3", "--arch", "mh", "--config", "tiny",
+                   "--out", o / "t" / "m.pt", "--steps", "1"],
+     ["partial_data:first=3: only 1 of its simulations 0..2"], "t", ("reference",)),
     ("train-zero-threads",
      lambda b, o: ["train", "--data", b["empty_dir"], "--arch", "mh", "--config", "tiny", "--out", o / "t" / "m.pt",
                    "--threads", "0"],

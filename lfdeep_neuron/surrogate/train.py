@@ -335,7 +335,11 @@ def open_data(args) -> tuple:
         return tuple(SimulationDataset(roots if len(roots) > 1 else roots[0], split=split, window_ms=None,
                                        seed=args.seed, fields=fields, cache_dir=args.cache_dir)
                      for split in ("train", "val"))
-    except (RecordFormatError, ValueError, FileNotFoundError) as err:
+    except RecordFormatError as err:
+        raise InputError(f"--data {args.data}: {err}") from err
+    except InputError:                      # already one line naming the folder (e.g. DIR:first=N too large)
+        raise
+    except (ValueError, FileNotFoundError) as err:
         raise InputError(f"--data {args.data}: {err}") from err
 
 
