@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lfdeep-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test corpus clean-cache
 
 setup: $(STAMP)
 
@@ -28,6 +28,17 @@ test: setup
 	# pytest exit code 5 (no tests collected) is a failure too.
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# The training corpus of README's "Ground truth", folder after folder; every command resumes where it stopped,
+# so `make corpus` after an interruption (or on a new machine) continues or rebuilds it. Check each folder
+# against README with `lfdeep-neuron generate --status DIR --digest`.
+MORPHOLOGY ?= ../shared/hay/cell1.asc
+WORKERS ?= 2
+GEN = $(VENV)/bin/lfdeep-neuron generate --morphology $(MORPHOLOGY) --duration-ms 6000 --workers $(WORKERS)
+corpus: setup
+	$(GEN) --out data/corpus/published --n-sims 600 --seed 2027
+	$(GEN) --out data/corpus/excited --n-sims 400 --seed 2028 --generator excited --splits 1,0,0
+	$(GEN) --out data/corpus/published_b --n-sims 1000 --seed 2029 --splits 1,0,0
 
 clean-cache:
 	rm -rf $${LFDEEP_CACHE_DIR:-$$HOME/.cache/lfdeep_neuron}
