@@ -1,6 +1,7 @@
 # Two entry points (see README): `make demo` and `make test` (the whole suite, slow tests included:
 # wheel build and install, NetPyNE on 1 and 2 MPI ranks; `make test PYTEST_ARGS="-m 'not slow'"` skips them).
-# Both create the virtual environment if it is missing and install the package.
+# Both create the virtual environment if it is missing and install the package; so does `make corpus`, which
+# builds the training corpus (hours; README, "Ground truth").
 PYTHON ?= python3
 VENV ?= .venv
 VENV_OPTS ?=
