@@ -662,6 +662,21 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
     return meta
 
 
+def _complete_records(out_dir):
+    """``(index, path, root attributes)`` of every complete record of a dataset directory, by index (files
+    that cannot be opened, or that a run is still writing, are skipped)."""
+    import h5py
+
+    for index, path in sorted(list_records(out_dir).items()):
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = dict(f.attrs)
+        except OSError:
+            continue
+        if int(attrs.get("complete", 0)) == 1:
+            yield index, path, attrs
+
+
 def dataset_status(out_dir) -> dict:
     """How far a dataset directory is: its settings, complete records, simulated seconds and spikes.
 
@@ -676,16 +691,11 @@ def dataset_status(out_dir) -> dict:
         raise InputError(f"{out_dir}: not a dataset directory (no {META_NAME} written by generate)")
     gen = meta["generation"]
     done, spikes, rates = 0, 0, []
-    import h5py
-
-    for index, path in list_records(out_dir).items():
+    for _, _, attrs in _complete_records(out_dir):
         try:
-            with h5py.File(path, "r") as f:
-                if int(f.attrs.get("complete", 0)) != 1:
-                    continue
-                n = int(f.attrs["n_soma_spikes"])
-                dur = float(f.attrs["duration_ms"])
-        except (OSError, KeyError):
+            n = int(attrs["n_soma_spikes"])
+            dur = float(attrs["duration_ms"])
+        except KeyError:
             continue
         done += 1
         spikes += n
@@ -775,17 +785,12 @@ def dataset_digest(out_dir, first: int | None = None, progress: bool = False) ->
         ``records`` (n), ``beyond`` (complete records after the first missing one, not digested) and
         ``sha256`` (64 hex digits).
     """
-    import h5py
     from tqdm.auto import tqdm
 
     from lfdeep_neuron.data.records import record_values_sha256
     from lfdeep_neuron.errors import InputError
 
-    complete = set()
-    for index, path in list_records(out_dir).items():
-        with contextlib.suppress(OSError, KeyError), h5py.File(path, "r") as f:
-            if int(f.attrs.get("complete", 0)) == 1:
-                complete.add(index)
+    complete = {index for index, _, _ in _complete_records(out_dir)}
     n = 0
     while n in complete:
         n += 1
