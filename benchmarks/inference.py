@@ -22,6 +22,8 @@ Usage::
     python benchmarks/inference.py                        # defaults: ~3-5 min on 2 cores
     python benchmarks/inference.py --archs mmoe --configs paper --n-cells 1000 --threads 1 --device cuda
     python benchmarks/inference.py --neuron-ms-per-ms 30 --json bench.json
+    python benchmarks/inference.py --model models/l5pc_spike_lstm_mh_history_128_own.pt --device cuda \
+        --n-cells 1000 10000 --neuron-ms-per-ms 9        # a trained checkpoint; no NEURON needed
 
 Timings on a shared machine are noisy; each cell of the table is the median over repeated steps.
 """
@@ -49,6 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=["paper", "fast"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override for every model timed, e.g. --set channels=64 (repeatable)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="time this checkpoint (e.g. the bundled model, with its spike rule and threshold) instead "
+                        "of the untrained --archs x --configs")
     p.add_argument("--n-cells", nargs="+", type=int, default=[1, 10, 100, 1000])
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="torch CPU thread counts to time")
     p.add_argument("--device", nargs="+", default=["auto"], help="'auto' (cpu + cuda if present), cpu, cuda")
@@ -91,7 +96,10 @@ def time_streamer(model, n_cells: int, device: str, dtype, budget_s: float, min_
     """Median seconds per closed-loop step of ``n_cells`` cells, and the state bytes per cell."""
     import torch
 
-    st = model.streamer(n_cells, device=device, feedback=True, output="mV", dtype=dtype)
+    from lfdeep_neuron.surrogate.metrics import default_spike_threshold
+
+    st = model.streamer(n_cells, device=device, feedback=True, output="mV", dtype=dtype,
+                        spike_threshold=default_spike_threshold(model))
     g = torch.Generator().manual_seed(0)
     n_in = 8   # a few distinct input columns, cycled
     x = torch.poisson(torch.full((n_in, n_cells, model.n_channels), EVENT_RATE_PER_CHANNEL_MS), generator=g)
@@ -150,31 +158,40 @@ def main(argv=None) -> int:
             settings.append((f"{torch.cuda.get_device_name(0)} ({args.dtype})", d, 1, 1))
     dtype_gpu = getattr(torch, args.dtype)
 
+    if args.model is not None:       # one trained checkpoint, named by its file
+        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+        model = load_surrogate(args.model).eval()
+        models = [(model.arch, args.model.stem, model)]
+    else:
+        models = []
+        for config in args.configs:
+            for arch in args.archs:
+                torch.manual_seed(0)
+                models.append((arch, config, build_model(arch, config, **overrides).eval()))
+
     rows = []
-    for config in args.configs:
-        for arch in args.archs:
-            torch.manual_seed(0)
-            model = build_model(arch, config, **overrides).eval()
-            n_par = model.num_parameters()
-            for label, device, threads, cores in settings:
-                torch.set_num_threads(threads)
-                m = model.to(device)
-                for N in args.n_cells:
-                    dt = dtype_gpu if device != "cpu" else None
-                    try:
-                        s, n, state = time_streamer(m, N, device, dt, args.budget_s, args.min_steps, args.max_steps)
-                    except RuntimeError as err:     # e.g. out of memory
-                        print(f"{arch} {config} {label} N={N}: {err}")
-                        continue
-                    nrn_s = c_nrn * N / cores      # NEURON: N cells for 1 ms on the same cores
-                    row = dict(arch=arch, config=config, params=n_par, setting=label, device=device,
-                               threads=threads, n_cells=N, s_per_step=s, steps_timed=n,
-                               cell_steps_per_s=N / s, speedup_vs_neuron=nrn_s / s, state_bytes_per_cell=state)
-                    rows.append(row)
-                    print(f"{arch:>7} {config:>6} {label:>24} N={N:>5}: {1e3 * s:9.3f} ms/step  "
-                          f"{N / s:12.0f} cell-steps/s  x{nrn_s / s:9.1f} vs NEURON  "
-                          f"state {state / 1024:.1f} KiB/cell", flush=True)
-                model.to("cpu")
+    for arch, config, model in models:
+        n_par = model.num_parameters()
+        for label, device, threads, cores in settings:
+            torch.set_num_threads(threads)
+            m = model.to(device)
+            for N in args.n_cells:
+                dt = dtype_gpu if device != "cpu" else None
+                try:
+                    s, n, state = time_streamer(m, N, device, dt, args.budget_s, args.min_steps, args.max_steps)
+                except RuntimeError as err:     # e.g. out of memory
+                    print(f"{arch} {config} {label} N={N}: {err}")
+                    continue
+                nrn_s = c_nrn * N / cores      # NEURON: N cells for 1 ms on the same cores
+                row = dict(arch=arch, config=config, params=n_par, setting=label, device=device,
+                           threads=threads, n_cells=N, s_per_step=s, steps_timed=n,
+                           cell_steps_per_s=N / s, speedup_vs_neuron=nrn_s / s, state_bytes_per_cell=state)
+                rows.append(row)
+                print(f"{arch:>7} {config:>6} {label:>24} N={N:>5}: {1e3 * s:9.3f} ms/step  "
+                      f"{N / s:12.0f} cell-steps/s  x{nrn_s / s:9.1f} vs NEURON  "
+                      f"state {state / 1024:.1f} KiB/cell", flush=True)
+            model.to("cpu")
 
     # -- tables -----------------------------------------------------------------------------------------
     print()

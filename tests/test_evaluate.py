@@ -528,3 +528,23 @@ def test_generalisation_gap_scores_match_a_direct_computation(reference, checkpo
     assert got["all_mV"] == pytest.approx((sq / n) ** 0.5, rel=1e-5)
     assert got["soma_clip_mV"] == pytest.approx((sq_soma / lb.numel()) ** 0.5, rel=1e-5)
     assert got["all_mV"] > got["soma_clip_mV"] > 0                     # an untrained model: errors everywhere
+
+
+def test_inference_benchmark_times_a_checkpoint(checkpoint, benchmark_module, tmp_path):
+    """``benchmarks/inference.py --model CKPT`` times that checkpoint (not the untrained --archs/--configs),
+    one row per population size, its speed-up the given NEURON cost over the timed step."""
+    import json
+
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+    bench = benchmark_module("inference")
+    out = tmp_path / "bench.json"
+    assert bench.main(["--model", str(checkpoint), "--n-cells", "1", "3", "--device", "cpu", "--threads", "1",
+                       "--neuron-ms-per-ms", "9", "--budget-s", "0.01", "--min-steps", "2", "--max-steps", "3",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    model = load_surrogate(checkpoint)
+    assert [(r["arch"], r["config"], r["n_cells"]) for r in rows] == [(model.arch, "tiny", 1), (model.arch, "tiny", 3)]
+    for r in rows:
+        assert r["params"] == model.num_parameters() and r["s_per_step"] > 0
+        assert r["speedup_vs_neuron"] == pytest.approx(9e-3 * r["n_cells"] / r["s_per_step"])
