@@ -131,6 +131,15 @@ def main(argv=None) -> int:
     from lfdeep_neuron.surrogate.train import parse_overrides
 
     overrides = parse_overrides(args.set, "--set")
+    if args.model is not None:       # one trained checkpoint, named by its file; loaded before NEURON's timing
+        from lfdeep_neuron.errors import InputError
+        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+
+        if args.set:
+            raise InputError(f"{args.model}: --set changes an untrained model's config; a checkpoint is timed "
+                             "as trained")
+        model = load_surrogate(args.model).eval()
+        models = [(model.arch, args.model.stem, model)]
 
     # -- NEURON -------------------------------------------------------------------------------------------
     torch.set_num_threads(1)
@@ -158,12 +167,7 @@ def main(argv=None) -> int:
             settings.append((f"{torch.cuda.get_device_name(0)} ({args.dtype})", d, 1, 1))
     dtype_gpu = getattr(torch, args.dtype)
 
-    if args.model is not None:       # one trained checkpoint, named by its file
-        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
-
-        model = load_surrogate(args.model).eval()
-        models = [(model.arch, args.model.stem, model)]
-    else:
+    if args.model is None:
         models = []
         for config in args.configs:
             for arch in args.archs:
@@ -231,4 +235,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lfdeep_neuron.cli import BAD_INPUT, EXIT_BAD_INPUT
+
+    try:
+        sys.exit(main())
+    except BAD_INPUT as err:                        # a wrong checkpoint or --set: one line, as the CLI does
+        print(f"inference.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

@@ -548,3 +548,11 @@ def test_inference_benchmark_times_a_checkpoint(checkpoint, benchmark_module, tm
     for r in rows:
         assert r["params"] == model.num_parameters() and r["s_per_step"] > 0
         assert r["speedup_vs_neuron"] == pytest.approx(9e-3 * r["n_cells"] / r["s_per_step"])
+    # bad input: one error naming the file, before any timing (NEURON's included)
+    from lfdeep_neuron.errors import InputError
+
+    quick = ["--n-cells", "1", "--device", "cpu", "--threads", "1"]
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        bench.main(["--model", str(tmp_path / "missing.pt"), *quick])
+    with pytest.raises(InputError, match="--set"):
+        bench.main(["--model", str(checkpoint), "--set", "channels=64", *quick])
