@@ -118,7 +118,7 @@ def write_outputs(rows: list[dict], out: Path, title: str) -> None:
         for k in keys:
             ax.plot(x, [r[k] for r in rows], "o-", label=dict(COLUMNS)[k])
         ax.set_xscale("log")
-        ax.set_xticks(x, [f"{v:g}" for v in x])        # the budgets themselves, no overlapping minor labels
+        ax.set_xticks(x, [f"{v:g}" for v in x], rotation=45, ha="right")   # the budgets themselves, no minor labels
         ax.minorticks_off()
         ax.set_xlabel("training data (simulated s)")
         ax.set_ylabel(ylabel)

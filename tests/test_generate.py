@@ -254,6 +254,15 @@ def test_content_digest_sees_values_not_bytes(uninterrupted, tmp_path):
     res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", str(uninterrupted), "--digest",
                 "--no-progress"])
     assert f"content sha256 of simulations 0..{N_SIMS - 1}: {ref['sha256']}" in res.stdout
+    first2 = dataset_digest(uninterrupted, first=2)["sha256"]           # DIR:first=N, a training run's subset
+    assert first2 != ref["sha256"]
+    res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", f"{uninterrupted}:first=2",
+                "--digest", "--no-progress"])
+    assert f"content sha256 of simulations 0..1: {first2}" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status",
+                          f"{uninterrupted}:first=99", "--digest", "--no-progress"],
+                         capture_output=True, text=True, timeout=600, env=_env())
+    assert res.returncode == 2 and "cannot digest its first 99 records" in res.stderr
 
     copy = tmp_path / "copy"
     shutil.copytree(uninterrupted, copy)

@@ -733,7 +733,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="Hay cell morphology (cell1.asc); default $LFDEEP_HAY_MORPHOLOGY")
     p.add_argument("--out", help="dataset directory (created; resumed if it exists)")
     p.add_argument("--status", metavar="DIR", nargs="+", default=None,
-                   help="print how far the dataset(s) in DIR are (records, simulated s, spikes, rates) and exit")
+                   help="print how far the dataset(s) in DIR are (records, simulated s, spikes, rates) and exit; "
+                        "with --digest, DIR:first=N digests simulations 0..N-1 only (a training run's subset)")
     p.add_argument("--n-sims", type=int, help="number of simulations")
     p.add_argument("--duration-ms", type=int, default=6000, help="length of each simulation (ms)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; simulation i uses sim_seed(seed, i)")
@@ -849,11 +850,14 @@ def run(args) -> int:
     from lfdeep_neuron.errors import InputError
 
     if args.status:
-        statuses = [dataset_status(d) for d in args.status]
-        for st in statuses:
+        from lfdeep_neuron.data.dataset import parse_folder_spec
+
+        specs = [parse_folder_spec(d) for d in args.status]     # DIR or DIR:first=N (the digest's records)
+        statuses = [dataset_status(folder) for folder, _ in specs]
+        for st, (_, first) in zip(statuses, specs):
             _print_status(st)
             if args.digest:
-                dg = dataset_digest(st["dir"], progress=not args.no_progress)
+                dg = dataset_digest(st["dir"], first=first, progress=not args.no_progress)
                 later = f"; {dg['beyond']} later records not included" if dg["beyond"] else ""
                 if dg["records"]:
                     print(f"  content sha256 of simulations 0..{dg['records'] - 1}: {dg['sha256']}{later}")
