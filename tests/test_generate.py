@@ -36,9 +36,10 @@ def _env():
     return env
 
 
-def _run(cmd, timeout=600):
+def _run(cmd, timeout=600, rc=0):
+    """Run ``cmd`` in the test environment; assert its exit status is ``rc`` (2: bad input)."""
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed ({res.returncode}):\n{res.stderr[-3000:]}"
+    assert res.returncode == rc, f"{' '.join(map(str, cmd))} exited {res.returncode}, not {rc}:\n{res.stderr[-3000:]}"
     return res
 
 
@@ -194,8 +195,7 @@ def test_mpiexec_and_kill_resume_are_bit_identical(morphology, uninterrupted, tm
 def test_resume_refuses_other_settings(morphology, uninterrupted):
     cmd = _cmd(morphology, uninterrupted, "--workers", "1")
     cmd[cmd.index("--duration-ms") + 1] = "50"
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
-    assert res.returncode == 2
+    res = _run(cmd, timeout=300, rc=2)
     assert "other settings" in res.stderr and "duration_ms: existing 100 vs requested 50" in res.stderr
 
 
@@ -224,9 +224,7 @@ def test_garbage_morphology_stops_before_any_worker(tmp_path):
     asc.write_text("(this is not ( a neurolucida file\n" * 20)
     out = tmp_path / "o"
     t0 = time.time()
-    res = subprocess.run(_cmd(asc, out, "--workers", "2", "--engine", "neuron"), capture_output=True, text=True,
-                         timeout=300, env=_env())
-    assert res.returncode == 2, res.stderr[-2000:]
+    res = _run(_cmd(asc, out, "--workers", "2", "--engine", "neuron"), timeout=300, rc=2)
     assert "Traceback" not in res.stderr and str(asc) in res.stderr
     assert not out.exists()
     assert time.time() - t0 < 120
@@ -259,10 +257,9 @@ def test_content_digest_sees_values_not_bytes(uninterrupted, tmp_path):
     res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", f"{uninterrupted}:first=2",
                 "--digest", "--no-progress"])
     assert f"content sha256 of simulations 0..1: {first2}" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status",
-                          f"{uninterrupted}:first=99", "--digest", "--no-progress"],
-                         capture_output=True, text=True, timeout=600, env=_env())
-    assert res.returncode == 2 and "cannot digest its first 99 records" in res.stderr
+    res = _run([sys.executable, "-m", "lfdeep_neuron.cli", "generate", "--status", f"{uninterrupted}:first=99",
+                "--digest", "--no-progress"], rc=2)
+    assert "cannot digest its first 99 records" in res.stderr
 
     copy = tmp_path / "copy"
     shutil.copytree(uninterrupted, copy)
