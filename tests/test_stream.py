@@ -172,6 +172,9 @@ SPIKE_DESIGNS = [dict(backbone="lstm", channels=(6,), compressor=(3,)),
                       local_taus=(2.0, 9.0), imem_tasks=True, tower_soft=0, tower_hard=0),   # linear towers
                  dict(backbone="elm", channels=(5,), compressor=(4,), n_branches=2, direct_heads=True,
                       feedback=False, soma_clip_mV=-55.0, local_taus=(3.0,), tower_soft=0, tower_hard=0),
+                 dict(backbone="branch_lstm", channels=(6,), compressor=(3,), n_branches=3, branch_units=2,
+                      direct_heads=True, feedback=False, local_taus=(2.0,), imem_tasks=True, tower_soft=0,
+                      tower_hard=0),
                  dict(backbone="lstm", channels=(6,), compressor=(3,), n_branches=3, direct_heads=True,   # soma net
                       feedback=False, soma_channels=(4,), local_taus=(2.0,), imem_tasks=True, tower_soft=0,
                       tower_hard=0)]
@@ -289,7 +292,7 @@ def test_a_new_backbone_is_one_class_and_one_registration():
             torch.testing.assert_close(s, full.spike_logit, **TOL)
     finally:
         BACKBONES.pop("test_ema")
-    with pytest.raises(ValueError, match="unknown backbone 'test_ema'; registered: elm, lstm, tcn"):
+    with pytest.raises(ValueError, match="unknown backbone 'test_ema'; registered: branch_lstm, elm, lstm, tcn"):
         MH.from_config("tiny", backbone="test_ema")
 
 

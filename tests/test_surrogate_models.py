@@ -307,3 +307,43 @@ def test_fused_lstm_full_pass_equals_the_stepped_recurrence_with_gradients():
         grads.append([p.grad.clone() for p in g.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+def test_branch_lstm_keeps_branches_apart_and_shares_their_weights():
+    """backbone "branch_lstm": each branch's units read only that branch's (exc, inh) sums; all branches share
+    one small LSTM (differing only by their embedding); the trunk reads the input and every branch unit."""
+    from lfdeep_neuron.surrogate.branch import BranchLSTM
+
+    torch.manual_seed(0)
+    nb, k = 4, 3
+    b = BranchLSTM(2 * nb + 1, 5, n_branches=nb, branch_units=k).eval()
+    assert b.trunk.c_in == 2 * nb + 1 + nb * k and b.c_out == 5
+    assert sum(p.numel() for p in b.branch.parameters()) == 4 * k * (2 + 2 + k) + 2 * 4 * k   # one shared LSTM
+    x = torch.rand(2, 2 * nb + 1, 25)
+    units = lambda inp: b.branch(b._branch_input(inp))[0].reshape(25, 2, nb, k)   # noqa: E731
+    with torch.no_grad():
+        base = units(x)
+        x2 = x.clone()
+        x2[:, nb + 1, 10] += 2.0                                     # inhibition of branch 1 at step 10
+        moved = (units(x2) - base).abs().amax(dim=(1, 3))            # [T, nb]
+    assert moved[:10].max() == 0                                     # causal
+    assert moved[10:, 1].min() > 0 and moved[:, [0, 2, 3]].max() == 0   # only branch 1's units move
+    with torch.no_grad():                                            # same input, different embedding -> differ
+        same = x.clone()
+        same[:, :nb] = same[:, :1]
+        same[:, nb:2 * nb] = same[:, nb:nb + 1]
+        u = units(same)
+        b.embed.copy_(b.embed[:1].expand(nb, -1))
+        v = units(same)
+    assert (u[:, :, 0] - u[:, :, 1]).abs().max() > 1e-4 and (v[:, :, 0] - v[:, :, 1]).abs().max() < 1e-6
+
+
+def test_branch_lstm_needs_routed_input():
+    with pytest.raises(ValueError, match="branch_lstm.*n_branches >= 1"):
+        MH.from_config("tiny", backbone="branch_lstm", channels=(4,), n_segments=3, n_channels=6)
+    with pytest.raises(ValueError, match="branch_units must be >= 1"):
+        make_config("spike_lstm", branch_units=0)
+    m = MH.from_config("spike_lstm", backbone="branch_lstm", channels=(128,), spike_history=True, imem_tasks=True)
+    assert 800_000 < m.num_parameters() < 900_000
+    v, s = m.eval()(torch.zeros(1, m.n_inputs, 3))
+    assert v.shape == (1, 642, 3) and s.shape == (1, 3)

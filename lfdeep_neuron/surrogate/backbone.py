@@ -89,7 +89,7 @@ def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
 
 def _load_builtin() -> None:
     # The built-in backbones register themselves on import.
-    from lfdeep_neuron.surrogate import recurrent, tcn  # noqa: F401
+    from lfdeep_neuron.surrogate import branch, recurrent, tcn  # noqa: F401
 
 
 def build_backbone(name: str, c_in: int, widths, n_groups: int, config) -> Backbone:

@@ -17,8 +17,9 @@ Architectures
     ``exclusivity`` per task-expert pair, at least one expert kept per task); masked gate entries are exactly 0.
 
 Trunk, experts and compressor are :class:`~lfdeep_neuron.surrogate.backbone.Backbone` s named by
-``config.backbone``: ``"tcn"`` (causal TCN, the paper's), ``"lstm"``, ``"elm"`` (recurrent, O(1) state) or
-any registered one. Options for spiking (issue 11): ``n_branches`` routes the channels through the dendritic
+``config.backbone``: ``"tcn"`` (causal TCN, the paper's), ``"lstm"``, ``"elm"`` (recurrent, O(1) state),
+``"branch_lstm"`` (a small LSTM per dendritic branch in front of an LSTM trunk; needs ``n_branches``) or any
+registered one. Options for spiking (issue 11): ``n_branches`` routes the channels through the dendritic
 sections before the backbones (:mod:`~lfdeep_neuron.surrogate.routing`); ``direct_heads`` adds a linear path
 from the whole trunk (all experts) to the soma voltage and the spike logit; ``soma_clip_mV`` records that the
 soma task learns a clipped target.
@@ -103,7 +104,8 @@ class SurrogateConfig:
     tower_hard: int = 25             # tower width for MH (0: linear towers)
     exclusivity: float = 0.3         # MMoEEx: probability that a task-expert gate entry is masked
     mask_seed: int = 0               # MMoEEx: seed of the fixed random mask
-    backbone: str = "tcn"            # registered Backbone of trunk / experts / compressor ("tcn", "lstm", "elm")
+    backbone: str = "tcn"            # registered Backbone of trunk / experts / compressor ("tcn", "lstm", "elm",
+                                     # "branch_lstm")
     n_branches: int = 0              # > 0: backbones read per-branch exc/inh sums of the channels (routing.py)
                                      # instead of the channels themselves; the Hay cell has 193 branches
     direct_heads: bool = False       # soma-voltage and spike tasks also read the whole trunk / all experts
@@ -115,6 +117,7 @@ class SurrogateConfig:
                                      # soma and spike outputs do not compete with 642 voltages for its units
     spike_history: bool = False      # one more input row: the somatic spike of the previous step (1/0) -- the
                                      # true one in training, the emitted one (threshold crossing) when streaming
+    branch_units: int = 4            # backbone "branch_lstm" (branch.py): recurrent units per dendritic branch
 
     def __post_init__(self):
         def ints(v):   # a single int (e.g. from "--set compressor=8") or a sequence
@@ -149,6 +152,9 @@ class SurrogateConfig:
         if self.soma_clip_mV is not None:
             self.soma_clip_mV = float(self.soma_clip_mV)
         self.spike_history = bool(self.spike_history)
+        self.branch_units = int(self.branch_units)
+        if self.branch_units < 1:
+            raise ValueError(f"branch_units must be >= 1, got {self.branch_units}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
