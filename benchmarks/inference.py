@@ -22,7 +22,7 @@ Usage::
     python benchmarks/inference.py                        # defaults: ~3-5 min on 2 cores
     python benchmarks/inference.py --archs mmoe --configs paper --n-cells 1000 --threads 1 --device cuda
     python benchmarks/inference.py --neuron-ms-per-ms 30 --json bench.json
-    python benchmarks/inference.py --model models/l5pc_spike_lstm_mh_history_128_own.pt --device cuda \
+    python benchmarks/inference.py --model models/l5pc_spike_lstm_mh_history_128_16k_own.pt --device cuda \
         --n-cells 1000 10000 --neuron-ms-per-ms 9        # a trained checkpoint; no NEURON needed
 
 Timings on a shared machine are noisy; each cell of the table is the median over repeated steps.

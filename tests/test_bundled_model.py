@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 # measured on the bundled model (models/MODEL_CARD.md), with margin
-MAX_RMSE_ALL_MV = 4.3            # closed loop, all segments, 3 s (measured 3.96; constant baseline 6.65)
-MAX_RMSE_SOMA_MV = 2.8           # closed loop, soma (measured 2.48, with one false spike; constant baseline 3.54)
-MAX_RMSE_SOMA_CLIPPED_MV = 1.35  # closed loop, soma clipped at -55 mV (measured 1.14; constant 2.91)
-MIN_SPIKE_AUC = 0.84             # spike logit vs the 2 reference spikes, 1-ms bins (measured 0.91)
-MIN_LFP_MEDIAN_CORR = 0.65       # 500 ms without somatic spikes, predicted currents vs NEURON (measured 0.79)
+MAX_RMSE_ALL_MV = 4.3            # closed loop, all segments, 3 s (measured 3.78; constant baseline 6.65)
+MAX_RMSE_SOMA_MV = 2.8           # closed loop, soma (measured 2.24, no spike; constant baseline 3.54)
+MAX_RMSE_SOMA_CLIPPED_MV = 1.35  # closed loop, soma clipped at -55 mV (measured 1.11; constant 2.91)
+MIN_SPIKE_AUC = 0.84             # spike logit vs the 2 reference spikes, 1-ms bins (measured 0.92)
+MIN_LFP_MEDIAN_CORR = 0.65       # 500 ms without somatic spikes, predicted currents vs NEURON (measured 0.80)
 
 
 @pytest.fixture(scope="module")
@@ -111,11 +111,14 @@ def test_lfp_example_true_spikes_equal_closed_loop_given_the_same_spikes(bundled
     spec = importlib.util.spec_from_file_location("lfp_single_cell_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    T = 1500                                            # holds the surrogate's spike near 1.36 s
+    T = 1500
     rec = read_record(reference_dir / "synaptic_seed1.h5", require=("input_effective",))
     x = bin_events(rec["input_effective"]["syn_idx"], rec["input_effective"]["t_ms"], model.n_channels, 0, T)
-    _, imem_cl, spikes = example.run_surrogate(model, x)
-    assert spikes.size >= 1, "the bundled model emits a spike in the first 1.5 s of synaptic_seed1 (model card)"
+    # every synaptic weight x 1.2: the test needs spikes of the model's own, and the bundled model emits none on
+    # synaptic_seed1 as it is (model card; 3 near 1.35 s with this drive)
+    _, imem_cl, spikes = example.run_surrogate(model, 1.2 * x)
+    assert spikes.size >= 1, "the bundled model emits a spike in the first 1.5 s of synaptic_seed1 at 1.2x drive"
+    x = 1.2 * x
     imem_forced = example.run_with_true_spikes(model, x, spikes)
     np.testing.assert_allclose(imem_forced, imem_cl, atol=1e-5 * np.abs(imem_cl).max())   # measured 4e-7 of the max
     imem_none = example.run_with_true_spikes(model, x, np.array([]))   # no spike: no AP in the currents

@@ -277,20 +277,24 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     # recipe + flags); models/DEFAULT names one of them
     from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
 
-    one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k", "spike_lstm_mh_history_128_8k")
-    fine_tunes = {"spike_lstm_mh_history_128_own": "spike_lstm_mh_history_128_8k"}      # recipe: its --init's
+    one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k", "spike_lstm_mh_history_128_8k",
+                 "spike_lstm_mh_history_128_16k")
+    # fine-tune recipe: (its --init's recipe, the --init file it was trained from, which models/ holds as l5pc_BASE.pt)
+    fine_tunes = {"spike_lstm_mh_history_128_own": ("spike_lstm_mh_history_128_8k", "l5pc_spike_lstm_mh_history_128_8k.pt"),
+                  "spike_lstm_mh_history_128_16k_own": ("spike_lstm_mh_history_128_16k", "cand16k.pt")}
     assert Path(bundled_checkpoint()).stem in {f"l5pc_{n}" for n in (*one_stage, *fine_tunes)}
-    for name, base in fine_tunes.items():       # a fine-tune of a bundled one-stage model, by its own recipe
+    for name, (base, init) in fine_tunes.items():   # a fine-tune of a bundled one-stage model, by its own recipe
         prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
-        assert Path(prov["args"]["init"]).name == f"l5pc_{base}.pt" and prov["steps"] == recipe.steps
+        assert (MODELS_DIR / f"l5pc_{base}.pt").is_file()
+        assert Path(prov["args"]["init"]).name == init and prov["steps"] == recipe.steps
         for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
                     "soma_weight", "model", "seed", "history_own", "history_own_threshold", "history_own_passes"):
             assert getattr(recipe, key) == prov["args"][key], (name, key)
     for name in one_stage:
         prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
-        assert prov["init"] is None and prov["steps"] == recipe.steps == 8000
+        assert prov["init"] is None and prov["steps"] == recipe.steps
         for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
                     "soma_weight", "voltage_weight", "imem_weight", "spike_pos_weight", "model", "seed", "val_sims",
                     "val_windows", "keep_best"):
