@@ -113,12 +113,11 @@ def test_lfp_example_true_spikes_equal_closed_loop_given_the_same_spikes(bundled
     spec.loader.exec_module(example)
     T = 1500
     rec = read_record(reference_dir / "synaptic_seed1.h5", require=("input_effective",))
-    x = bin_events(rec["input_effective"]["syn_idx"], rec["input_effective"]["t_ms"], model.n_channels, 0, T)
     # every synaptic weight x 1.2: the test needs spikes of the model's own, and the bundled model emits none on
     # synaptic_seed1 as it is (model card; 3 near 1.35 s with this drive)
-    _, imem_cl, spikes = example.run_surrogate(model, 1.2 * x)
+    x = 1.2 * bin_events(rec["input_effective"]["syn_idx"], rec["input_effective"]["t_ms"], model.n_channels, 0, T)
+    _, imem_cl, spikes = example.run_surrogate(model, x)
     assert spikes.size >= 1, "the bundled model emits a spike in the first 1.5 s of synaptic_seed1 at 1.2x drive"
-    x = 1.2 * x
     imem_forced = example.run_with_true_spikes(model, x, spikes)
     np.testing.assert_allclose(imem_forced, imem_cl, atol=1e-5 * np.abs(imem_cl).max())   # measured 4e-7 of the max
     imem_none = example.run_with_true_spikes(model, x, np.array([]))   # no spike: no AP in the currents

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "State", "BACKBONES", "register_backbone", "build_backbone", "state_map",
+__all__ = ["Backbone", "State", "BACKBONES", "register_backbone", "build_backbone", "single_width", "state_map",
            "state_bytes"]
 
 State = tuple   # of tensors (or nested tuples of tensors), cells on dim 0 of every tensor
@@ -98,6 +98,14 @@ def build_backbone(name: str, c_in: int, widths, n_groups: int, config) -> Backb
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(sorted(BACKBONES))}")
     return BACKBONES[name].from_config(int(c_in), tuple(widths), int(n_groups), config)
+
+
+def single_width(name: str, widths: tuple) -> int:
+    """The one layer width of a backbone with a single recurrent layer (``widths`` as ``from_config`` gets it)."""
+    if len(widths) != 1 or int(widths[0]) < 1:
+        raise ValueError(f"the {name!r} backbone has one recurrent layer: give its width as one number "
+                         f"(e.g. channels=64), got {tuple(widths)}")
+    return int(widths[0])
 
 
 def state_map(fn, *states):

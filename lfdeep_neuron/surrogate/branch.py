@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lfdeep_neuron.surrogate.backbone import Backbone, register_backbone
+from lfdeep_neuron.surrogate.backbone import Backbone, register_backbone, single_width
 from lfdeep_neuron.surrogate.recurrent import GroupedLSTM
 
 __all__ = ["BranchLSTM"]
@@ -67,10 +67,7 @@ class BranchLSTM(Backbone):
 
     @classmethod
     def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "BranchLSTM":
-        if len(widths) != 1 or int(widths[0]) < 1:
-            raise ValueError(f"the 'branch_lstm' backbone has one trunk layer: give its width as one number "
-                             f"(e.g. channels=128), got {tuple(widths)}")
-        return cls(c_in, int(widths[0]), n_groups, n_branches=config.n_branches,
+        return cls(c_in, single_width("branch_lstm", widths), n_groups, n_branches=config.n_branches,
                    branch_units=config.branch_units, dropout=config.dropout)
 
     def _branch_input(self, x: torch.Tensor) -> torch.Tensor:

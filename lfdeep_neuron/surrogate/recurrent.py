@@ -24,16 +24,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lfdeep_neuron.surrogate.backbone import Backbone, register_backbone
+from lfdeep_neuron.surrogate.backbone import Backbone, register_backbone, single_width
 
 __all__ = ["GroupedLSTM", "LeakyMemory"]
-
-
-def _one_width(name: str, widths: tuple) -> int:
-    if len(widths) != 1 or int(widths[0]) < 1:
-        raise ValueError(f"the {name!r} backbone has one recurrent layer: give its width as one number "
-                         f"(e.g. channels=64), got {tuple(widths)}")
-    return int(widths[0])
 
 
 class _Recurrent(Backbone):
@@ -113,7 +106,7 @@ class GroupedLSTM(_Recurrent):
 
     @classmethod
     def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "GroupedLSTM":
-        return cls(c_in, _one_width("lstm", widths), n_groups, dropout=config.dropout)
+        return cls(c_in, single_width("lstm", widths), n_groups, dropout=config.dropout)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_in(x)
@@ -159,7 +152,7 @@ class LeakyMemory(_Recurrent):
 
     @classmethod
     def from_config(cls, c_in: int, widths: tuple, n_groups: int, config) -> "LeakyMemory":
-        return cls(c_in, _one_width("elm", widths), n_groups, dropout=config.dropout)
+        return cls(c_in, single_width("elm", widths), n_groups, dropout=config.dropout)
 
     def tau_ms(self) -> torch.Tensor:
         """Time constants ``[G, M]`` (ms)."""
