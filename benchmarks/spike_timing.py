@@ -6,7 +6,8 @@
 On the first ``--max-sims`` simulations of each split (closed loop, as ``lfdeep-neuron evaluate`` runs them):
 
 * every predicted spike in a simulation with true spikes (the checkpoint's threshold, upward crossings) by
-  its distance to the nearest true spike: within ±2 ms (what Γ counts), 2-10 ms, farther;
+  its distance to the nearest true spike: within ±2 ms (what Γ counts), 2-10 ms (of these, how many come
+  before that true spike and how many after it), farther;
 * every true spike, isolated (>= ``--isolated-ms`` after the previous true spike) or inside a burst, and
   whether a predicted spike lies within ±2 ms of it;
 * the spike logit around true spikes (median of each spike's peak over its bin ±2) against the background's
@@ -33,13 +34,13 @@ def analyse(sims: list[dict], threshold: float, isolated_ms: float, window_ms: f
     """Numbers of the module docstring for ``simulate_split`` results ``sims``."""
     from lfdeep_neuron.surrogate.metrics import spikes_from_logits
 
-    dist, iso, burst, peaks, background = [], [0, 0], [0, 0], [], []
+    dist, iso, burst, peaks, background = [], [0, 0], [0, 0], [], []   # dist: predicted - nearest true, ms
     for r in sims:
         true = np.sort(r["spike_times_ms"])
         lg = r["logit_cl"]                                   # step k = index k - 1
         pred = spikes_from_logits(lg, threshold, first_step=1)
         if true.size:
-            dist += [float(np.min(np.abs(true - p))) for p in pred]
+            dist += [float(p - true[np.argmin(np.abs(true - p))]) for p in pred]
         near = np.zeros(lg.size, bool)
         for i, t in enumerate(true):
             hit = bool(pred.size and np.min(np.abs(pred - t)) <= window_ms)
@@ -51,9 +52,12 @@ def analyse(sims: list[dict], threshold: float, isolated_ms: float, window_ms: f
             peaks.append(float(lg[lo:hi].max()))
             near[max(0, j - 5):j + 6] = True
         background.append(lg[~near])
-    d = np.asarray(dist)
+    signed = np.asarray(dist)
+    d = np.abs(signed)
     bg = np.concatenate(background) if background else np.zeros(0)
-    return {"pred_within_2ms": int((d <= 2).sum()), "pred_2_to_10ms": int(((d > 2) & (d <= 10)).sum()),
+    mid = (d > 2) & (d <= 10)
+    return {"pred_within_2ms": int((d <= 2).sum()), "pred_2_to_10ms": int(mid.sum()),
+            "pred_2_to_10ms_early": int((mid & (signed < 0)).sum()), "pred_2_to_10ms_late": int((mid & (signed > 0)).sum()),
             "pred_beyond_10ms": int((d > 10).sum()),
             "isolated": {"n": iso[0], "hit": iso[1]}, "in_burst": {"n": burst[0], "hit": burst[1]},
             "logit_peak_at_spikes_median": float(np.median(peaks)) if peaks else None,
@@ -170,8 +174,8 @@ def main(argv=None) -> int:
         best_peak = max(a["sweep"], key=lambda r: nan_low(r["gamma_2ms_peak_rule"]))
         print(f"{split}: {len(sims)} simulations, {a['n_true']} true spikes; threshold {thr:.3g}: "
               f"{a['pred_within_2ms'] + a['pred_2_to_10ms'] + a['pred_beyond_10ms']} predicted (in simulations with "
-              f"true spikes): {a['pred_within_2ms']} within ±2 ms, {a['pred_2_to_10ms']} at 2-10 ms, "
-              f"{a['pred_beyond_10ms']} farther")
+              f"true spikes): {a['pred_within_2ms']} within ±2 ms, {a['pred_2_to_10ms']} at 2-10 ms "
+              f"({a['pred_2_to_10ms_early']} early, {a['pred_2_to_10ms_late']} late), {a['pred_beyond_10ms']} farther")
         print(f"  true spikes hit within ±2 ms: isolated (>= {args.isolated_ms:g} ms) {a['isolated']['hit']} of "
               f"{a['isolated']['n']}, in bursts {a['in_burst']['hit']} of {a['in_burst']['n']}")
         print(f"  logit: median peak at true spikes {a['logit_peak_at_spikes_median']:.2f}, background "

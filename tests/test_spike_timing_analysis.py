@@ -44,3 +44,14 @@ def test_logit_profile_is_centred_on_the_spike_bin(spike_timing):
     sims = [{"logit_cl": lg, "spike_times_ms": np.array([60.5, 150.5, 240.5]), "T": 301}]
     g = spike_timing.sweep_peak(sims, [-4.0])
     assert g[0] > 0.95
+
+
+def test_misplaced_spikes_are_split_into_early_and_late(spike_timing):
+    # crossings (first index above -4) at 49.5, 119.5 and 199.5 ms; true spikes 2 ms after, 4 ms before and
+    # 5 ms after them, and one 40 ms from any prediction
+    lg = _bumps(300, [50, 120, 200], width=3)
+    sims = [{"logit_cl": lg, "spike_times_ms": np.array([51.5, 115.5, 204.5, 260.0]), "T": 301}]
+    a = spike_timing.analyse(sims, -4.0, isolated_ms=30.0)
+    assert a["pred_within_2ms"] == 1 and a["pred_2_to_10ms"] == 2 and a["pred_beyond_10ms"] == 0
+    assert a["pred_2_to_10ms_early"] == 1 and a["pred_2_to_10ms_late"] == 1
+    assert a["isolated"] == {"n": 4, "hit": 1}
