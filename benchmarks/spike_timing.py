@@ -57,7 +57,8 @@ def analyse(sims: list[dict], threshold: float, isolated_ms: float, window_ms: f
     bg = np.concatenate(background) if background else np.zeros(0)
     mid = (d > 2) & (d <= 10)
     return {"pred_within_2ms": int((d <= 2).sum()), "pred_2_to_10ms": int(mid.sum()),
-            "pred_2_to_10ms_early": int((mid & (signed < 0)).sum()), "pred_2_to_10ms_late": int((mid & (signed > 0)).sum()),
+            "pred_2_to_10ms_early": int((mid & (signed < 0)).sum()),
+            "pred_2_to_10ms_late": int((mid & (signed > 0)).sum()),
             "pred_beyond_10ms": int((d > 10).sum()),
             "isolated": {"n": iso[0], "hit": iso[1]}, "in_burst": {"n": burst[0], "hit": burst[1]},
             "logit_peak_at_spikes_median": float(np.median(peaks)) if peaks else None,

@@ -280,7 +280,8 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k", "spike_lstm_mh_history_128_8k",
                  "spike_lstm_mh_history_128_16k")
     # fine-tune recipe: (its --init's recipe, the --init file it was trained from, which models/ holds as l5pc_BASE.pt)
-    fine_tunes = {"spike_lstm_mh_history_128_own": ("spike_lstm_mh_history_128_8k", "l5pc_spike_lstm_mh_history_128_8k.pt"),
+    fine_tunes = {"spike_lstm_mh_history_128_own": ("spike_lstm_mh_history_128_8k",
+                                                    "l5pc_spike_lstm_mh_history_128_8k.pt"),
                   "spike_lstm_mh_history_128_16k_own": ("spike_lstm_mh_history_128_16k", "cand16k.pt")}
     assert Path(bundled_checkpoint()).stem in {f"l5pc_{n}" for n in (*one_stage, *fine_tunes)}
     for name, (base, init) in fine_tunes.items():   # a fine-tune of a bundled one-stage model, by its own recipe
