@@ -65,3 +65,18 @@ def test_a_missing_dataset_is_named(reliability, tmp_path):
     with pytest.raises(SystemExit, match="no dataset at .*meta.json"):
         reliability.main(["--data", str(tmp_path / "nowhere"), "--json", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.json.jsonl").exists()
+
+
+def test_nearest_shifts(reliability):
+    rows = [{"rerun_ms": [10.2, 50.0, 99.0], "recorded_ms": [10.0, 51.5]},
+            {"rerun_ms": [], "recorded_ms": [5.0]}, {"rerun_ms": [3.0], "recorded_ms": []}]
+    assert np.allclose(reliability.nearest_shifts_ms(rows), [0.2, 1.5, 47.5])
+    assert reliability.nearest_shifts_ms([]).size == 0
+
+
+def test_figure_is_written(reliability, tmp_path):
+    summary = {"sims": [1, 2], "perturbations": {"none": {"gamma": 1.0, "n_true": 3},
+                                                  "jitter:0.1": {"gamma": 0.5, "n_true": 3}}}
+    shifts = {"none": np.zeros(3), "jitter:0.1": np.array([0.1, 1.5, 40.0])}
+    reliability.plot(summary, shifts, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
