@@ -540,3 +540,37 @@ def test_spike_timing_loss_is_the_cross_entropy_of_the_spike_millisecond(tmp_pat
     assert "loss_timing" not in _log(tmp_path / "a.pt.jsonl")[-1]
     a, t = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "t.pt")["state_dict"]
     assert any(not torch.equal(v, t[k]) for k, v in a.items())
+
+
+def test_input_jitter_moves_events_by_one_bin_and_keeps_counts():
+    import torch
+
+    from lfdeep_neuron.surrogate.train import jitter_input_events
+
+    torch.manual_seed(0)
+    x = (torch.rand(4, 50, 400) < 0.05).float() * torch.randint(1, 3, (4, 50, 400)).float()
+    y = jitter_input_events(x, 0.2)
+    assert torch.equal(y.sum(-1), x.sum(-1))                     # no event created or lost, per channel
+    assert (y >= 0).all()
+    changed = (y != x).float().sum() / (x > 0).float().sum()
+    assert 0.2 < changed < 0.9                                   # about 20 % of occupied bins gave an event away
+    # each event moves by one bin at most: a cumulative count never differs by more than the moved events
+    assert ((y.cumsum(-1) - x.cumsum(-1)).abs() <= 2).all()
+    assert torch.equal(jitter_input_events(x, 0.0), x)
+    with pytest.raises(ValueError, match="fraction"):
+        jitter_input_events(x, 1.5)
+
+
+def test_input_jitter_trains_resumably_and_bad_values_are_refused(tmp_path):
+    with pytest.raises(InputError, match="--input-jitter must be a fraction"):
+        train(_args(tmp_path / "j.pt", "--input-jitter", "2"))
+    extra = ["--input-jitter", "0.2", "--eval-every", "0"]
+    train(_args(tmp_path / "a.pt", "--steps", "4", *extra))
+    train(_args(tmp_path / "b.pt", "--steps", "4", "--stop-after", "2", *extra))
+    assert train(_args(tmp_path / "b.pt", "--steps", "4", *extra))["resumed_from"] == 2
+    a, b = load_checkpoint(tmp_path / "a.pt")["state_dict"], load_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert all(torch.equal(v, b[k]) for k, v in a.items())             # the jitter is part of the resumable run
+    assert load_checkpoint(tmp_path / "a.pt")["provenance"]["args"]["input_jitter"] == 0.2
+    train(_args(tmp_path / "c.pt", "--steps", "4", "--eval-every", "0"))
+    c = load_checkpoint(tmp_path / "c.pt")["state_dict"]
+    assert any(not torch.equal(v, c[k]) for k, v in a.items())         # and it was used
