@@ -231,7 +231,8 @@ def main(argv=None) -> int:
             cell = pooled_spike_metrics(trains[key], [np.asarray(done[(text, i)]["rerun_ms"]) for i in sims],
                                         durations, 2.0)
             summary["perturbations"][text].update(surrogate_gamma_vs_own_unchanged=own["gamma"],
-                                                  surrogate_gamma_vs_cell=cell["gamma"], surrogate_n_spikes=own["n_pred"])
+                                                  surrogate_gamma_vs_cell=cell["gamma"],
+                                                  surrogate_n_spikes=own["n_pred"])
             print(f"{text:>14}: surrogate {own['n_pred']} spikes; Γ against its own run on the unchanged inputs "
                   f"{own['gamma']:.3f}, against the cell's rerun {cell['gamma']:.3f}")
     with open(args.json, "w") as fh:

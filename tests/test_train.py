@@ -559,6 +559,8 @@ def test_input_jitter_moves_events_by_one_bin_and_keeps_counts():
     assert torch.equal(jitter_input_events(x, 0.0), x)
     with pytest.raises(ValueError, match="fraction"):
         jitter_input_events(x, 1.5)
+    with pytest.raises(ValueError, match="event weights"):
+        jitter_input_events(x * 0.5, 0.1)
 
 
 def test_input_jitter_trains_resumably_and_bad_values_are_refused(tmp_path):

@@ -565,7 +565,7 @@ VAL_METRICS = ("val_loss_v_tf", "val_bce_spike_tf", "val_rmse_mV_tf", "val_rmse_
 
 
 def jitter_input_events(x_syn: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Binned synaptic inputs ``[B, C, T]`` (event counts per 1-ms bin) with events moved by one bin.
+    """Binned synaptic inputs ``[B, C, T]`` (event counts per 1-ms bin, unweighted) with events moved by one bin.
 
     Every occupied bin gives one of its events, with probability ``fraction``, to the previous or the next bin
     (equally likely; an event that would leave the window stays). Counts are conserved per channel. Draws from
@@ -575,6 +575,8 @@ def jitter_input_events(x_syn: torch.Tensor, fraction: float) -> torch.Tensor:
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"input jitter: fraction must be in [0, 1], got {fraction}")
+    if (x_syn < 0).any() or not torch.equal(x_syn, x_syn.round()):
+        raise ValueError("input jitter needs event counts; these inputs carry event weights")
     T = x_syn.shape[-1]
     move = (x_syn > 0) & (torch.rand_like(x_syn) < fraction)
     later = torch.rand_like(x_syn) < 0.5
