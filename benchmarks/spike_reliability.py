@@ -176,7 +176,8 @@ def main(argv=None) -> int:
     if log.exists():
         for line in log.read_text().splitlines():
             row = json.loads(line)
-            done[(row["perturb"], row["sim"])] = row
+            if row.get("data", str(data)) == str(data):          # rows of another dataset are not reused
+                done[(row["perturb"], row["sim"])] = row
     mechanisms.load()
     cell = HayL5PC(args.morphology)
     bar = tqdm(total=len(perturbations) * len(sims), desc="cell reruns", unit="sim")
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
             cell.set_input_events(syn, t_ms)
             out = run_cell(cell, duration_ms, integrator=gen["integrator"], v_init_mV=float(gen["v_init_mV"]),
                            dt_ms=value if kind == "dt" else float(gen["dt_ms"]))
-            row = {"perturb": text, "sim": index, "duration_ms": duration_ms, "n_events": int(t_ms.size),
+            row = {"data": str(data), "perturb": text, "sim": index, "duration_ms": duration_ms, "n_events": int(t_ms.size),
                    "n_changed": n_changed, "recorded_ms": recorded.tolist(),
                    "rerun_ms": np.asarray(out["soma_spike_times_ms"], dtype=np.float64).tolist()}
             with open(log, "a") as fh:
