@@ -111,14 +111,14 @@ def surrogate_trains(model, records: list[dict], kind: str, value: float, sims: 
     return [np.flatnonzero(row) + 1 - SPIKE_OFFSET_MS for row in spiked]       # column i = step i + 1
 
 
-def pick_simulations(data: Path, split: str, n_sims: int) -> list[int]:
-    """The first ``n_sims`` simulations of ``split`` with at least one recorded somatic spike."""
+def pick_simulations(data: Path, meta: dict, split: str, n_sims: int) -> list[int]:
+    """The first ``n_sims`` simulations of ``split`` (``meta``: the folder's ``meta.json``) with at least one
+    recorded somatic spike."""
     import h5py
 
-    from lfdeep_neuron.data.simulate import read_meta, record_path
+    from lfdeep_neuron.data.simulate import record_path
 
-    meta = read_meta(data)
-    if meta is None or split not in meta.get("splits", {}):
+    if split not in meta.get("splits", {}):
         raise SystemExit(f"spike_reliability: no split {split!r} in {data / 'meta.json'}")
     chosen = []
     for index in meta["splits"][split]:
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(1)
         model = load_surrogate(args.model).eval()
-    sims = pick_simulations(data, args.split, args.n_sims)
+    sims = pick_simulations(data, meta, args.split, args.n_sims)
+    records = {i: read_inputs(record_path(data, i)) for i in sims}       # read once: every perturbation uses them
     log = Path(args.json + ".jsonl")
     done = {}
     if log.exists():
@@ -186,15 +187,15 @@ def main(argv=None) -> int:
             if (text, index) in done:
                 bar.update(1)
                 continue
-            rec = read_inputs(record_path(data, index))
+            rec = records[index]
             syn, t_ms, recorded, duration_ms = rec["syn"], rec["t_ms"], rec["recorded_ms"], rec["duration_ms"]
             rng = np.random.RandomState(1000 + index)
             syn, t_ms, n_changed = perturb_events(syn, t_ms, kind, value, duration_ms, rng)
             cell.set_input_events(syn, t_ms)
             out = run_cell(cell, duration_ms, integrator=gen["integrator"], v_init_mV=float(gen["v_init_mV"]),
                            dt_ms=value if kind == "dt" else float(gen["dt_ms"]))
-            row = {"data": str(data), "perturb": text, "sim": index, "duration_ms": duration_ms, "n_events": int(t_ms.size),
-                   "n_changed": n_changed, "recorded_ms": recorded.tolist(),
+            row = {"data": str(data), "perturb": text, "sim": index, "duration_ms": duration_ms,
+                   "n_events": int(t_ms.size), "n_changed": n_changed, "recorded_ms": recorded.tolist(),
                    "rerun_ms": np.asarray(out["soma_spike_times_ms"], dtype=np.float64).tolist()}
             with open(log, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -203,14 +204,15 @@ def main(argv=None) -> int:
     bar.close()
 
     summary = {"data": str(data), "split": args.split, "sims": sims, "perturbations": {}}
+    shifts_ms = {}                                           # per perturbation, for the summary and the figure
     for text, kind, value in perturbations:
         rows = [done[(text, i)] for i in sims]
         m = pooled_spike_metrics([np.asarray(r["rerun_ms"]) for r in rows], [np.asarray(r["recorded_ms"])
                                                                             for r in rows],
                                  [r["duration_ms"] for r in rows], 2.0)
         changed = sum(r["n_changed"] for r in rows) / max(1, sum(r["n_events"] for r in rows))
-        shift = nearest_shifts_ms(rows)
-        near = shift[shift <= 2.0]
+        shifts_ms[text] = nearest_shifts_ms(rows)
+        near = shifts_ms[text][shifts_ms[text] <= 2.0]
         summary["perturbations"][text] = {k: m[k] for k in ("gamma", "n_true", "n_pred", "n_coinc")}
         summary["perturbations"][text].update(
             events_changed_fraction=changed,
@@ -221,13 +223,13 @@ def main(argv=None) -> int:
               f"{m['n_coinc']} within ±2 ms{shifts}; {100 * changed:.2f} % of input events changed)")
     if model is not None:
         summary["model"] = args.model
-        records = [read_inputs(record_path(data, i)) for i in sims]
-        durations = [r["duration_ms"] for r in records]
-        trains = {("none", 0.0): surrogate_trains(model, records, "none", 0.0, sims)}
+        batch = [records[i] for i in sims]
+        durations = [r["duration_ms"] for r in batch]
+        trains = {("none", 0.0): surrogate_trains(model, batch, "none", 0.0, sims)}
         for text, kind, value in perturbations:                 # the solver step does not change a surrogate's inputs
             key = ("none", 0.0) if kind in ("none", "dt") else (kind, value)
             if key not in trains:
-                trains[key] = surrogate_trains(model, records, key[0], key[1], sims)
+                trains[key] = surrogate_trains(model, batch, key[0], key[1], sims)
             own = pooled_spike_metrics(trains[key], trains[("none", 0.0)], durations, 2.0)
             cell = pooled_spike_metrics(trains[key], [np.asarray(done[(text, i)]["rerun_ms"]) for i in sims],
                                         durations, 2.0)
@@ -239,8 +241,7 @@ def main(argv=None) -> int:
     with open(args.json, "w") as fh:
         json.dump(summary, fh, indent=1)
     if args.figure:
-        plot(summary, {text: nearest_shifts_ms([done[(text, i)] for i in sims]) for text, _, _ in perturbations},
-             args.figure)
+        plot(summary, shifts_ms, args.figure)
     return 0
 
 
