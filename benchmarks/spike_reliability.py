@@ -161,15 +161,18 @@ def main(argv=None) -> int:
     if meta is None:
         raise SystemExit(f"spike_reliability: no dataset at {data} ({data / 'meta.json'} is missing)")
     gen = meta["generation"]
-    check_morphology(args.morphology)
     model = None
-    if args.model:
-        import torch
+    try:                                            # a missing or wrong file: one line, before any simulation
+        check_morphology(args.morphology)
+        if args.model:
+            import torch
 
-        from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+            from lfdeep_neuron.surrogate.checkpoint import load_surrogate
 
-        torch.set_num_threads(1)
-        model = load_surrogate(args.model).eval()
+            torch.set_num_threads(1)
+            model = load_surrogate(args.model).eval()
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"spike_reliability: {err}")
     sims = pick_simulations(data, meta, args.split, args.n_sims)
     records = {i: read_inputs(record_path(data, i)) for i in sims}       # read once: every perturbation uses them
     log = Path(args.json + ".jsonl")

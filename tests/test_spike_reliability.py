@@ -117,3 +117,14 @@ def test_figure_with_surrogate_bars(reliability, tmp_path):
         "drop:0.01": {"gamma": 0.8, "n_true": 3, "surrogate_gamma_vs_own_unchanged": 0.6}}}
     reliability.plot(summary, {"none": np.zeros(3), "drop:0.01": np.array([0.5])}, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_a_missing_morphology_or_checkpoint_is_one_line(reliability, tmp_path, morphology):
+    (tmp_path / "meta.json").write_text('{"generation": {}, "splits": {"test": []}}')
+    with pytest.raises(SystemExit, match="spike_reliability: morphology file .*nosuch.asc does not exist"):
+        reliability.main(["--data", str(tmp_path), "--morphology", str(tmp_path / "nosuch.asc"),
+                          "--json", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="spike_reliability: surrogate checkpoint .*nosuch.pt does not exist"):
+        reliability.main(["--data", str(tmp_path), "--morphology", str(morphology),
+                          "--model", str(tmp_path / "nosuch.pt"), "--json", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.json.jsonl").exists()
