@@ -11,6 +11,9 @@ A recipe is a small TOML file: top-level keys are this command's options (``step
 400``, ...), the ``[model]`` table overrides entries of the named model configuration (``channels = [64]``).
 Precedence: built-in defaults < recipe < command-line flags (``--set KEY=VALUE`` over ``[model]``). Bundled
 recipes live in ``lfdeep_neuron/surrogate/recipes/`` (``--recipe NAME``); one reproduces the bundled model.
+A recipe may start from another: ``base = "NAME"`` (a recipe in the same folder, else a bundled one; a path
+ending in ``.toml`` is read relative to the recipe) and state only what differs. The base is resolved first
+(recursively; a cycle is an error), then the recipe's keys are merged into it, tables key by key.
 
 What one step does
 ------------------
@@ -68,9 +71,9 @@ from lfdeep_neuron.surrogate.metrics import SOMA_CLIP_MV, spike_onsets
 from lfdeep_neuron.surrogate.mtl import ARCHS, CONFIGS, Surrogate, SurrogateConfig, build_model
 from lfdeep_neuron.surrogate.stream import closed_loop
 
-__all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "open_data", "Windows",
-           "task_losses", "spike_timing_loss", "prepare_batch", "base_task_weights", "lbtw_weights",
-           "with_own_feedback", "validate",
+__all__ = ["configure_parser", "run", "parse_args", "resolve", "train", "load_recipe", "resolve_recipe",
+           "merge_recipe", "open_data", "Windows", "task_losses", "spike_timing_loss", "prepare_batch",
+           "base_task_weights", "lbtw_weights", "with_own_feedback", "validate",
            "RECIPES_DIR", "DEFAULTS", "SOMA_CLIP_MV", "parse_overrides"]
 
 RECIPES_DIR = Path(__file__).resolve().with_name("recipes")
@@ -208,19 +211,75 @@ def _recipe_path(name: str) -> Path:
     raise InputError(f"--recipe {name}: no such file, nor a bundled recipe (bundled: {known})")
 
 
-def load_recipe(name: str) -> tuple[dict, dict, Path]:
-    """``(options, model overrides, path)`` of a recipe file (see the module docstring)."""
-    path = _recipe_path(name)
+def _read_recipe(path: Path) -> dict:
     try:
-        recipe = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not a valid TOML recipe ({err})") from err
-    model = recipe.pop("model", {})
+
+
+def _base_path(base, path: Path) -> Path:
+    """The file a recipe's ``base = ...`` names: relative to the recipe's folder, else a bundled recipe."""
+    if not isinstance(base, str) or not base.strip():
+        raise InputError(f"{path}: 'base' must be the name of another recipe, got {base!r}")
+    local = path.parent / (base if base.endswith(".toml") else f"{base}.toml")
+    if local.is_file():
+        return local
+    bundled = RECIPES_DIR / (base if base.endswith(".toml") else f"{base}.toml")
+    if bundled.is_file():
+        return bundled
+    raise InputError(f"{path}: base recipe {base!r} not found (looked for {local} and {bundled})")
+
+
+def merge_recipe(base: dict, override: dict) -> dict:
+    """``base`` with ``override``'s keys on top; tables (dicts) are merged key by key, other values replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_recipe(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_recipe(recipe: dict, path: Path) -> None:
+    model = recipe.get("model", {})
     if not isinstance(model, dict):
         raise InputError(f"{path}: 'model' must be a table of model config entries ([model])")
-    bad = sorted(set(recipe) - (set(DEFAULTS) - _FLAGS_ONLY))
+    known = set(DEFAULTS) - _FLAGS_ONLY
+    bad = sorted(set(recipe) - known - {"model"})
     if bad:
-        raise InputError(f"{path}: unknown recipe keys {bad}; known: {sorted(set(DEFAULTS) - _FLAGS_ONLY)}")
+        raise InputError(f"{path}: unknown recipe keys {bad}; known: {sorted(known)}")
+
+
+def resolve_recipe(name: str) -> tuple[dict, Path]:
+    """``(settings, path)``: a recipe with its ``base`` chain merged in (``base`` dropped, ``[model]`` kept)."""
+    first = path = _recipe_path(name)
+    seen: list[Path] = []
+    layers: list[dict] = []
+    while True:
+        if path.resolve() in seen:
+            loop = [*seen[seen.index(path.resolve()):], path.resolve()]
+            raise InputError(f"{first}: recipe bases form a cycle ({' -> '.join(p.name for p in loop)}; "
+                             f"files: {', '.join(str(p) for p in loop[:-1])})")
+        seen.append(path.resolve())
+        recipe = _read_recipe(path)
+        base = recipe.pop("base", None)
+        _check_recipe(recipe, path)
+        layers.append(recipe)
+        if base is None:
+            break
+        path = _base_path(base, path)
+    settings: dict = {}
+    for layer in reversed(layers):
+        settings = merge_recipe(settings, layer)
+    return settings, first
+
+
+def load_recipe(name: str) -> tuple[dict, dict, Path]:
+    """``(options, model overrides, path)`` of a recipe file, its base resolved (see the module docstring)."""
+    recipe, path = resolve_recipe(name)
+    model = recipe.pop("model", {})
     return recipe, model, path
 
 
