@@ -7,7 +7,9 @@ that pip never pulls the multi-GB CUDA build to satisfy this requirement.
 Package data: the repository keeps the NMODL sources (``mod/``) and the
 bundled surrogates (``models/``) at its top level; the build maps them into
 the package as ``lfdeep_neuron/mod`` and ``lfdeep_neuron/models``
-(:mod:`lfdeep_neuron.resources` finds either place).
+(:mod:`lfdeep_neuron.resources` finds either place). Of the checkpoints only
+the default, the one ``models/DEFAULT`` names, goes into the wheel and the
+sdist (a build without it fails); others in ``models/`` stay in the repository.
 
 Out-of-tree builds: setuptools' intermediate folders (``build/``,
 ``*.egg-info``) go to a temporary directory that is removed when the build
@@ -17,8 +19,19 @@ leave the source tree as it was.
 import atexit
 import shutil
 import tempfile
+from pathlib import Path
 
 from setuptools import find_packages, setup
+
+
+def _default_checkpoint() -> str:
+    """The file name ``models/DEFAULT`` holds (the one checkpoint the package ships)."""
+    pointer = Path(__file__).resolve().parent / "models" / "DEFAULT"
+    name = pointer.read_text().strip()
+    if not name or "/" in name or not (pointer.parent / name).is_file():
+        raise SystemExit(f"{pointer}: must name a checkpoint file in models/, got {name!r}")
+    return name
+
 
 _SCRATCH = tempfile.mkdtemp(prefix="lfdeep-neuron-build-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
@@ -35,7 +48,7 @@ setup(
     + ["lfdeep_neuron.mod", "lfdeep_neuron.models"],
     package_dir={"lfdeep_neuron.mod": "mod", "lfdeep_neuron.models": "models"},
     package_data={"lfdeep_neuron.mod": ["*.mod"],
-                  "lfdeep_neuron.models": ["DEFAULT", "*.md", "*.pt"],
+                  "lfdeep_neuron.models": ["DEFAULT", "*.md", _default_checkpoint()],
                   "lfdeep_neuron.surrogate": ["recipes/*.toml"]},
     include_package_data=False,
     options={"build": {"build_base": f"{_SCRATCH}/build"},

@@ -1,7 +1,7 @@
 """Does a surrogate overfit? The same teacher-forced scores on training and on held-out simulations.
 
     python benchmarks/generalisation_gap.py --data data/corpus/published --max-sims 30 \\
-        --models models/l5pc_spike_lstm_mh_history_128_8k.pt runs/history_128_16k.pt
+        --models models/l5pc_spike_lstm_mh_history_128_16k.pt models/l5pc_spike_lstm_mh_history_128_16k_own.pt
 
 For every checkpoint, on the first ``--max-sims`` simulations of the train split and of the validation split
 of ``--data`` (one folder: both splits come from the same generator), each simulation's first ``--skip-ms``

@@ -1,7 +1,7 @@
 """Where a surrogate's somatic spikes go wrong: timing of predicted spikes, isolated vs burst spikes, threshold.
 
-    python benchmarks/spike_timing.py --model models/l5pc_spike_lstm_mh_8k.pt --data data/corpus/published \\
-        --splits val test --max-sims 20
+    python benchmarks/spike_timing.py --model models/l5pc_spike_lstm_mh_history_128_16k_own.pt \\
+        --data data/corpus/published --splits val test --max-sims 20
 
 On the first ``--max-sims`` simulations of each split (closed loop, as ``lfdeep-neuron evaluate`` runs them):
 

@@ -1,4 +1,4 @@
-"""A wheel built out of tree carries the NMODL and the bundled model and works from anywhere.
+"""A wheel built out of tree carries the NMODL and the default model (only) and works from anywhere.
 
 The wheel is built from the checkout with the environment's own setuptools (``pip wheel
 --no-build-isolation``, no network) into a temporary folder and installed with ``--no-deps
@@ -87,9 +87,14 @@ def test_wheel_carries_nmodl_and_models(wheel_env):
     mods = {f"lfdeep_neuron/mod/{p.name}" for p in (REPO / "mod").glob("*.mod")}
     assert mods and mods <= names, sorted(mods - names)
     default = (REPO / "models" / "DEFAULT").read_text().strip()
-    for name in ("DEFAULT", "MODEL_CARD.md", default):
-        assert f"lfdeep_neuron/models/{name}" in names
+    # the models folder: the pointer, the card and the one checkpoint the pointer names, nothing else
+    models = {n for n in names if n.startswith("lfdeep_neuron/models/") and not n.endswith(".py")}
+    assert models == {f"lfdeep_neuron/models/{n}" for n in ("DEFAULT", "MODEL_CARD.md", default)}, sorted(models)
+    assert [n for n in names if n.endswith(".pt")] == [f"lfdeep_neuron/models/{default}"]
     assert not any(n.startswith(("tests/", "examples/", "mod/", "models/")) for n in names)
+    size = wheel.stat().st_size
+    print(f"wheel {wheel.name}: {size / 1e6:.2f} MB ({size} bytes)")
+    assert size <= 5_000_000, f"wheel {size} bytes > 5 MB"
 
 
 def test_installed_wheel_runs_demo_and_builds_both_cells(wheel_env, tmp_path):

@@ -273,44 +273,63 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     for name in names:
         args = parse_args(["--recipe", name, "--data", DATA, "--out", str(tmp_path / "x.pt")])
         assert args.arch in ("mh", "mmoe", "mmoeex") and args.steps >= 1000
-    # every one-stage bundled model l5pc_NAME.pt was trained with the settings of recipe NAME (run as a base
-    # recipe + flags); models/DEFAULT names one of them
+    # every bundled model l5pc_NAME.pt was trained with the settings of recipe NAME (a one-stage recipe run as
+    # it is, a fine-tune from its stage 1); models/DEFAULT names one of them. The checkpoints that left models/
+    # (docs/removed_checkpoints.md) are checked through their provenance, kept in tests/data/removed_checkpoints.json.
     from lfdeep_neuron.surrogate.checkpoint import MODELS_DIR, bundled_checkpoint
+
+    removed = json.loads((Path(__file__).resolve().parent / "data" / "removed_checkpoints.json").read_text())
+
+    def provenance(file):
+        return removed[file] if file in removed else load_checkpoint(MODELS_DIR / file)["provenance"]
 
     one_stage = ("spike_lstm_mh_8k", "spike_lstm_mh_history_8k", "spike_lstm_mh_history_128_8k",
                  "spike_lstm_mh_history_128_16k")
-    # fine-tune recipe: (its --init's recipe, the --init file it was trained from, which models/ holds as l5pc_BASE.pt)
+    # fine-tune recipe: (its --init's recipe, the --init file it was trained from, which was l5pc_BASE.pt)
     fine_tunes = {"spike_lstm_mh_history_128_own": ("spike_lstm_mh_history_128_8k",
                                                     "l5pc_spike_lstm_mh_history_128_8k.pt"),
                   "spike_lstm_mh_history_128_16k_own": ("spike_lstm_mh_history_128_16k", "cand16k.pt")}
-    assert Path(bundled_checkpoint()).stem in {f"l5pc_{n}" for n in (*one_stage, *fine_tunes)}
-    for name, (base, init) in fine_tunes.items():   # a fine-tune of a bundled one-stage model, by its own recipe
-        prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
+    default = Path(bundled_checkpoint())
+    assert default.stem in {f"l5pc_{n}" for n in (*one_stage, *fine_tunes)}
+    shipped = {p.name for p in MODELS_DIR.glob("*.pt")}
+    assert default.name in shipped and not shipped & set(removed), "a removed checkpoint is back in models/"
+    for name, (base, init) in fine_tunes.items():   # a fine-tune of a one-stage model, by its own recipe
+        prov = provenance(f"l5pc_{name}.pt")
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
-        assert (MODELS_DIR / f"l5pc_{base}.pt").is_file()
+        assert f"l5pc_{base}.pt" in shipped | set(removed)
         assert Path(prov["args"]["init"]).name == init and prov["steps"] == recipe.steps
         for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
                     "soma_weight", "model", "seed", "history_own", "history_own_threshold", "history_own_passes"):
             assert getattr(recipe, key) == prov["args"][key], (name, key)
+    # the default's recipe warm-starts from its stage 1, which models/ keeps for that command
+    assert (MODELS_DIR / "l5pc_spike_lstm_mh_history_128_16k.pt").is_file()
     for name in one_stage:
-        prov = load_checkpoint(MODELS_DIR / f"l5pc_{name}.pt")["provenance"]
+        prov = provenance(f"l5pc_{name}.pt")
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
         assert prov["init"] is None and prov["steps"] == recipe.steps
         for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
                     "soma_weight", "voltage_weight", "imem_weight", "spike_pos_weight", "model", "seed", "val_sims",
                     "val_windows", "keep_best"):
             assert getattr(recipe, key) == prov["args"][key], (name, key)
-    # the previous bundled model (kept: the spike-history recipes warm-start from it): two recipes, stage 2
-    # warm-started from stage 1
-    ck = load_checkpoint(MODELS_DIR / "l5pc_spike_lstm_mh.pt")
-    stages = (ck["provenance"], ck["provenance"]["init"]["provenance"])
+    # the first corpus model (the --init of the spike-history warm starts): two recipes, stage 2 warm-started
+    # from stage 1
+    first = removed["l5pc_spike_lstm_mh.pt"]
+    stages = (first, first["init_provenance"])
     for name, prov in zip(("spike_lstm_mh_spikefocus", "spike_lstm_mh"), stages):
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
-        assert Path(prov["recipe"]).name == f"{name}.toml" and prov["args"]["imem"] is True
+        assert prov["recipe"] == f"{name}.toml" and prov["args"]["imem"] is True
         for key in ("arch", "batch", "window_ms", "skip_ms", "lr", "spike_weight", "soma_weight", "spike_pos_weight",
                     "model"):
             assert getattr(recipe, key) == prov["args"][key], (name, key)
     assert stages[0]["args"]["init"].endswith("spike_lstm_mh_corpus.pt") and stages[0]["steps"] == 3000
+    # each removed checkpoint is named in docs/removed_checkpoints.md with the commit that holds it
+    note = (Path(__file__).resolve().parent.parent / "docs" / "removed_checkpoints.md").read_text()
+    for file, prov in removed.items():
+        assert f"`{file}` | `{prov['commit']}`" in note, file
+        if shutil.which("git") and (MODELS_DIR.parent / ".git").exists():     # a clone with its history
+            git = subprocess.run(["git", "rev-parse", f"{prov['commit']}:models/{file}"], capture_output=True,
+                                 text=True, cwd=MODELS_DIR.parent)
+            assert git.stdout.strip() == prov["blob"], (file, git.stderr)
     # flags beat the recipe, --set beats its [model] table
     args = parse_args(["--recipe", "spike_lstm_mh", "--data", DATA, "--out", "x.pt", "--steps", "7",
                        "--set", "channels=12"])
