@@ -147,7 +147,38 @@ def test_conn_params_land_on_hay_channels_and_traces_match(netpyne_sim, tiny_ckp
     np.testing.assert_allclose(v_soma[4 * k], rec.v_mV[0, 0], atol=1e-4)
     np.testing.assert_allclose(v_apic[4 * k], rec.v_mV[0, seg36], atol=1e-4)
     np.testing.assert_allclose(v_soma[2], 0.5 * (rec.v_mV[0, 0, 0] + rec.v_mV[0, 0, 1]), atol=1e-4)
-    assert np.isnan(v_soma[-1]) and len(v_soma) == 161          # t = 40 ms: no surrogate step yet
+    # t = 39.25 .. 40 ms: after the last surrogate step (39 ms), its value held
+    assert len(v_soma) == 161 and np.isfinite(v_soma).all() and np.isfinite(v_apic).all()
+    np.testing.assert_allclose(v_soma[157:], rec.v_mV[0, 0, -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("duration", [40.0, 30.55])
+def test_surrogate_traces_have_no_nan_at_the_end(netpyne_sim, duration):
+    """README's recording idiom (recordCells ['all'], NetPyNE's default recordStep) with the bundled model: every
+    sample of every surrogate trace is finite, also the ones after the last 1-ms step, which hold its value."""
+    from lfdeep_neuron.cosim.netpyne import surrogate_cell_params
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint
+
+    sim = netpyne_sim
+    conns = {"e": {"sec": "apical", "synMech": "exc", "weight": 3.0, "synsPerConn": 20}}
+    net, cfg = _spec(surrogate_cell_params(str(bundled_checkpoint())), n_cells=2, duration=duration, conns=conns)
+    cfg.recordCells = ["all"]
+    cfg.recordStep = 0.1
+    cfg.recordTraces = {"V_soma": {"sec": "soma", "loc": 0.5, "var": "v"}}
+    sim.create(netParams=net, simConfig=cfg)
+    cell = next(c for c in sim.net.cells if c.tags["pop"] == "L5")
+    rec = cell.engine.record(segments="soma")
+    sim.simulate()
+    traces = sim.allSimData["V_soma"]
+    assert sorted(traces) == ["cell_0", "cell_1"]
+    n = int(round(duration / 0.1)) + 1
+    last = int(np.ceil(duration - 1.0))                             # the last surrogate step (ms)
+    assert rec.t_ms[-1] == last
+    for gid, key in enumerate(sorted(traces)):
+        v = np.asarray(traces[key])
+        assert len(v) == n and np.isfinite(v).all(), (key, np.flatnonzero(~np.isfinite(v)))
+        np.testing.assert_allclose(v[10 * np.arange(last + 1)], rec.v_mV[gid, 0], atol=1e-4)
+        np.testing.assert_allclose(v[10 * last:], rec.v_mV[gid, 0, -1], atol=1e-4)   # held after it
 
 
 def _two_cell_lfp_run(sim, ckpt, **record_kw):

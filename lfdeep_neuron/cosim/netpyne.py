@@ -59,9 +59,12 @@ Input checks (``lfdeep_neuron.errors.InputError``, one line naming the culprit):
 Recording: ``simConfig.recordTraces`` entries with ``'var': 'v'`` and a ``sec``/``loc`` of the
 cell record the surrogate's voltage of that segment into the usual ``simData[key]['cell_<gid>']``
 Vectors, created when NetPyNE sets up recording (so its "Recording N traces" summary and
-``sim.allSimData`` count them like any cell's; samples at ``recordStep``, linear between the
-surrogate's 1-ms point samples, NaN after the last surrogate step, which is at ``duration - 1`` ms
-for integer durations), so ``plotTraces`` and ``plotRaster`` work unchanged.
+``sim.allSimData`` count them like any cell's), so ``plotTraces`` and ``plotRaster`` work unchanged.
+A surrogate trace is the surrogate's 1-ms point samples (with the fitted action potential added at
+emitted spikes, when the checkpoint has a spike waveform), linear between them at ``recordStep``. The
+last surrogate step of a run is at ``duration - 1`` ms for integer durations (step k needs the inputs of
+(k-1, k]): the samples after it, up to ``duration``, hold its value, so no sample is NaN. All segments:
+engine recordings (``cell.engine.record(...)``, :class:`~lfdeep_neuron.cosim.recording.Recording`).
 
 LFP: :func:`record_surrogate_lfp` asks for the extracellular potential of the L5PC populations
 (surrogate and detailed) at chosen electrodes, sampled every 1 ms from t = 0. Surrogates: an engine
@@ -698,7 +701,9 @@ class _TraceSink(EngineSink):
     """Writes surrogate voltages into NetPyNE's ``simData[key]['cell_<gid>']`` Vectors during the run.
 
     The Vectors are made when NetPyNE sets up recording (:meth:`add`), so its summary counts them,
-    and are filled in place (never resized during a run: the numpy views stay valid).
+    and are filled in place (never resized during a run: the numpy views stay valid). Step k fills the
+    samples up to t_k, linear from step k-1, and holds its value on the samples up to t_k + Δ, which
+    step k+1 overwrites: the samples after a run's last step (up to ``duration``) keep that value.
     """
 
     def __init__(self, engine):
@@ -761,6 +766,12 @@ class _TraceSink(EngineSink):
             for view, row in zip(self._views, block):      # one slice per recorded trace
                 view[j0:j1 + 1] = row
             self._next = j1 + 1
+        # hold until the next step (which overwrites these samples): after the run's last step, the
+        # samples up to `duration` would otherwise stay NaN
+        j_hold = min(int(np.floor((t_k + self.engine.step_ms) / self.record_step + 1e-9)), self.n - 1)
+        if j_hold >= self._next:
+            for view, v in zip(self._views, vals):
+                view[self._next:j_hold + 1] = v
         self._prev = vals
 
 
