@@ -22,7 +22,7 @@ by default, ``PointSourcePotential`` optional) for a cell placed and rotated in 
 (:class:`SegmentGeometry`, :class:`ElectrodeArray`). For a population, ``phi = sum_c M_c (-L v_c)``,
 computed in one batched tensor contraction per step on any torch device (:class:`PopulationLFP`).
 
-Caution (DESIGN.md, "LFP"): ``L`` is a high-pass operator; uncorrelated errors in predicted voltages
+Caution (docs/ARCHITECTURE.md, "LFP"): ``L`` is a high-pass operator; uncorrelated errors in predicted voltages
 are strongly amplified in the currents. Score any surrogate LFP against NEURON's.
 
 Units: mV, nA, µS, MΩ, µm; extracellular conductivity in S/m.

@@ -317,10 +317,10 @@ def record_surrogate_lfp(simConfig, electrodes_um=None, *, sigma_S_per_m: float 
     device : torch device for the LFP sums (default: the engine's).
     source : {'auto', 'currents', 'voltages'}
         What the LFP is computed from. ``'voltages'``: ``M (-L v)`` from the predicted point samples
-        (the Laplacian amplifies voltage errors, see DESIGN.md); ``'currents'``: ``M i`` from the
-        predicted bin-mean membrane currents of a model trained with current tasks (``--imem``), so
-        sample k is the LFP averaged over (k-1, k] ms, like NEURON's bin-mean LFP; ``'auto'``
-        (default): currents when the model predicts them, else voltages.
+        (the Laplacian amplifies voltage errors, see docs/ARCHITECTURE.md, "LFP"); ``'currents'``:
+        ``M i`` from the predicted bin-mean membrane currents of a model trained with current tasks
+        (``--imem``), so sample k is the LFP averaged over (k-1, k] ms, like NEURON's bin-mean LFP;
+        ``'auto'`` (default): currents when the model predicts them, else voltages.
     """
     if source not in ("auto", "currents", "voltages"):
         raise InputError(f"source must be 'auto', 'currents' or 'voltages', got {source!r}")

@@ -1,6 +1,6 @@
 """One simulation record per HDF5 file: the layout of ``shared/hay/reference/*.h5``.
 
-Layout (see DESIGN.md, "File formats")::
+Layout (see docs/ARCHITECTURE.md, "Record files")::
 
     /segments/<col>          [S, ...]  segment table (``name``, ``x``, ``xyz_mid`` [S,3] µm, ..., ``mech/<param>``)
     /sections/<col>          [n_sec]   section table (``name``, ``L``, ``nseg``, ``parent``, ...)

@@ -1,6 +1,6 @@
 """Surrogate checkpoints: one ``torch.save`` dict with everything needed to use a model on its own.
 
-Contents (DESIGN.md, "Surrogate model contract")::
+Contents (docs/ARCHITECTURE.md, "Checkpoint contents")::
 
     format        "lfdeep-neuron-surrogate"        version   1
     arch          "mh" | "mmoe" | "mmoeex"          config    SurrogateConfig as a dict

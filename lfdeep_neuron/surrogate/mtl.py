@@ -197,14 +197,15 @@ CONFIGS: dict[str, dict] = {
 def default_local_channels(n_segments: int, n_channels: int) -> torch.Tensor:
     """``[S, 2]`` channel of the excitatory and the inhibitory synapse of each segment (``n_channels``: none).
 
-    The channel layout of DESIGN.md: with ``n = n_channels // 2`` synaptic segments, channel ``c < n`` is the
-    excitatory and ``n + c`` the inhibitory synapse of segment ``c + 1`` (segment 0, the soma, and the
-    segments after the dendrites, the axon, have none).
+    The channel layout of docs/ARCHITECTURE.md, "Segments and channels": with ``n = n_channels // 2``
+    synaptic segments, channel ``c < n`` is the excitatory and ``n + c`` the inhibitory synapse of segment
+    ``c + 1`` (segment 0, the soma, and the segments after the dendrites, the axon, have none).
     """
     n = n_channels // 2
     if n_channels % 2 or n > n_segments - 1:
-        raise ValueError(f"local_taus needs the channel layout of DESIGN.md (an even number of channels, at most "
-                         f"2 per non-somatic segment); got {n_channels} channels for {n_segments} segments")
+        raise ValueError(f"local_taus needs the channel layout of docs/ARCHITECTURE.md, 'Segments and channels' "
+                         f"(an even number of channels, at most 2 per non-somatic segment); got {n_channels} "
+                         f"channels for {n_segments} segments")
     out = torch.full((n_segments, 2), n_channels, dtype=torch.long)
     out[1:n + 1, 0] = torch.arange(n)
     out[1:n + 1, 1] = torch.arange(n, 2 * n)
