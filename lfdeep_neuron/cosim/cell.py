@@ -165,6 +165,7 @@ class SurrogateL5PC:
             raise ValueError(f"position_um must be 3 numbers (µm), got {pos!r}")
         rotation_matrix(rotation)                  # validates now rather than at segment_table()
         self.rotation = rotation
+        self._event_netcons, self._event_plan, self._fih = [], [], None
         self.index = engine.add_instance(self, self._art, self._fire)
         if gid is not None:
             self.register_gid(gid)
@@ -215,6 +216,55 @@ class SurrogateL5PC:
         if not 0 <= channel < N_CHANNELS:
             raise ValueError(f"channel must lie in [0, {N_CHANNELS}), got {channel}")
         return SurrogateSynapse(self, channel, "?", float("nan"), "exc" if channel < N_CHANNELS // 2 else "inh")
+
+    # ---- input events (as HayL5PC.set_input_events) ---------------------------------------
+
+    def set_input_events(self, syn_idx, t_ms, weights=None) -> None:
+        """Queue input events on the channels at every run's initialisation, as ``HayL5PC`` does.
+
+        Replaces any previous events. Each event is delivered at exactly ``t_ms`` by a NetCon onto this
+        instance (channel in ``weight[1]``), queued by a type-1 FInitializeHandler; the engine's timing
+        rule then bins it (an event at integer ms k is consumed by step k). Drive a surrogate and a
+        detailed cell with the same list (e.g. ``draw_inputs(...).effective_syn_idx / effective_t_ms``)
+        and they receive the same input.
+
+        Parameters
+        ----------
+        syn_idx : int array [E]
+            Channels 0..n_channels-1 of the model.
+        t_ms : float array [E]
+            Event times (ms, >= 0).
+        weights : float array [E] or scalar, optional
+            Weights in units of the reference synapse (default 1; finite, >= 0).
+        """
+        import weakref
+
+        from lfdeep_neuron.data.inputs import events_by_channel
+
+        h = self.engine.h
+        plan = events_by_channel(syn_idx, t_ms, weights, N_CHANNELS)
+        self._event_netcons, self._event_plan = [], []
+        for c, weight, times in plan:
+            nc = h.NetCon(None, self._art)
+            nc.delay = 1.0                           # NetCon.event(t) delivers at t whatever the delay
+            nc.weight[0] = check_weight(weight, self)
+            nc.weight[1] = float(c)
+            self._event_netcons.append(nc)
+            self._event_plan.append((nc, times))
+        if self._fih is None:
+            ref = weakref.ref(self)
+
+            def queue():
+                cell = ref()
+                if cell is not None:
+                    for nc, times in cell._event_plan:
+                        for t in times:
+                            nc.event(t)
+            self._fih = h.FInitializeHandler(1, queue)
+
+    def clear_input_events(self) -> None:
+        """Remove all queued input events."""
+        self._event_netcons, self._event_plan = [], []
 
     # ---- geometry -------------------------------------------------------------------------
 

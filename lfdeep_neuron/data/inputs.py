@@ -9,6 +9,9 @@ sorted by time, then channel.
   (BIOPHYSICS.md §7, NMDA configuration), bit-for-bit from numpy's legacy global RNG and a seed.
 * :func:`effective_events` / :func:`dead_synapses` — the events that can act (BIOPHYSICS.md §6.4: a
   synapse receiving an event at t = 0 stays silent for the whole trial).
+* :data:`GENERATORS` / :func:`register_generator` / :func:`draw_inputs` — named generators (``generate
+  --generator NAME``): ``published``, ``excited`` and ``volleys`` (:mod:`~lfdeep_neuron.data.volleys`);
+  a generator is an object with ``draw(rng, segments, synapses, duration_ms) -> (syn_idx, t_ms, attrs)``.
 * :func:`homogeneous_poisson` — constant exc/inh rates, for validation.
 * :class:`CurrentStep` — a somatic current step (Hay 2011 protocol), for validation.
 """
@@ -27,12 +30,17 @@ __all__ = [
     "NMDA_CONFIG",
     "EXCITED_CONFIG",
     "GENERATORS",
+    "PublishedGenerator",
+    "InputDraw",
+    "register_generator",
+    "draw_inputs",
     "dendritic_lengths_um",
     "beniaguev_inputs",
     "beniaguev_rates",
     "dead_synapses",
     "effective_events",
     "events_from_raster",
+    "events_by_channel",
     "homogeneous_poisson",
     "CurrentStep",
     "HAY_STEP_AMPS_NA",
@@ -71,8 +79,6 @@ NMDA_CONFIG = GeneratorConfig()
 #: sets; held-out splits keep :data:`NMDA_CONFIG` so that scores compare with published ones.
 EXCITED_CONFIG = GeneratorConfig(bas_ex_inh_diff_per_100ms=(-800, 0), apic_ex_inh_diff_per_100ms=(-800, 0))
 
-#: Named generator variants (``lfdeep-neuron generate --generator NAME``).
-GENERATORS = {"published": NMDA_CONFIG, "excited": EXCITED_CONFIG}
 
 
 @dataclass
@@ -240,6 +246,69 @@ def beniaguev_inputs(seed: int | None, lengths_um: np.ndarray, n_basal: int, dur
     return syn_idx, t_ms, draw
 
 
+@dataclass(frozen=True)
+class PublishedGenerator:
+    """The published generator as a named generator (:func:`beniaguev_inputs` with ``config``)."""
+
+    config: GeneratorConfig = NMDA_CONFIG
+
+    def draw(self, rng: np.random.RandomState, segments: dict, synapses: dict, duration_ms: int,
+             ) -> tuple[np.ndarray, np.ndarray, dict]:
+        """One trial from ``rng``: events sorted by time then channel, and the record attributes."""
+        lengths_um, n_basal = dendritic_lengths_um(segments)
+        syn, t, draw = beniaguev_inputs(None, lengths_um, n_basal, duration_ms, config=self.config, rng=rng)
+        return syn, t, draw.attrs()
+
+
+#: Named generators (``lfdeep-neuron generate --generator NAME``); :func:`register_generator` adds one.
+GENERATORS: dict = {"published": PublishedGenerator(NMDA_CONFIG), "excited": PublishedGenerator(EXCITED_CONFIG)}
+
+
+def register_generator(name: str, generator) -> None:
+    """Make ``generator`` (an object with ``draw(rng, segments, synapses, duration_ms)``) known by ``name``."""
+    if not callable(getattr(generator, "draw", None)):
+        raise TypeError(f"generator {name!r} has no draw(rng, segments, synapses, duration_ms) method")
+    GENERATORS[name] = generator
+
+
+@dataclass
+class InputDraw:
+    """The ground-truth inputs of one trial: all events, the effective ones, dead synapses, attributes."""
+
+    syn_idx: np.ndarray
+    t_ms: np.ndarray
+    effective_syn_idx: np.ndarray
+    effective_t_ms: np.ndarray
+    dead: np.ndarray
+    attrs: dict
+
+
+def draw_inputs(generator: str, seed: int, segments: dict, synapses: dict, duration_ms: int) -> InputDraw:
+    """The inputs the ground truth gives a cell for one seed (what ``generate`` simulates).
+
+    Draws from a private ``RandomState(seed)`` (numpy's global RNG is left alone) and drops the events of
+    the synapses an event at t = 0 silences (:func:`effective_events`); drive a cell with
+    ``effective_syn_idx, effective_t_ms``.
+
+    Parameters
+    ----------
+    generator : str
+        A key of :data:`GENERATORS` (``published``, ``excited``, ``volleys``, ...).
+    seed : int
+        The trial's seed (a corpus's simulation ``i`` uses ``simulate.sim_seed(dataset_seed, i)``).
+    segments, synapses : dict
+        The cell's segment and synapse tables (a record's ``segments`` / ``synapses`` groups, or the
+        cell's ``segment_table()`` / ``synapse_table()``).
+    duration_ms : int
+    """
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; known: {sorted(GENERATORS)}")
+    syn, t, attrs = GENERATORS[generator].draw(np.random.RandomState(seed), segments, synapses, int(duration_ms))
+    n_channels = int(np.asarray(synapses["syn_idx"]).size)
+    eff_syn, eff_t, dead = effective_events(syn, t, n_channels)
+    return InputDraw(syn, t, eff_syn, eff_t, dead, attrs)
+
+
 # --------------------------------------------------------------------------------------------------
 # events that can act (BIOPHYSICS.md §6.4)
 # --------------------------------------------------------------------------------------------------
@@ -273,6 +342,53 @@ def effective_events(syn_idx: np.ndarray, t_ms: np.ndarray, n_channels: int = N_
     dead = dead_synapses(syn_idx, t_ms, n_channels)
     keep = ~dead[syn_idx]
     return syn_idx[keep], t_ms[keep], dead
+
+
+def events_by_channel(syn_idx, t_ms, weights=None, n_channels: int = N_CHANNELS) -> list:
+    """Check an event list and group it as one entry per distinct (channel, weight).
+
+    What a cell's ``set_input_events`` needs to make one NetCon per entry and queue its times.
+
+    Parameters
+    ----------
+    syn_idx : int array [E]
+        Channels 0..n_channels-1.
+    t_ms : float array [E]
+        Event times (ms, finite, >= 0).
+    weights : float array [E] or scalar, optional
+        Weights in units of the reference synapse (default 1; finite).
+
+    Returns
+    -------
+    list of (channel int, weight float, times list[float] sorted)
+
+    Raises
+    ------
+    ValueError
+        Shapes, dtypes or values out of range (the message says which).
+    """
+    syn = np.asarray(syn_idx)
+    t = np.asarray(t_ms, dtype=np.float64)
+    if syn.ndim != 1 or t.shape != syn.shape:
+        raise ValueError(f"syn_idx {syn.shape} and t_ms {t.shape} must be 1-D of equal length")
+    if syn.size and not np.issubdtype(syn.dtype, np.integer):
+        raise ValueError(f"syn_idx must be integers, got {syn.dtype}")
+    w = np.ones_like(t) if weights is None else np.broadcast_to(
+        np.asarray(weights, dtype=np.float64), t.shape).copy()
+    if syn.size:
+        if syn.min() < 0 or syn.max() >= n_channels:
+            raise ValueError(f"syn_idx spans [{syn.min()}, {syn.max()}], outside 0..{n_channels - 1}")
+        if not np.all(np.isfinite(t)) or t.min() < 0:
+            raise ValueError("t_ms must be finite and >= 0")
+        if not np.all(np.isfinite(w)):
+            raise ValueError("weights must be finite")
+    keys = np.stack([syn.astype(np.float64), w], axis=1)
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.lexsort((t, inverse))
+    bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+    return [(int(c), float(weight), t[order[bounds[k]:bounds[k + 1]]].tolist())
+            for k, (c, weight) in enumerate(uniq)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,3 +467,6 @@ class CurrentStep:
         """Root attributes of a record of this protocol (the reference naming)."""
         return {"protocol": "somatic_step_current_hay2011", "step_amp_nA": float(self.amp_nA),
                 "step_delay_ms": float(self.delay_ms), "step_dur_ms": float(self.dur_ms)}
+
+
+import lfdeep_neuron.data.volleys  # noqa: E402,F401  (registers the "volleys" generator)

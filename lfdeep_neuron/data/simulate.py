@@ -264,15 +264,15 @@ class Simulator:
         """Run simulation ``index``; return (``write_record`` kwargs, timing info)."""
         import neuron
 
-        from lfdeep_neuron.data.inputs import GENERATORS, beniaguev_inputs, effective_events
+        from lfdeep_neuron.data.inputs import draw_inputs
         from lfdeep_neuron.data.records import to_float16
         from lfdeep_neuron.hay.simulate import run_cell
 
         cfg = self.cfg
         seed = sim_seed(cfg.seed, index)
-        syn, t_ms, draw = beniaguev_inputs(seed, self.lengths_um, self.n_basal, cfg.duration_ms,
-                                           config=GENERATORS[cfg.generator], rng=np.random.RandomState(seed))
-        eff_syn, eff_t, dead = effective_events(syn, t_ms, self.n_channels)
+        drawn = draw_inputs(cfg.generator, seed, self.segments, self.synapses, cfg.duration_ms)
+        syn, t_ms, dead = drawn.syn_idx, drawn.t_ms, drawn.dead
+        eff_syn, eff_t = drawn.effective_syn_idx, drawn.effective_t_ms
         self.cell.set_input_events(eff_syn, eff_t)
         out = run_cell(self.cell, float(cfg.duration_ms), integrator=cfg.integrator, dt_ms=cfg.dt_ms,
                        v_init_mV=cfg.v_init_mV, bin_means=True, engine=cfg.engine,
@@ -327,7 +327,7 @@ class Simulator:
             "inputs_note": ("input = generated events (channel, ms); input_effective = input without the events of "
                             "synapses/dead (an event at t = 0 silences a synapse in the original, BIOPHYSICS 6.4); "
                             "the cell was driven by input_effective"),
-            **draw.attrs(),
+            **drawn.attrs,
         }
         attrs["complete"] = np.int8(1)  # the root attributes are written after every dataset
         traces = {
@@ -747,7 +747,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="coreneuron",
                    help="coreneuron (default: same trajectories, faster; fixed step only) or neuron")
     p.add_argument("--generator", choices=sorted(GENERATORS), default="published",
-                   help="input generator: the published one, or 'excited' (inhibition shifted down: more firing)")
+                   help="input generator: 'published'; 'excited' (inhibition shifted down: more firing); 'volleys' "
+                        "(the published background plus synchronous volleys of 10-300 events)")
     p.add_argument("--storage", choices=STORAGES, default="compact",
                    help="compact: float16 voltages and currents (~1.5 MB per simulated s); float32: exact")
     p.add_argument("--imem-source", choices=IMEM_SOURCES, default="laplacian",

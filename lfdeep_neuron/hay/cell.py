@@ -372,41 +372,21 @@ class HayL5PC:
             Weights in units of the reference synapse (default 1). Each distinct (channel, weight)
             pair gets one NetCon.
         """
+        from lfdeep_neuron.data.inputs import events_by_channel
+
         h = self._h
         if not self.exc_synapses:
             raise RuntimeError(f"{self!r} was built with synapses=False; cannot take input events")
-        syn = np.asarray(syn_idx)
-        t = np.asarray(t_ms, dtype=np.float64)
-        if syn.ndim != 1 or t.shape != syn.shape:
-            raise ValueError(f"syn_idx {syn.shape} and t_ms {t.shape} must be 1-D of equal length")
-        if syn.size and not np.issubdtype(syn.dtype, np.integer):
-            raise ValueError(f"syn_idx must be integers, got {syn.dtype}")
-        w = np.ones_like(t) if weights is None else np.broadcast_to(
-            np.asarray(weights, dtype=np.float64), t.shape).copy()
-        if syn.size:
-            if syn.min() < 0 or syn.max() >= N_CHANNELS:
-                raise ValueError(f"syn_idx spans [{syn.min()}, {syn.max()}], outside 0..{N_CHANNELS - 1}")
-            if not np.all(np.isfinite(t)) or t.min() < 0:
-                raise ValueError("t_ms must be finite and >= 0")
-            if not np.all(np.isfinite(w)):
-                raise ValueError("weights must be finite")
-
-        # One NetCon per distinct (channel, weight); events sorted by time within it.
-        keys = np.stack([syn.astype(np.float64), w], axis=1)
-        uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        order = np.lexsort((t, inverse))
-        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        plan = events_by_channel(syn_idx, t_ms, weights, N_CHANNELS)
         self._event_netcons, self._event_plan = [], []
-        for k, (c, weight) in enumerate(uniq):
-            nc = h.NetCon(None, self.synapse_by_channel(int(c)))
+        for c, weight, times in plan:
+            nc = h.NetCon(None, self.synapse_by_channel(c))
             # NetCon.event(t) delivers at t whatever the delay; a positive delay only keeps
             # CoreNEURON's minimum-delay check satisfied (it counts these NetCons too).
             nc.delay = 1.0
-            nc.weight[0] = float(weight)
-            times = t[order[bounds[k]:bounds[k + 1]]]
+            nc.weight[0] = weight
             self._event_netcons.append(nc)
-            self._event_plan.append((nc, times.tolist()))
+            self._event_plan.append((nc, times))
         if self._fih is None:
             # A weak reference: a hoc object holding a bound method would keep the cell alive forever.
             self._fih = h.FInitializeHandler(1, _queue_callback(weakref.ref(self)))
