@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 __all__ = ["GROUPS", "segment_groups", "group_labels", "sq_err_per_segment", "rmse_per_segment", "rmse_by_group",
-           "spikes_from_logits", "spike_onsets", "spike_auc", "spike_tpr_at_fpr", "match_spikes", "coincidence_factor",
+           "spikes_from_logits", "emitted_to_metric_times", "spike_onsets", "spike_auc", "spike_tpr_at_fpr", "match_spikes", "coincidence_factor",
            "pooled_spike_metrics",
            "calibrate_threshold", "calibration_key", "check_calibration_criterion", "CALIBRATION_CRITERIA",
            "default_spike_threshold", "permanent", "expert_distance_matrix", "diversity_metrics",
@@ -204,6 +204,27 @@ def spikes_from_logits(logits, threshold: float, step_ms: float = 1.0, offset_ms
         raise ValueError(f"spike rule must be 'crossing' or 'level', got {rule!r}")
     k = np.flatnonzero(above) + int(first_step)
     return k * float(step_ms) - float(offset_ms)
+
+
+def emitted_to_metric_times(t_emit_ms, dt_ms: float, step_ms: float = 1.0, t0_ms: float = 0.0,
+                            offset_ms: float = SPIKE_OFFSET_MS) -> np.ndarray:
+    """Spike times a co-simulation engine emitted -> the times ``rollout`` and the metrics use.
+
+    The engine emits the spike of step k (window ((k-1)Δ, kΔ]) at ``t0 + kΔ + dt`` with NEURON's fixed step
+    dt (``t0 + kΔ + dt/4`` under CVode: pass ``dt_ms/4``); ``rollout``, ``evaluate`` and
+    :func:`spikes_from_logits` place it at ``kΔ - offset_ms``. Use this before comparing a network's
+    surrogate spikes with a detailed cell's.
+
+    Parameters
+    ----------
+    t_emit_ms : array
+        Emission times (ms), e.g. from ``pc.spike_record`` or ``engine.spikes()``.
+    dt_ms : float
+        NEURON's time step of the run (the emission lag after the step boundary).
+    """
+    t = np.asarray(t_emit_ms, dtype=np.float64)
+    k = np.rint((t - t0_ms - dt_ms) / step_ms)
+    return k * step_ms - offset_ms
 
 
 def spike_auc(logits, labels) -> float:
