@@ -1,4 +1,4 @@
-"""The ``lfdeep-neuron`` command.
+"""The ``lfdeep-neuron`` command: make data, train, score and run deep surrogates of the Hay L5PC.
 
 Each subcommand lives in the module that implements it; that module exposes
 ``configure_parser(parser)`` and ``run(args) -> int``. Modules are imported
@@ -15,8 +15,19 @@ import argparse
 import importlib
 import os
 import sys
+import textwrap
 
 from lfdeep_neuron.errors import InputError
+
+#: What ``lfdeep-neuron -h`` says the tool is (the subcommands are listed below it by argparse).
+DESCRIPTION = (
+    "lfdeep-neuron: deep-learning surrogates of the Hay layer-5 pyramidal cell (L5PC). A surrogate predicts "
+    "the voltages of all 642 segments and the somatic spikes of the detailed NEURON model, one 1-ms step at a "
+    "time, from the same synaptic inputs, and runs inside NEURON and NetPyNE networks in its place. The "
+    "commands cover the whole path: simulate the detailed cell (replay, generate), train a surrogate and fit "
+    "its action potential (train, waveform), score it against NEURON (evaluate, rollout, compare) and run a "
+    "network of surrogates (demo). 'lfdeep-neuron COMMAND -h' lists a command's options; checkpoint options "
+    "(--model, --init) also take a pointer file such as models/DEFAULT.")
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
@@ -38,6 +49,29 @@ EXIT_BAD_INPUT = 2
 BAD_INPUT = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help of every subcommand: each option's default after its help text, descriptions as written.
+
+    ``(default: X)`` is added unless the help already says what the default is (it contains "default" or
+    "required"), the option is a switch (``store_true``: off unless given) or has no default (None: the
+    help must then say what no value means).
+    """
+
+    def __init__(self, prog, indent_increment=2, max_help_position=30, width=None):
+        import shutil
+
+        width = width or min(shutil.get_terminal_size().columns, 112) - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        said = any(word in text for word in ("default", "required", "%(default)"))
+        if (said or not action.option_strings or action.nargs == 0 or action.required
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line too (``-h`` still prints the usage)."""
 
@@ -54,12 +88,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; only the subcommand named in ``argv`` gets its options (lazy imports)."""
     argv = sys.argv[1:] if argv is None else argv
     chosen = _command_in(argv)
-    parser = _Parser(prog="lfdeep-neuron", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lfdeep-neuron", description=textwrap.fill(DESCRIPTION, 100),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error instead of one line")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                           formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         # SUPPRESS: a --debug given before the command is not reset by the subparser's default
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -201,11 +201,12 @@ def _model(spec):
     if str(spec).startswith("model:"):
         raise InputError(f"surrogate model {spec!r} is not registered in this process: call "
                          "surrogate_cell_params(model) (or register_model) in every rank's script")
-    path = Path(spec)
-    if not path.is_file():
-        raise InputError(f"surrogate checkpoint {str(path)!r} not found")
-    from lfdeep_neuron.surrogate.checkpoint import load_surrogate
+    from lfdeep_neuron.surrogate.checkpoint import load_surrogate, resolve_checkpoint
 
+    try:
+        path = resolve_checkpoint(spec)          # a pointer file (models/DEFAULT): the checkpoint it names
+    except FileNotFoundError as err:
+        raise InputError(str(err)) from err
     model = load_surrogate(path)
     _MODELS[str(spec)] = model
     return model

@@ -731,11 +731,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY"),
                    help="Hay cell morphology (cell1.asc); default $LFDEEP_HAY_MORPHOLOGY")
-    p.add_argument("--out", help="dataset directory (created; resumed if it exists)")
+    p.add_argument("--out", help="dataset directory (created; resumed if it exists); required unless --status")
     p.add_argument("--status", metavar="DIR", nargs="+", default=None,
                    help="print how far the dataset(s) in DIR are (records, simulated s, spikes, rates) and exit; "
-                        "with --digest, DIR:first=N digests simulations 0..N-1 only (a training run's subset)")
-    p.add_argument("--n-sims", type=int, help="number of simulations")
+                        "with --digest, DIR:first=N digests simulations 0..N-1 only (a training run's subset) "
+                        "(default: generate)")
+    p.add_argument("--n-sims", type=int, help="number of simulations (required with --out)")
     p.add_argument("--duration-ms", type=int, default=6000, help="length of each simulation (ms)")
     p.add_argument("--seed", type=int, default=0, help="dataset seed; simulation i uses sim_seed(seed, i)")
     p.add_argument("--workers", type=int, default=None,
@@ -759,7 +760,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="with --status: also print the content digest (SHA-256 over the values) of simulations "
                         "0..n-1, the complete ones from the start: a rebuilt folder must give the one README records")
     p.add_argument("--histogram", metavar="PNG", default=None,
-                   help="with --status: also plot the per-simulation somatic firing rates (one histogram per DIR)")
+                   help="with --status: also plot the per-simulation somatic firing rates (one histogram per DIR; "
+                        "default: no plot)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -869,15 +871,15 @@ def run(args) -> int:
             print(f"histogram: {args.histogram}")
         return 0
     if not args.out or args.n_sims is None:
-        raise InputError("generate: --out and --n-sims are required (or --status DIR)")
+        raise InputError("--out and --n-sims are required (or --status DIR)")
     if not args.morphology:
-        raise InputError("generate: --morphology (or $LFDEEP_HAY_MORPHOLOGY) is required")
+        raise InputError("--morphology (or $LFDEEP_HAY_MORPHOLOGY) is required")
     try:
         fractions = dict(zip(("train", "val", "test"), (float(x) for x in args.splits.split(","))))
     except ValueError:
-        raise InputError(f"generate: --splits must be three numbers train,val,test, got {args.splits!r}") from None
+        raise InputError(f"--splits must be three numbers train,val,test, got {args.splits!r}") from None
     if len(fractions) != 3:
-        raise InputError(f"generate: --splits must be three numbers train,val,test, got {args.splits!r}")
+        raise InputError(f"--splits must be three numbers train,val,test, got {args.splits!r}")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise InputError(f"{args.out}: exists and is not a directory")
     cfg = GenerationConfig(morphology=str(Path(args.morphology).resolve()), out_dir=args.out,

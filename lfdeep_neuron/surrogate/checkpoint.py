@@ -42,7 +42,7 @@ from lfdeep_neuron.surrogate.waveform import SpikeWaveform
 __all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "load_surrogate", "CheckpointError",
            "CorruptCheckpointError", "ArchitectureError", "SegmentMismatchError", "ChannelMismatchError",
            "NormalizationError", "NoBundledModelError", "atomic_torch_save", "bundled_checkpoint", "MODELS_DIR",
-           "write_spike_waveform"]
+           "write_spike_waveform", "resolve_checkpoint", "checkpoint_argument"]
 
 #: Bundled checkpoints: ``lfdeep_neuron/models`` of an installed wheel, else ``models/`` at the top of the
 #: checkout (editable install); ``DEFAULT`` in it names the recommended one.
@@ -204,11 +204,83 @@ def save_checkpoint(path, model: Surrogate, *, segments, synapses, normalization
 # ---------------------------------------------------------------------------------------------------------
 # Loading and validation
 # ---------------------------------------------------------------------------------------------------------
+#: A pointer file (``models/DEFAULT``) is one short line; larger files are never read as one.
+_POINTER_MAX_BYTES = 1024
+
+
+def _file_kind(path: Path) -> str:
+    """What a path that exists but is not a regular file is, in words."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a file"
+
+
+def _pointer_target(path: Path) -> Path | None:
+    """The checkpoint a pointer file names (one line: a file name relative to its folder), else None."""
+    if path.stat().st_size > _POINTER_MAX_BYTES or zipfile.is_zipfile(path):
+        return None
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if len(lines) != 1 or any(not c.isprintable() for c in lines[0]):
+        return None
+    target = path.parent / lines[0]
+    if target.is_file():
+        return target
+    if lines[0].endswith(".pt"):                  # meant as a pointer, to a file that is not there
+        raise FileNotFoundError(f"{path} names the surrogate checkpoint {lines[0]!r}, which does not exist "
+                                f"({target})")
+    return None
+
+
+def resolve_checkpoint(path) -> Path:
+    """The checkpoint file ``path`` stands for: ``path`` itself, or the file a pointer file names.
+
+    A pointer file (such as ``models/DEFAULT``) holds one line, the name of a checkpoint relative to the
+    pointer's folder (or an absolute path); pointers to pointers are followed. Raises
+    ``FileNotFoundError`` ("does not exist") for a missing path or a pointer to a missing ``.pt`` file, and
+    :class:`CheckpointError` ("is not a regular file") for a directory, a device (``/dev/null``) and the
+    like. Whether the file is a readable checkpoint is :func:`load_checkpoint`'s to say.
+    """
+    path, seen = Path(path), []
+    while True:
+        if not path.exists():
+            raise FileNotFoundError(f"surrogate checkpoint {path} does not exist")
+        if not path.is_file():
+            raise CheckpointError(f"surrogate checkpoint {path} is not a regular file ({_file_kind(path)})")
+        target = _pointer_target(path)
+        if target is None:
+            return path
+        seen.append(path.resolve())
+        if target.resolve() in seen:
+            raise CheckpointError(f"{seen[0]}: pointer files name each other in a loop ({target})")
+        path = target
+
+
+def checkpoint_argument(text: str) -> str:
+    """argparse ``type=`` of checkpoint options: the real checkpoint path (pointer files resolved), or an
+    argparse error with :func:`resolve_checkpoint`'s message."""
+    import argparse
+
+    try:
+        return str(resolve_checkpoint(text))
+    except (OSError, InputError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def load_checkpoint(path, map_location=None) -> dict:
-    """Read a checkpoint dict (no validation beyond "is this one of ours"); see :func:`load_surrogate`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"surrogate checkpoint {path} does not exist")
+    """Read a checkpoint dict (no validation beyond "is this one of ours"); see :func:`load_surrogate`.
+
+    ``path`` may be a pointer file such as ``models/DEFAULT`` (:func:`resolve_checkpoint`).
+    """
+    path = resolve_checkpoint(path)
     if not zipfile.is_zipfile(path):     # torch.save writes a zip archive; its directory is at the end
         raise CorruptCheckpointError(f"{path} is not a readable torch checkpoint (corrupt or truncated file?): "
                                      f"not a complete zip archive, {path.stat().st_size} bytes")
@@ -339,6 +411,7 @@ def spike_waveform_of(ckpt: dict, path="checkpoint", n_segments: int | None = No
 def write_spike_waveform(path, waveform: SpikeWaveform | None, out=None) -> Path:
     """Store ``waveform`` (None: remove it) in the checkpoint ``path``, written atomically to ``out``
     (default ``path``, in place); everything else is kept as it is. Returns the written path."""
+    path = resolve_checkpoint(path)                 # a pointer file: write into the checkpoint it names
     ckpt = load_checkpoint(path)
     cfg = validate_checkpoint(ckpt, path)
     ckpt.pop("spike_waveform", None)
@@ -371,6 +444,7 @@ def load_surrogate(path, map_location=None, expected_segments=None) -> Surrogate
         In eval mode, with ``model.meta`` = dict(segments, synapses, dt_ms, provenance, metrics, path, ...,
         ``spike_waveform``: a :class:`~lfdeep_neuron.surrogate.waveform.SpikeWaveform` or None).
     """
+    path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, map_location=None)
     cfg = validate_checkpoint(ckpt, path, expected_segments)
     model = ARCHS[ckpt["arch"]](cfg)

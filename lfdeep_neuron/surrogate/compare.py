@@ -32,7 +32,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="record to score (.h5), e.g. a rollout")
     p.add_argument("--true", required=True, help="ground-truth record (.h5), e.g. NEURON's")
     p.add_argument("--window-ms", type=float, default=2.0, help="coincidence window ±Δ for Γ (ms)")
-    p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file (default: print only)")
 
 
 def compare_records(pred_path, true_path, window_ms: float = 2.0) -> dict:

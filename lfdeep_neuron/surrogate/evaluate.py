@@ -57,25 +57,28 @@ __all__ = ["configure_parser", "run", "evaluate", "simulate_split", "calibrate_s
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="surrogate checkpoint (.pt)")
+    from lfdeep_neuron.surrogate.checkpoint import checkpoint_argument
+
+    p.add_argument("--model", required=True, type=checkpoint_argument, metavar="CKPT",
+                   help="surrogate checkpoint (.pt, or a pointer file such as models/DEFAULT)")
     p.add_argument("--data", required=True, help="dataset directory (records + meta.json)")
     p.add_argument("--split", default="test", help="split to score (train, val, test)")
     p.add_argument("--val-split", default="val", help="split used to calibrate the spike threshold ('none': skip)")
     p.add_argument("--out", default=None, help="output directory (default: CKPT stem + '_eval' next to the model)")
-    p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split")
-    p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations")
-    p.add_argument("--spike-threshold", type=float, default=None, help="use this logit threshold (no calibration)")
+    p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split (default: all)")
+    p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations (default: all)")
+    p.add_argument("--spike-threshold", type=float, default=None, help="use this spike-logit threshold, no calibration (default: calibrate on --val-split)")
     p.add_argument("--calibrate", choices=tuple(CALIBRATION_CRITERIA), default="gamma",
                    help="threshold criterion on the validation split: 'gamma' maximises Γ, 'count' matches the "
                         "true spike count")
     p.add_argument("--window-ms", type=float, default=2.0, help="coincidence window ±Δ for Γ (ms)")
     p.add_argument("--batch", type=int, default=2, help="simulations per batch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="write no figures, only the numbers")
     p.add_argument("--update-checkpoint", action="store_true",
                    help="merge metrics_for_checkpoint (incl. spike_threshold_logit) into the checkpoint's metrics")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -608,8 +611,9 @@ def _raster_figure(path: Path, arrays: dict, arch, summary: dict) -> Path:
 
 def update_checkpoint_metrics(path, metrics: dict) -> None:
     """Merge ``metrics`` into the checkpoint's ``metrics`` dict (atomic rewrite; NaN stored as None)."""
-    from lfdeep_neuron.surrogate.checkpoint import atomic_torch_save, load_checkpoint
+    from lfdeep_neuron.surrogate.checkpoint import atomic_torch_save, load_checkpoint, resolve_checkpoint
 
+    path = resolve_checkpoint(path)                 # a pointer file: update the checkpoint it names
     ckpt = load_checkpoint(path)
     ckpt["metrics"] = {**(ckpt.get("metrics") or {}), **_json_ready(metrics)}
     atomic_torch_save(ckpt, path)

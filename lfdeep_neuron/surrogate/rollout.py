@@ -61,7 +61,10 @@ _COPY_ATTRS = ("protocol", "seed", "duration_ms", "v_init_mV", "celsius", "step_
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="surrogate checkpoint (.pt)")
+    from lfdeep_neuron.surrogate.checkpoint import checkpoint_argument
+
+    p.add_argument("--model", required=True, type=checkpoint_argument, metavar="CKPT",
+                   help="surrogate checkpoint (.pt, or a pointer file such as models/DEFAULT)")
     p.add_argument("--inputs", required=True, help="record / inputs file in the reference layout (.h5)")
     p.add_argument("--out", required=True, help="output record (.h5)")
     p.add_argument("--events", choices=("auto", "input_effective", "input"), default="auto",
@@ -76,7 +79,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="do not add the checkpoint's spike waveform (APs) to the voltages at predicted spikes")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

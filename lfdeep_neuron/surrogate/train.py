@@ -98,99 +98,135 @@ _FLAGS_ONLY = {"data", "out", "init", "set", "restart", "stop_after", "no_progre
 # ---------------------------------------------------------------------------------------------------------
 # Command line and recipes
 # ---------------------------------------------------------------------------------------------------------
+DESCRIPTION = """\
+Train a multitask surrogate (MH, MMoE or MMoEEx) of the Hay L5PC on simulation records.
+Settings: built-in defaults < the recipe (--recipe) < these flags. Rerunning the same
+command resumes from CKPT.last; torchrun runs it on several GPUs."""
+
+EPILOG = """\
+examples:
+  lfdeep-neuron train --recipe spike_lstm_mh_history_128_16k --data DIR --out runs/m.pt
+  lfdeep-neuron train --data synthetic --arch mh --config tiny --out /tmp/m.pt --steps 300"""
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    def add(group, flag, help, **kw):
+    from lfdeep_neuron.surrogate.checkpoint import checkpoint_argument
+
+    p.description, p.epilog = DESCRIPTION, EPILOG
+    p.usage = "%(prog)s --data DATA --out CKPT (--recipe NAME | --arch ARCH) [options]"
+
+    def add(group, flag, help, none=None, **kw):
+        """An option whose help ends with its default; ``none``: what no value means (no default)."""
         dest = flag.lstrip("-").replace("-", "_")
         default = DEFAULTS.get(dest)
-        shown = "" if default in (None, [], False) else f" (default {default})"
+        if kw.get("action") == "store_const":
+            shown = ""                                 # a switch: off unless given
+        elif default in (None, []):
+            shown = f" ({none})" if none else ""
+        else:
+            shown = f" (default: {default})"
+        if "action" not in kw and "choices" not in kw:     # short placeholders keep the help readable
+            kw.setdefault("metavar", "MS" if flag.endswith("-ms") else
+                          {int: "N", float: "X"}.get(kw.get("type"), "VALUE"))
         group.add_argument(flag, default=argparse.SUPPRESS, help=help + shown, **kw)
 
-    g = p.add_argument_group("what to train")
-    add(g, "--recipe", "recipe file (TOML), or the name of one in lfdeep_neuron/surrogate/recipes/")
-    add(g, "--data", "data directory (sim_*.h5 of `generate`; DIR1,DIR2 joins several, each with its splits; "
-                     "DIR:first=N takes a folder's first N simulations), or "
-                     "'synthetic[:segments=6,sims=8,duration=2000,seed=0]'")
-    add(g, "--out", "checkpoint path CKPT; CKPT.last and CKPT.jsonl are written next to it")
-    add(g, "--arch", "architecture", choices=sorted(ARCHS))
-    add(g, "--config", "named model configuration", choices=sorted(CONFIGS))
-    add(g, "--set", "override a model config entry, e.g. --set channels=64 (repeatable)", action="append",
-        metavar="KEY=VALUE")
-    add(g, "--imem", "add bin-mean membrane currents as tasks (for the LFP)", action="store_const", const=True)
-    g = p.add_argument_group("data windows")
-    add(g, "--window-ms", "training window length (ms = steps)", type=int)
-    add(g, "--stride-ms", "spacing of training windows (default window/2)", type=int)
-    add(g, "--skip-ms", "leave out each simulation's first ms (initial transient)", type=int)
+    g = p.add_argument_group("data")
+    add(g, "--data", "simulation records: a folder of sim_*.h5 from `generate` (DIR1,DIR2 joins folders; "
+                     "DIR:first=N takes its first N simulations), or 'synthetic[:segments=6,sims=8,seed=0]' "
+                     "(a small synthetic cell)", none="required", metavar="DATA")
+    add(g, "--window-ms", "length of a training window (ms = steps)", type=int)
+    add(g, "--stride-ms", "spacing of the training windows (ms)", none="default: window/2", type=int)
+    add(g, "--skip-ms", "left out at the start of each simulation: the initial transient (ms)", type=int)
     add(g, "--warmup-ms", "steps at the start of each window left out of the loss", type=int)
-    add(g, "--spike-balance", "oversample windows holding a somatic spike to this fraction", type=float)
     add(g, "--train-seconds", "train on a fixed random subset of the train split holding this many simulated "
-                              "seconds (nested across budgets: data-scaling runs)", type=float)
+                              "seconds (nested across budgets)", none="default: the whole split", type=float)
+    add(g, "--spike-balance", "oversample windows holding a somatic spike to this fraction",
+        none="default: off", type=float)
+    add(g, "--input-jitter", "augmentation: the fraction of input events moved by 1 ms, earlier or later, "
+                             "targets unchanged (0: off)", type=float)
+    add(g, "--val-windows", "validation windows", type=int)
+    add(g, "--val-sims", "validate on the first N simulations of the val split only",
+        none="default: all", type=int)
+    add(g, "--cache-dir", "read windows from uncompressed memory-mapped copies of the records kept in this "
+                          "folder (made on first use, ~13 MB per 6-s simulation; ~5x cheaper windows)",
+        none="default: read the records", metavar="DIR")
+    add(g, "--workers", "DataLoader worker processes", type=int)
+
+    g = p.add_argument_group("model")
+    add(g, "--recipe", "a recipe: TOML file, or the name of a bundled one (lfdeep_neuron/surrogate/recipes/)",
+        none="default: none", metavar="NAME")
+    add(g, "--arch", "architecture", none="required, here or in the recipe", choices=sorted(ARCHS))
+    add(g, "--config", "named model configuration", choices=sorted(CONFIGS))
+    add(g, "--set", "override an entry of the model configuration, e.g. channels=64 (repeatable)",
+        none="default: none", action="append", metavar="KEY=VALUE")
+    add(g, "--imem", "also train the bin-mean membrane currents as tasks (for the LFP)", action="store_const",
+        const=True)
+    add(g, "--init", "warm start from this checkpoint's weights and normalisation (same arch and config, or "
+                     "the same without spike_history), fresh optimiser; ignored when CKPT.last resumes",
+        none="default: random initialisation", type=checkpoint_argument, metavar="CKPT")
+
     g = p.add_argument_group("optimisation")
     add(g, "--steps", "total optimiser steps (the LR schedule spans them)", type=int)
     add(g, "--batch", "windows per step (per process under torchrun)", type=int)
-    add(g, "--lr", "peak learning rate", type=float)
-    add(g, "--lr-warmup", "linear LR warm-up steps (default min(200, steps/10))", type=int)
+    add(g, "--lr", "peak learning rate (Adam, linear warm-up, cosine decay)", type=float)
+    add(g, "--lr-warmup", "warm-up steps", none="default: min(200, steps/10)", type=int)
     add(g, "--weight-decay", "Adam weight decay", type=float)
-    add(g, "--clip", "gradient norm clip (0: off)", type=float)
-    add(g, "--voltage-weight", "weight of the mean MSE over all segments' voltages", type=float)
-    add(g, "--soma-weight", "extra weight of the soma voltage MSE", type=float)
-    add(g, "--spike-weight", "weight of the spike BCE", type=float)
-    add(g, "--spike-pos-weight", "BCE pos_weight; 'auto' = sqrt(negatives/positives), clipped to [1, 50]")
-    add(g, "--spike-timing-weight", "weight of the spike-timing loss: for each true spike bin, the cross-entropy of "
-                                    "a softmax of the spike logit over the bins within --spike-timing-ms of it (the "
-                                    "logit must peak at the right millisecond, not only rise near it; 0: off)",
+    add(g, "--clip", "gradient-norm clip (0: off)", type=float)
+    add(g, "--seed", "seed of the initialisation and of the batches", type=int)
+    add(g, "--voltage-weight", "loss weight of the mean voltage MSE over all segments", type=float)
+    add(g, "--soma-weight", "extra loss weight of the soma voltage MSE", type=float)
+    add(g, "--spike-weight", "loss weight of the spike BCE", type=float)
+    add(g, "--spike-pos-weight", "BCE pos_weight; 'auto': sqrt(negatives/positives) clipped to [1, 50]",
+        metavar="X|auto")
+    add(g, "--spike-timing-weight", "loss weight of the spike-timing term: around each true spike, the "
+                                    "cross-entropy of a softmax of the spike logit over its bins (0: off)",
         type=float)
-    add(g, "--spike-timing-ms", "half-width of that softmax window (ms = bins)", type=int)
-    add(g, "--imem-weight", "weight of the mean membrane-current MSE", type=float)
-    add(g, "--input-jitter", "augmentation: the fraction of input events moved by one millisecond, earlier or "
-                             "later, targets unchanged (the detailed cell keeps its spikes within 0.9 ms when 1 %% "
-                             "of its events move so: benchmarks/spike_reliability.py; 0: off)", type=float)
+    add(g, "--spike-timing-ms", "half-width of that softmax window (ms)", type=int)
+    add(g, "--imem-weight", "loss weight of the membrane-current MSE (with --imem)", type=float)
     add(g, "--lbtw-alpha", "loss-balanced task weighting exponent (0: off)", type=float)
-    g = p.add_argument_group("feedback models only")
+
+    g = p.add_argument_group("optimisation, feedback models only")
     add(g, "--rollout", "K self-feedback passes for the rollout loss (0: off)", type=int)
-    add(g, "--rollout-p", "per-step probability of using the own prediction", type=float)
-    add(g, "--rollout-weight", "weight of the rollout half of the batch", type=float)
-    add(g, "--fb-noise", "Gaussian noise (z units) on teacher-forced feedback", type=float)
-    g = p.add_argument_group("spike-history models only")
-    add(g, "--history-drop", "probability of removing each true spike from the spike-history input (the model's "
-                             "own misses in closed loop)", type=float)
-    add(g, "--history-extra-hz", "rate of spurious spikes added to the spike-history input, per second (its own "
-                                 "false spikes)", type=float)
-    add(g, "--history-own", "fraction of windows whose spike-history input is the model's own emitted spikes "
-                            "(no-grad passes, the engine's crossing rule) instead of the true ones", type=float)
-    add(g, "--history-own-threshold", "spike-logit threshold of those passes (near the calibrated one)", type=float)
-    add(g, "--history-own-passes", "no-grad passes, each reading the previous pass's spikes (1: spikes emitted "
-                                   "with the true history; more approach the closed loop)", type=int)
-    g = p.add_argument_group("running")
-    add(g, "--device", "auto, cpu, cuda, cuda:1, ...")
-    add(g, "--threads", "torch CPU threads (default: torch's choice, one per core); 1 is as fast or much faster than "
-                        "2 on a machine whose cores are busy with other jobs", type=int)
-    add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
-    add(g, "--workers", "DataLoader worker processes", type=int)
-    add(g, "--cache-dir", "read training windows from uncompressed memory-mapped copies of the records kept in this "
-                          "folder (built on first use; ~13 MB per 6-s simulation; same values, ~5x cheaper windows)")
-    add(g, "--seed", "seed of initialisation and batches", type=int)
+    add(g, "--rollout-p", "per-step probability of feeding back the own prediction", type=float)
+    add(g, "--rollout-weight", "loss weight of the rollout half of the batch", type=float)
+    add(g, "--fb-noise", "Gaussian noise (z units) on the teacher-forced feedback", type=float)
+
+    g = p.add_argument_group("optimisation, spike-history models only")
+    add(g, "--history-drop", "probability of removing each true spike from the history input", type=float)
+    add(g, "--history-extra-hz", "rate of spurious spikes added to the history input (Hz)", type=float)
+    add(g, "--history-own", "fraction of windows whose history input is the model's own emitted spikes",
+        type=float)
+    add(g, "--history-own-threshold", "spike-logit threshold of those emitted spikes", type=float)
+    add(g, "--history-own-passes", "no-grad passes making them, each reading the previous pass's spikes",
+        type=int)
+
+    g = p.add_argument_group("output")
+    add(g, "--out", "checkpoint to write (CKPT); CKPT.last (to resume) and CKPT.jsonl (the log) go next to it",
+        none="required", metavar="CKPT")
     add(g, "--save-every", "write CKPT.last every N steps", type=int)
     add(g, "--eval-every", "validate every N steps (0: only at the end)", type=int)
-    add(g, "--val-windows", "validation windows", type=int)
-    add(g, "--val-sims", "validate on the first N simulations of the val split only (fixed windows while the "
-                         "corpus grows)", type=int)
-    add(g, "--keep-best", "also write CKPT.best: the weights at the validation with the best value of this metric "
-                          "(a key of the validation log, e.g. val_bce_spike_tf; AUCs count higher as better)",
-        choices=VAL_METRICS)
+    add(g, "--keep-best", "also write CKPT.best: the weights at the best validation value of this metric, "
+                          "e.g. val_bce_spike_tf", none="default: off", choices=VAL_METRICS, metavar="METRIC")
     add(g, "--log-every", "log every N steps", type=int)
-    add(g, "--stop-after", "stop after N steps in this invocation (CKPT.last); a later run resumes", type=int)
-    add(g, "--time-limit-min", "wall-clock budget of this invocation: stop there, write CKPT.last (and a usable "
-                               "CKPT); the same command resumes", type=float)
+    add(g, "--no-progress", "no progress bar", action="store_const", const=True)
+
+    g = p.add_argument_group("running and resuming")
+    add(g, "--device", "auto, cpu, cuda, cuda:1, ...", metavar="DEVICE")
+    add(g, "--threads", "torch CPU threads (1 is often fastest on a busy machine)",
+        none="default: torch's choice, one per core", type=int)
+    add(g, "--amp", "mixed precision on CUDA (bf16 if supported, else fp16)", action="store_const", const=True)
+    add(g, "--stop-after", "stop after N steps in this invocation (writes CKPT.last; a rerun resumes)",
+        none="default: run to --steps", type=int)
+    add(g, "--time-limit-min", "wall-clock budget of this invocation (minutes): stop there, write CKPT.last "
+                               "and a usable CKPT", none="default: none", type=float)
     add(g, "--restart", "ignore an existing CKPT.last", action="store_const", const=True)
-    add(g, "--init", "warm start: the weights and normalisation of this checkpoint (same arch and config, or the "
-                     "same without spike_history: its input weights get a zero column for the spike row), a "
-                     "fresh optimiser and schedule; ignored when CKPT.last resumes the run")
-    add(g, "--no-progress", "no tqdm bar", action="store_const", const=True)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``lfdeep-neuron train`` arguments and resolve them against the recipe and the defaults."""
-    p = argparse.ArgumentParser(prog="lfdeep-neuron train")
+    from lfdeep_neuron.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="lfdeep-neuron train", formatter_class=HelpFormatter)
     configure_parser(p)
     return resolve(p.parse_args(argv))
 
@@ -299,7 +335,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("data", "out", "arch"):
         if settings[key] is None:
             where = " (or in the recipe)" if key == "arch" else ""
-            raise InputError(f"lfdeep-neuron train: --{key} is required{where}")
+            raise InputError(f"--{key} is required{where}")
     if settings["arch"] not in ARCHS:
         raise InputError(f"{path or '--arch'}: unknown arch {settings['arch']!r}; expected one of {sorted(ARCHS)}")
     if settings["config"] not in CONFIGS:
@@ -308,24 +344,24 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise InputError(f"--steps must be >= 1, got {settings['steps']}")
     if settings["threads"] is not None and int(settings["threads"]) < 1:
         raise InputError(f"--threads must be >= 1, got {settings['threads']}")
-    where = path or "lfdeep-neuron train"          # names the recipe file in the message when there is one
+    where = f"{path}: " if path else ""           # names the recipe file in the message when there is one
     if not 0.0 <= float(settings["history_drop"]) <= 1.0 or float(settings["history_extra_hz"]) < 0:
-        raise InputError(f"{where}: --history-drop must be in [0, 1] and --history-extra-hz "
+        raise InputError(f"{where}--history-drop must be in [0, 1] and --history-extra-hz "
                          f">= 0, got {settings['history_drop']} and {settings['history_extra_hz']}")
     if not 0.0 <= float(settings["input_jitter"]) <= 1.0:
-        raise InputError(f"{where}: --input-jitter must be a fraction in [0, 1], got {settings['input_jitter']}")
+        raise InputError(f"{where}--input-jitter must be a fraction in [0, 1], got {settings['input_jitter']}")
     if not 0.0 <= float(settings["history_own"]) <= 1.0 or int(settings["history_own_passes"]) < 1:
-        raise InputError(f"{where}: --history-own must be in [0, 1] and --history-own-passes "
+        raise InputError(f"{where}--history-own must be in [0, 1] and --history-own-passes "
                          f">= 1, got {settings['history_own']} and {settings['history_own_passes']}")
     if not math.isfinite(float(settings["history_own_threshold"])):
-        raise InputError(f"{where}: --history-own-threshold must be a finite logit, got "
+        raise InputError(f"{where}--history-own-threshold must be a finite logit, got "
                          f"{settings['history_own_threshold']}")
     if settings["spike_balance"] is not None and not 0.0 < float(settings["spike_balance"]) < 1.0:
-        raise InputError(f"{where}: --spike-balance must be a fraction in (0, 1), got "
+        raise InputError(f"{where}--spike-balance must be a fraction in (0, 1), got "
                          f"{settings['spike_balance']}")
     timing_w, timing_ms = float(settings["spike_timing_weight"]), settings["spike_timing_ms"]
     if not (math.isfinite(timing_w) and timing_w >= 0) or int(timing_ms) != timing_ms or int(timing_ms) < 1:
-        raise InputError(f"{where}: --spike-timing-weight must be a finite number >= 0 and "
+        raise InputError(f"{where}--spike-timing-weight must be a finite number >= 0 and "
                          f"--spike-timing-ms an integer >= 1, got {settings['spike_timing_weight']} and {timing_ms}")
     settings["spike_timing_ms"] = int(timing_ms)      # a recipe may write 5.0
     out = argparse.Namespace(**settings)

@@ -461,18 +461,22 @@ def fit_spike_waveform(model, sims, kernel_ms: int = 10, max_sims: int | None = 
 # CLI: lfdeep-neuron waveform
 # ---------------------------------------------------------------------------------------------------------
 def configure_parser(p) -> None:
-    p.add_argument("--model", required=True, help="surrogate checkpoint (.pt)")
+    from lfdeep_neuron.surrogate.checkpoint import checkpoint_argument
+
+    p.add_argument("--model", required=True, type=checkpoint_argument, metavar="CKPT",
+                   help="surrogate checkpoint (.pt, or a pointer file such as models/DEFAULT: the checkpoint "
+                        "it names is written)")
     p.add_argument("--data", required=True, help="dataset directory (sim_*.h5 records)")
     p.add_argument("--split", default="train", choices=("train", "val", "test", "all"),
                    help="simulations to fit on (default train)")
-    p.add_argument("--max-sims", type=int, default=None, help="use at most this many simulations")
+    p.add_argument("--max-sims", type=int, default=None, help="use at most this many simulations (default: all)")
     p.add_argument("--kernel-ms", type=int, default=10, help="waveform length K in 1-ms steps (default 10)")
     p.add_argument("--baseline-ms", type=int, default=0,
                    help="subtract the mean residual of this many steps before each spike (default 0: none)")
     p.add_argument("--out", default=None, help="checkpoint to write (default: --model, in place, atomically)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
