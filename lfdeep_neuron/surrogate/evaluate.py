@@ -66,8 +66,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-split", default="val", help="split used to calibrate the spike threshold ('none': skip)")
     p.add_argument("--out", default=None, help="output directory (default: CKPT stem + '_eval' next to the model)")
     p.add_argument("--max-sims", type=int, default=None, help="score at most N simulations of the split (default: all)")
-    p.add_argument("--max-val-sims", type=int, default=None, help="calibrate on at most N validation simulations (default: all)")
-    p.add_argument("--spike-threshold", type=float, default=None, help="use this spike-logit threshold, no calibration (default: calibrate on --val-split)")
+    p.add_argument("--max-val-sims", type=int, default=None,
+                   help="calibrate on at most N validation simulations (default: all)")
+    p.add_argument("--spike-threshold", type=float, default=None,
+                   help="use this spike-logit threshold, no calibration (default: calibrate on --val-split)")
     p.add_argument("--calibrate", choices=tuple(CALIBRATION_CRITERIA), default="gamma",
                    help="threshold criterion on the validation split: 'gamma' maximises Γ, 'count' matches the "
                         "true spike count")
