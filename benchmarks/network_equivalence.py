@@ -33,12 +33,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from lfdeep_neuron.recurrent_network import save_npz
 from lfdeep_neuron.equivalence import (Connectivity, NetworkSpec, VolleyProtocol, background_events, delete_events,
                                        network_scores, run_detailed, run_surrogates, volley_responses)
 
@@ -128,13 +128,6 @@ def key(args, *extra) -> str:
                                        "k_in", "syn_per_connection", "weight")}
     d["morphology_sha256"] = file_sha256(args.morphology)
     return hashlib.sha256(json.dumps([d, *extra], sort_keys=True).encode()).hexdigest()[:12]
-
-
-def save_npz(path: Path, d: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    np.savez(tmp, **d)
-    os.replace(tmp, path)
 
 
 def load_npz(path: Path) -> dict:

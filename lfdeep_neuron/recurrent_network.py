@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["N_DENDRITIC", "load_model", "calibrate_threshold", "Network", "input_plan", "recurrent_plan",
-           "build_network", "input_rates_per_ms", "simulate", "configure_parser", "run_network"]
+           "build_network", "input_rates_per_ms", "simulate", "configure_parser", "run_network", "save_npz"]
 
 #: Dendritic segments of the Hay cell that carry one excitatory and one inhibitory synapse each.
 N_DENDRITIC = 639
@@ -301,13 +301,13 @@ def run_network(args, out_npz=None) -> dict:
         result.update(soma_gid=np.concatenate([p[0] for p in parts]),
                       soma_v_mV=np.concatenate([p[1] for p in parts]), t_ms=rec.t_ms)
         if out_npz is not None:
-            _save_npz(out_npz, result)
+            save_npz(out_npz, result)
             print(f"wrote {out_npz}")
     pc.barrier()
     return result
 
 
-def _save_npz(path, arrays: dict) -> None:
+def save_npz(path, arrays: dict) -> None:
     """``np.savez`` to a temporary name next to ``path``, then rename (no half-written file)."""
     import os
     import tempfile

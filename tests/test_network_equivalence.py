@@ -150,3 +150,41 @@ def test_benchmark_refuses_a_missing_morphology(benchmark_module, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope.asc" in err[0] and "does not exist" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_only_selects_one_split(morphology):
+    from lfdeep_neuron.data.simulate import GenerationConfig, assign_splits, selected_indices
+    from lfdeep_neuron.errors import InputError
+
+    cfg = GenerationConfig(morphology=str(morphology), out_dir="unused", n_sims=600, seed=2027)
+    test = sorted(assign_splits(range(600), 2027, cfg.split_fractions)["test"])
+    assert selected_indices(cfg) == list(range(600))
+    assert selected_indices(cfg, "test") == test and len(test) == 60
+    assert selected_indices(cfg, "test:20") == test[:20]
+    # the bundled model's test split (recorded in its checkpoint) is this split
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
+    assert load_surrogate(bundled_checkpoint()).meta["metrics"]["test_sims"] == test
+    for bad in ("nope", "test:x"):
+        with pytest.raises(InputError, match="--only"):
+            selected_indices(cfg, bad)
+
+
+def test_demo_quick_fires_and_draws(tmp_path, capsys):
+    """The demo on its default (trained-on) input: spikes in the quick run, figure and arrays written."""
+    import torch
+
+    from lfdeep_neuron.cli import main
+    from lfdeep_neuron.cosim import SurrogateEngine
+
+    torch.set_num_threads(1)
+    try:
+        assert main(["demo", "--quick", "--out", str(tmp_path / "d")]) == 0
+    finally:
+        SurrogateEngine.close_all()
+    out = capsys.readouterr().out
+    z = np.load(tmp_path / "d" / "network.npz")
+    assert z["spike_gid"].size > 0 and set(np.unique(z["spike_gid"])) <= set(range(8)), out
+    assert z["soma_v_mV"].shape == (8, 400) and np.isfinite(z["soma_v_mV"]).all()
+    # action potentials are in the traces where the cells spiked
+    assert z["soma_v_mV"].max() > -10.0
+    assert (tmp_path / "d" / "demo.png").stat().st_size > 10_000

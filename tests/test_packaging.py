@@ -105,7 +105,9 @@ def test_installed_wheel_runs_demo_and_builds_both_cells(wheel_env, tmp_path):
     # the demo, from a folder outside the checkout, through the installed console script
     demo = _run([str(venv / "bin" / "lfdeep-neuron"), "demo", "--quick", "--out", "demo_out"],
                 cwd=outside, env=env)
-    assert "6 cells" in demo.stdout and "forward passes on rank 0: 49" in demo.stdout, demo.stdout
+    assert "8 cells on 1 rank(s)" in demo.stdout and "(399 forward passes on rank 0)" in demo.stdout, demo.stdout
+    n_spikes = int(demo.stdout.split(" spikes, ")[0].split()[-1])
+    assert n_spikes > 0, demo.stdout                        # the quick demo shows spikes too
     assert (outside / "demo_out" / "network.npz").is_file() and (outside / "demo_out" / "demo.png").is_file()
     # both cells from the installed package
     morphology = REPO.parent / "shared" / "hay" / "cell1.asc"

@@ -583,7 +583,28 @@ def _run_workers(cfg: GenerationConfig, sim: Simulator, todo: list[int], workers
         signal.signal(signal.SIGTERM, old)
 
 
-def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool = True) -> dict:
+def selected_indices(cfg: GenerationConfig, only: str | None = None) -> list[int]:
+    """Simulation indices to run: all ``0..n_sims-1``, or with ``only='SPLIT[:N]'`` the (first N) simulations of
+    one split. Each record is the one the whole dataset would hold (a record depends on its index alone), so
+    a held-out split can be rebuilt without the rest."""
+    from lfdeep_neuron.errors import InputError
+
+    indices = list(range(cfg.n_sims))
+    if not only:
+        return indices
+    split, _, n = only.partition(":")
+    chosen = assign_splits(indices, cfg.seed, cfg.split_fractions)
+    if split not in chosen:
+        raise InputError(f"--only {only!r}: the split must be one of {sorted(chosen)}")
+    try:
+        n_max = int(n) if n else None
+    except ValueError:
+        raise InputError(f"--only {only!r}: expected SPLIT or SPLIT:N with a whole number N") from None
+    return sorted(chosen[split])[:n_max]
+
+
+def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool = True,
+             only: str | None = None) -> dict:
     """Generate (or complete) a dataset; return the final ``meta.json`` content (None on MPI ranks > 0).
 
     The cell is built (morphology read, mechanisms compiled) before anything is written or any worker
@@ -598,11 +619,13 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
         rank simulates its share in-process and ``workers`` is ignored.
     progress : bool
         Show a tqdm bar over simulated seconds, with ETA (rank 0 only under MPI).
+    only : str, optional
+        ``'SPLIT[:N]'``: only the (first N) simulations of that split (:func:`selected_indices`).
     """
     from lfdeep_neuron.parallel import launched_under_mpi
 
     out_dir = Path(cfg.out_dir)
-    indices = list(range(cfg.n_sims))
+    indices = selected_indices(cfg, only)
     if launched_under_mpi():
         from lfdeep_neuron.parallel import parallel_context
 
@@ -627,7 +650,7 @@ def generate(cfg: GenerationConfig, workers: int | None = None, progress: bool =
         todo = pc.py_broadcast(_pending(cfg, indices) if rank == 0 else None, 0)
         rounds = -(-len(todo) // size)
         step_s = cfg.duration_ms / 1000.0
-        with _progress(cfg.n_sims * step_s, (cfg.n_sims - len(todo)) * step_s, f"{size} ranks",
+        with _progress(len(indices) * step_s, (len(indices) - len(todo)) * step_s, f"{size} ranks",
                        progress and rank == 0) as bar:
             for r in range(rounds):
                 k = r * size + rank
@@ -762,6 +785,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--histogram", metavar="PNG", default=None,
                    help="with --status: also plot the per-simulation somatic firing rates (one histogram per DIR; "
                         "default: no plot)")
+    p.add_argument("--only", metavar="SPLIT[:N]", default=None,
+                   help="only the (first N) simulations of one split, e.g. test:20 (each record is the one the "
+                        "whole dataset holds; default: every simulation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -888,7 +914,7 @@ def run(args) -> int:
                            generator=args.generator, storage=args.storage, imem_source=args.imem_source,
                            split_fractions=fractions)
     try:
-        meta = generate(cfg, workers=args.workers, progress=not args.no_progress)
+        meta = generate(cfg, workers=args.workers, progress=not args.no_progress, only=args.only)
     except SimulationFailed as exc:
         print(f"generate: {exc}; complete records are kept: rerun the same command to resume", file=sys.stderr)
         return 1
