@@ -40,6 +40,7 @@ corpus: setup
 	$(GEN) --out data/corpus/published --n-sims 600 --seed 2027
 	$(GEN) --out data/corpus/excited --n-sims 400 --seed 2028 --generator excited --splits 1,0,0
 	$(GEN) --out data/corpus/published_b --n-sims 1000 --seed 2029 --splits 1,0,0
+	$(GEN) --out data/corpus/volleys --n-sims 1000 --seed 2031 --generator volleys --splits 1,0,0
 
 clean-cache:
 	rm -rf $${LFDEEP_CACHE_DIR:-$$HOME/.cache/lfdeep_neuron}

@@ -188,3 +188,45 @@ def test_demo_quick_fires_and_draws(tmp_path, capsys):
     # action potentials are in the traces where the cells spiked
     assert z["soma_v_mV"].max() > -10.0
     assert (tmp_path / "d" / "demo.png").stat().st_size > 10_000
+
+
+# Measured on the bundled model (models/DEFAULT) by this test's own computation; margins stated per bound.
+# A model that stops answering its inputs (or a broken intake, time rule or normalisation) falls far below.
+MIN_DEPOL_RATIO_100_BASAL = 0.25   # surrogate / cell peak soma depolarisation, 100-event basal volleys (0.37)
+MAX_CONTROL_SOMA_RMSE_MV = 0.6     # clipped at -55 mV, background alone, t >= 100 ms (0.24)
+
+
+def test_bundled_model_answers_a_volley_like_the_cell(morphology):
+    """Network equivalence in small: one cell, its published background, four 100-event basal volleys;
+    HayL5PC (ground-truth solve) against the bundled SurrogateL5PC on the same events, each paired with a
+    control run without the volleys (the network benchmark's measure, benchmarks/network_equivalence.py)."""
+    import torch
+
+    from lfdeep_neuron.equivalence import (NetworkSpec, VolleyProtocol, background_events, run_detailed,
+                                           run_surrogates, volley_responses)
+    from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
+
+    torch.set_num_threads(1)
+    model = load_surrogate(bundled_checkpoint())
+    seg, syn = model.meta["segments"], model.meta["synapses"]
+    T = 1000
+    vp = VolleyProtocol(sizes=(100,), locations=("basal",), inh_sizes=(), first_ms=300, gap_ms=200, jitter_ms=0,
+                        tail_ms=100)
+    bg = background_events(0, seg, syn, T, "published", dataset_seed=9101)
+    onsets, cond = vp.schedule(0, T)
+    vs, vt = vp.events(0, onsets, cond, seg, syn)
+    s, t = np.concatenate([bg[0], vs]), np.concatenate([bg[1], vt])
+    o = np.lexsort((s, t))
+    spec, ctrl = NetworkSpec(1, T, {0: (s[o], t[o])}), NetworkSpec(1, T, {0: bg})
+    cell = volley_responses(run_detailed(spec, morphology), d_c := run_detailed(ctrl, morphology),
+                            {0: onsets}, {0: cond}, 1)
+    sur = volley_responses(run_surrogates(spec, model), s_c := run_surrogates(ctrl, model), {0: onsets}, {0: cond}, 1)
+    ratio = sur["peak_depol_mV"][0] / cell["peak_depol_mV"][0]
+    rmse = float(np.sqrt(np.mean((np.minimum(s_c["soma_v_mV"][0, 100:], -55) - np.minimum(d_c["soma_v_mV"][0, 100:],
+                                                                                          -55)) ** 2)))
+    print(f"100-event basal volleys x {len(onsets)}: peak depolarisation cell {cell['peak_depol_mV'][0]:.2f} mV, "
+          f"surrogate {sur['peak_depol_mV'][0]:.2f} mV (ratio {ratio:.2f}); evoked spikes per volley cell "
+          f"{cell['evoked'][0]:.2f}, surrogate {sur['evoked'][0]:.2f}; control soma RMSE (clipped) {rmse:.2f} mV")
+    assert cell["peak_depol_mV"][0] > 3.0            # the volley matters to the cell (guards the test itself)
+    assert ratio > MIN_DEPOL_RATIO_100_BASAL
+    assert rmse < MAX_CONTROL_SOMA_RMSE_MV
