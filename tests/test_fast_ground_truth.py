@@ -40,8 +40,12 @@ def _replay(morphology, ref_path, integrator="fixed_cn", dt_ms=DEFAULT_DT_MS):
 
 def test_new_default_meets_the_accuracy_bounds(morphology, reference_dir):
     """Crank-Nicolson at dt = 0.05 ms against the published CVODE (atol 1e-3) recordings: all-segment RMSE
-    <= 0.25 mV and every somatic spike within 0.5 ms on the synaptic protocol; spike counts +-1 on both
-    current steps."""
+    <= 0.25 mV and every somatic spike within 0.5 ms on the synaptic protocol; on both current steps exactly
+    the reference's spike count and the first spike within 0.5 ms.
+
+    Measured (2026-12-08): RMSE 0.217 mV, spikes 0.085 / 0.365 ms late; steps 20/20 and 28/28 spikes, first
+    spike 0.245 / 0.050 ms early. Counts were checked to +-1, which passed a model off by one spike where
+    the counts are exact (issue 33, "Why" item 3)."""
     out, v_ref, spikes_ref = _replay(morphology, reference_dir / "synaptic_seed1.h5")
     rmse = float(np.sqrt(np.mean((out["v_1ms"].astype(np.float64) - v_ref) ** 2)))
     got = out["soma_spike_times_ms"]
@@ -51,9 +55,10 @@ def test_new_default_meets_the_accuracy_bounds(morphology, reference_dir):
     assert np.max(np.abs(got - spikes_ref)) <= 0.5
     for name in ("step_0p619.h5", "step_0p793.h5"):
         out, _, spikes_ref = _replay(morphology, reference_dir / name)
-        print(f"{name}: {len(out['soma_spike_times_ms'])} spikes vs {len(spikes_ref)}")
-        assert abs(len(out["soma_spike_times_ms"]) - len(spikes_ref)) <= 1
-        assert len(spikes_ref) >= 10
+        got = out["soma_spike_times_ms"]
+        print(f"{name}: {len(got)} spikes vs {len(spikes_ref)}, first {got[:1]} vs {spikes_ref[:1]} ms")
+        assert len(got) == len(spikes_ref) >= 10
+        assert abs(got[0] - spikes_ref[0]) <= 0.5
 
 
 def test_bin_mean_currents_are_minus_laplacian_of_bin_mean_voltages(morphology):

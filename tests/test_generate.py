@@ -121,10 +121,34 @@ def test_two_workers_dataset(uninterrupted):
         np.testing.assert_array_equal(es, rec["input_effective"]["syn_idx"])
         np.testing.assert_array_equal(dead, rec["synapses"]["dead"])
         assert rec.attrs["gen_keep_inst_rate_const_for_ms"] == draw.keep_inst_rate_const_for_ms
-        # membrane currents balance: the sum over the cell of i_membrane_ is ~ the synaptic current only,
-        # and the dendrites receiving input carry current
-        assert np.abs(rec["imem_mean_1ms"]).max() > 1e-4
+        _assert_currents_balance(rec)
     assert len(seeds) == N_SIMS
+
+
+def _assert_currents_balance(rec) -> None:
+    """Kirchhoff: without an electrode, the membrane currents of all segments sum to zero at every instant
+    (synaptic currents are membrane currents, axial currents only move charge), so also per 1-ms bin mean.
+
+    Issue 33, "Why" item 6: this check promised the balance but asserted ``max|imem| > 1e-4``, which
+    currents stored per unit area, with a segment's sign flipped or a segment missing all pass.
+    The only imbalance left is the compact storage's rounding (float16 with COMPACT_IMEM_MANTISSA_BITS
+    mantissa bits: relative error <= eps = 2^-(bits+1) + 2^-11 for normal numbers; below float16's normal
+    range, 2^-14 nA, the kept spacing 2^-(24-(10-bits)) bounds the absolute error). So per bin
+    |sum_s i_s| <= sum_s err_s, a bound from the storage's stated rounding, not a measurement. Measured
+    (seed 11, 4 x 100 ms): |sum_s i_s| <= 0.14 of that bound, at most 9e-4 nA, i.e. 0.036 of a bin's typical
+    largest |i_s| (~0.023 nA): 1e-3 of it is below what 6-bit storage can hold. Faults measured against the
+    bound: currents per um^2 4-7x over it, the soma's sign flipped 6-7x over it."""
+    from lfdeep_neuron.data.simulate import COMPACT_IMEM_MANTISSA_BITS as bits
+
+    i = rec["imem_mean_1ms"].astype(np.float64)              # [S, T] nA
+    eps = 2.0 ** -(bits + 1) + 2.0 ** -11
+    err = np.where(np.abs(i) < 2.0 ** -14, 2.0 ** -(24 - (10 - bits)), eps * np.abs(i) / (1 - eps))
+    total, bound = np.abs(i.sum(axis=0)), err.sum(axis=0)
+    print(f"sim {rec.attrs['sim_index']}: max |sum_s imem| {total.max():.3g} nA, max ratio to the rounding bound "
+          f"{np.max(total[1:] / bound[1:]):.3g}")
+    assert np.all(i[:, 0] == 0)                              # bin 0 holds no time
+    assert np.all(total[1:] <= bound[1:])
+    assert np.all(np.abs(i[:, 1:]).sum(axis=0) > 1e-3)        # not balanced by being zero: measured >= 0.013 nA
 
 
 def test_reader_on_generated_data(uninterrupted):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,36 +37,71 @@ def _log(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+def _closed_loop_rmse_mV(model, sims) -> float:
+    """All-segment RMSE (mV) of ``model`` run in closed loop over whole synthetic trials (600 ms from rest)."""
+    from lfdeep_neuron.surrogate.stream import closed_loop
+
+    x, v = torch.from_numpy(sims.data["x_syn"]), torch.from_numpy(sims.data["v"])
+    with torch.no_grad():
+        pred = closed_loop(model, x[..., 1:], v0_mV=v[..., 0], output="mV", spike_threshold=1e9).v
+    return float((pred.double() - v[..., 1:]).pow(2).mean().sqrt())
+
+
 def test_cli_trains_and_writes_checkpoint_log_and_state(tmp_path):
+    """The CLI trains a feedback model that is better in closed loop than it was untrained.
+
+    Issue 33, "Why" item 4: the validation metrics were only checked to lie in (0, 50) and learning was judged
+    on the training loss; this run's 150 steps (no rollout loss) ended at closed-loop RMSE 8.03 mV against
+    7.61 untrained -- training made the model worse in closed loop and the test passed. A feedback model
+    trained teacher-forced only learns to lean on true feedback; with the rollout loss (its own predictions
+    fed back, what it meets in closed loop) it learns. Now asserted, on the val split and on held-out trials
+    (the synthetic 'test' split, seen by neither training nor validation), against the same model untrained
+    (same seed: same initial weights; one step at lr 1e-12 leaves them) and a model-free baseline."""
+    from lfdeep_neuron.surrogate.synthetic import SyntheticDataset
+
+    common = ["--data", DATA, "--arch", "mh", "--config", "tiny", "--batch", "4", *SHORT, "--val-windows", "4",
+              "--no-progress", "--set", "feedback=true", "--rollout", "10"]
     out = tmp_path / "mh.pt"
-    rc = cli_main(["train", "--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
-                   "--steps", "150", "--batch", "4", *SHORT, "--lr", "3e-3", "--eval-every", "50",
-                   "--val-windows", "4", "--no-progress", "--set", "feedback=true"])
+    rc = cli_main(["train", *common, "--out", str(out), "--steps", "300", "--lr", "3e-3", "--eval-every", "100"])
     assert rc == 0
     model = load_surrogate(out, expected_segments=5)
     assert model.arch == "mh" and model.n_segments == 5 and model.n_channels == 8
     meta = model.meta
-    assert meta["provenance"]["data"] == DATA and meta["provenance"]["steps"] == 150
+    assert meta["provenance"]["data"] == DATA and meta["provenance"]["steps"] == 300
     assert meta["provenance"]["versions"]["torch"] == torch.__version__
     assert list(meta["segments"]["name"][:2]) == ["soma[0]", "dend[0]"]
-    for k in ("val_rmse_mV_tf", "val_rmse_mV_cl", "val_soma_rmse_mV_cl", "val_soma_clip_rmse_mV_cl"):
-        assert 0 < meta["metrics"][k] < 50
     from lfdeep_neuron.surrogate.train import VAL_METRICS
     assert set(VAL_METRICS) == {k for k in meta["metrics"] if k.startswith("val_")}   # --keep-best's choices
-    assert 0 <= meta["metrics"]["val_spike_auc"] <= 1
     # normalisation comes from the training data (v0 of the synthetic cell: rest at -70 mV)
     torch.testing.assert_close(model.v_rest, torch.full((5,), -70.0))
     rows = _log(tmp_path / "mh.pt.jsonl")
-    assert [r["step"] for r in rows] == list(range(10, 151, 10))
-    assert rows[-1]["val_rmse_mV_cl"] and rows[4]["val_rmse_mV_tf"] and "val_rmse_mV_tf" not in rows[0]
+    assert [r["step"] for r in rows] == list(range(10, 301, 10))
+    assert [r["step"] for r in rows if "val_rmse_mV_cl" in r] == [100, 200, 300]
     first, end = (sum(float(r["loss_v"]) for r in rs) / 3 for rs in (rows[:3], rows[-3:]))
-    assert end < 0.6 * first                                           # it learns
-    assert load_checkpoint(tmp_path / "mh.pt.last")["train_state"]["step"] == 150
+    assert end < 0.6 * first                                           # the training loss fell
+    assert load_checkpoint(tmp_path / "mh.pt.last")["train_state"]["step"] == 300
+
+    # -- the closed loop improved ------------------------------------------------------------------------
+    assert cli_main(["train", *common, "--out", str(tmp_path / "untrained.pt"), "--steps", "1", "--lr", "1e-12",
+                     "--eval-every", "0"]) == 0
+    untrained = load_surrogate(tmp_path / "untrained.pt", expected_segments=5)
+    val, val0 = meta["metrics"]["val_rmse_mV_cl"], untrained.meta["metrics"]["val_rmse_mV_cl"]
+    held_out = SyntheticDataset(None, "test", None, n_segments=5, n_sims=4, duration_ms=600, seed=0)
+    test, test0 = _closed_loop_rmse_mV(model, held_out), _closed_loop_rmse_mV(untrained, held_out)
+    v = torch.from_numpy(held_out.data["v"])[..., 1:].double()
+    constant = float((v - model.v_mean.double()[None, :, None]).pow(2).mean().sqrt())   # the training mean
+    print(f"closed-loop RMSE (mV): val {val:.3f} (untrained {val0:.3f}), held-out trials {test:.3f} "
+          f"(untrained {test0:.3f}, the training mean as a constant {constant:.3f})")
+    # measured (2026-12-08): val 5.73 vs 7.61 mV (ratio 0.75), held out 5.16 vs 6.66 (0.77); ratios 0.72-0.78
+    # with --seed 0, 1, 2. Bound: at least 15 % lower than untrained.
+    assert val <= 0.85 * val0
+    assert test <= 0.85 * test0
+    # and clearly better than knowing nothing of the inputs: measured 0.82 (seeds 1, 2: 0.75, 0.77); bound 0.9
+    assert test <= 0.9 * constant
+
     # a second run with the same --out has nothing left to do
-    summary = train(parse_args(["--data", DATA, "--arch", "mh", "--config", "tiny", "--out", str(out),
-                                "--steps", "150", "--batch", "4", *SHORT, "--lr", "3e-3",
-                                "--no-progress", "--set", "feedback=true"]))
-    assert summary["steps_done"] == 150 and summary["resumed_from"] == 150
+    summary = train(parse_args([*common, "--out", str(out), "--steps", "300", "--lr", "3e-3"]))
+    assert summary["steps_done"] == 300 and summary["resumed_from"] == 300
 
 
 def test_resume_after_stop_reproduces_uninterrupted_run(tmp_path):
@@ -234,9 +270,21 @@ def test_time_limit_stops_early_and_writes_a_final_checkpoint(tmp_path, benchmar
                           "--val-windows", "2"))
     done = summary["steps_done"]
     assert 0 < done < 100000
-    meta = load_surrogate(out, expected_segments=5).meta
+    model = load_surrogate(out, expected_segments=5)
+    meta = model.meta
     assert meta["provenance"]["steps"] == done and meta["metrics"]["stopped_by_time_limit"] == 1.0
-    assert 0 < meta["metrics"]["val_rmse_mV_cl"] < 50
+    # the metrics written are those of the weights written (issue 33, "Why" item 4: checked to lie in (0, 50),
+    # which any number passes): recomputed here on the validation windows (evenly spaced, --val-windows 2)
+    from lfdeep_neuron.surrogate.stream import closed_loop
+    from lfdeep_neuron.surrogate.train import _open_windows
+
+    _, _, val_ds = _open_windows(_args(out), None)
+    idx = np.unique(np.linspace(0, len(val_ds) - 1, num=min(2, len(val_ds))).astype(int))
+    b = {k: torch.stack([val_ds[int(i)][k] for i in idx]) for k in ("x_syn", "v")}
+    with torch.no_grad():
+        pred = closed_loop(model, b["x_syn"][..., 1:], v0_mV=b["v"][..., 0], output="mV").v
+    rmse = float((pred.double() - b["v"][..., 1:]).pow(2).mean().sqrt())
+    assert meta["metrics"]["val_rmse_mV_cl"] == pytest.approx(rmse, rel=1e-5)
     assert load_checkpoint(tmp_path / "t.pt.last")["train_state"]["step"] == done
     # the data-scaling benchmark must not score such a point as if it were trained
     data_scaling = benchmark_module("data_scaling")
@@ -573,8 +621,21 @@ def test_input_jitter_moves_events_by_one_bin_and_keeps_counts():
     assert (y >= 0).all()
     changed = (y != x).float().sum() / (x > 0).float().sum()
     assert 0.2 < changed < 0.9                                   # about 20 % of occupied bins gave an event away
-    # each event moves by one bin at most: a cumulative count never differs by more than the moved events
-    assert ((y.cumsum(-1) - x.cumsum(-1)).abs() <= 2).all()
+    # Each occupied bin gives at most one event, to a neighbour: across every bin boundary at most one event
+    # moves each way, so the cumulative counts differ by at most 1 (issue 33, "Why" item 7: this allowed 2,
+    # and no cumulative bound sees an event moved by 5 bins, which shifts it by 1 over 5 boundaries).
+    assert ((y.cumsum(-1) - x.cumsum(-1)).abs() <= 1).all()
+    # Where the move is visible: isolated single events (4 bins apart) each end up in the bin before, at or
+    # after their own, and nowhere else; about `fraction` of them moved, each way about equally often.
+    iso = torch.zeros(64, 50, 400)
+    t0 = 2 + 4 * torch.randint(0, 99, (64, 50))
+    iso.scatter_(2, t0[..., None], 1.0)
+    out = jitter_input_events(iso, 0.2)
+    near = torch.stack([out.gather(2, (t0 + d)[..., None])[..., 0] for d in (-1, 0, 1)], dim=-1)   # [64, 50, 3]
+    assert torch.equal(near.sum(-1), torch.ones(64, 50)) and out.sum() == iso.sum()   # nothing further away
+    moved = 1.0 - near[..., 1].mean()
+    assert abs(moved - 0.2) < 0.02                               # 3200 events: sd of the fraction 0.007
+    assert abs(near[..., 0].sum() - near[..., 2].sum()) < 0.2 * near[..., [0, 2]].sum()
     assert torch.equal(jitter_input_events(x, 0.0), x)
     with pytest.raises(ValueError, match="fraction"):
         jitter_input_events(x, 1.5)

@@ -239,11 +239,30 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         write_spike_waveform(no_i, wf)
 
 
-def test_bundled_checkpoint_loads_without_a_waveform():
+def test_bundled_checkpoint_loads_with_its_waveform_and_without_one(tmp_path):
+    """The bundled checkpoint's fitted waveform is what ``load_surrogate`` returns, value for value; the same
+    file without the optional key (a checkpoint older than waveforms) loads with None and the same weights.
+
+    Issue 33, "Why" item 5: this test (then ``..._loads_without_a_waveform``) asserted only that the key
+    ``spike_waveform`` is in ``meta``, which ``load_surrogate`` always sets -- a loader that dropped the
+    waveform, or one that invented one for a file without it, passed."""
     from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
 
-    model = load_surrogate(bundled_checkpoint())
-    assert "spike_waveform" in model.meta           # key present: None unless a waveform was fitted into it
+    path = bundled_checkpoint()
+    raw = torch.load(path, weights_only=True)                  # the file itself is the reference
+    stored = raw["spike_waveform"]
+    wf = load_surrogate(path).meta["spike_waveform"]
+    assert isinstance(wf, SpikeWaveform)
+    assert wf.kernel_v_mV.shape == wf.kernel_i_nA.shape == (642, stored["info"]["kernel_ms"])
+    assert torch.equal(wf.kernel_v_mV, stored["kernel_v_mV"]) and torch.equal(wf.kernel_i_nA, stored["kernel_i_nA"])
+    assert (wf.delay_steps, wf.n_spikes, wf.info) == (stored["delay_steps"], stored["n_spikes"], stored["info"])
+    assert float(wf.kernel_v_mV[0].max()) > 20.0               # a somatic AP: tens of mV above the prediction
+    del raw["spike_waveform"]
+    torch.save(raw, tmp_path / "no_waveform.pt")
+    old = load_surrogate(tmp_path / "no_waveform.pt")
+    assert old.meta["spike_waveform"] is None
+    new = load_surrogate(path).state_dict()
+    assert all(torch.equal(v, new[k]) for k, v in old.state_dict().items()) and set(new) == set(old.state_dict())
 
 
 def test_cli_fits_and_writes_the_waveform(tmp_path, capsys):
