@@ -162,6 +162,16 @@ class NetworkSpec:
                            {k: v[mask] for k, v in c.items()})
 
 
+def _spike_recorders(h, cells: dict, gids) -> tuple[list, list]:
+    """One NetCon.record vector per cell (both cell kinds have ``spike_netcon()``); keep both lists alive."""
+    netcons, vectors = [], []
+    for g in gids:
+        vectors.append(h.Vector())
+        netcons.append(cells[g].spike_netcon())
+        netcons[-1].record(vectors[-1])
+    return netcons, vectors
+
+
 def _spike_lists(netcon_vectors, gids) -> tuple[np.ndarray, np.ndarray]:
     gid = np.concatenate([np.full(len(v), g, np.int64) for g, v in zip(gids, netcon_vectors)] or [np.zeros(0, int)])
     t = np.concatenate([np.asarray(v) for v in netcon_vectors] or [np.zeros(0)])
@@ -194,16 +204,10 @@ def run_detailed(spec: NetworkSpec, morphology=None, solver: dict | None = None,
         nc = cells[int(src)].spike_netcon(cells[int(tgt)].synapse_by_channel(int(ch)),
                                           delay_ms=float(d), weight=float(w))
         netcons.append(nc)
-    spike_vecs, v_vecs, rec_ncs = [], [], []
-    for g in gids:
-        tv = h.Vector()
-        nc = cells[g].spike_netcon()
-        nc.record(tv)
-        rec_ncs.append(nc)
-        spike_vecs.append(tv)
-        vv = h.Vector()
+    rec_ncs, spike_vecs = _spike_recorders(h, cells, gids)
+    v_vecs = [h.Vector() for _ in gids]
+    for g, vv in zip(gids, v_vecs):
         vv.record(cells[g].soma[0](0.5)._ref_v, 1.0)
-        v_vecs.append(vv)
     h.load_file("stdrun.hoc")
     cvode = h.CVode()
     old = (cvode.active(), h.secondorder, h.dt)
@@ -252,13 +256,7 @@ def run_surrogates(spec: NetworkSpec, model, dt_ms: float = 0.05, spike_threshol
         netcons = [connect(cells[int(src)], cells[int(tgt)].channel_target(int(ch)), weight=float(w),
                            delay=float(d))
                    for src, tgt, ch, w, d in zip(c["src"], c["tgt"], c["channel"], c["weight"], c["delay"])]
-        spike_vecs, rec_ncs = [], []
-        for g in gids:
-            tv = h.Vector()
-            nc = cells[g].spike_netcon()
-            nc.record(tv)
-            rec_ncs.append(nc)
-            spike_vecs.append(tv)
+        rec_ncs, spike_vecs = _spike_recorders(h, cells, gids)
         rec = engine.record(cells=[cells[g] for g in gids], segments="soma")
         h.load_file("stdrun.hoc")
         cvode = h.CVode()
@@ -301,7 +299,8 @@ def volley_responses(run: dict, control: dict, onsets: dict, cond: dict, n_condi
     [onset, onset + window_ms)), ``evoked_se``, ``hist`` [C, H] (extra spikes per volley per 1-ms bin of
     ``hist_ms``), ``hist_edges``, ``peak_latency_ms`` (centre of the largest bin of ``hist`` at >= 0 ms; NaN
     when no bin is positive), ``depol_mV`` [C, W] (mean soma difference, both clipped at ``clip_mV``,
-    t = onset .. onset + 30 ms), ``peak_depol_mV`` (its extreme: max for excitation, min for inhibition).
+    t = onset .. onset + 30 ms), ``peak_depol_mV`` (its value of largest magnitude: a depolarisation > 0, a
+    hyperpolarisation < 0).
     """
     edges = np.arange(hist_ms[0], hist_ms[1] + 1)
     W = 31
@@ -337,9 +336,8 @@ def volley_responses(run: dict, control: dict, onsets: dict, cond: dict, n_condi
         post = np.where(centres >= 0, hrow, -np.inf)
         lat.append(float(centres[np.argmax(post)]) if np.nanmax(post) > 0 else np.nan)
     out["peak_latency_ms"] = np.array(lat)
-    dep = out["depol_mV"]
-    out["peak_depol_mV"] = np.where(np.nanmax(np.abs(np.nan_to_num(dep)), 1) == np.nanmax(np.nan_to_num(dep), 1),
-                                    np.nanmax(np.nan_to_num(dep), 1), np.nanmin(np.nan_to_num(dep), 1))
+    dep = np.nan_to_num(out["depol_mV"])
+    out["peak_depol_mV"] = dep[np.arange(len(dep)), np.argmax(np.abs(dep), axis=1)]   # the larger excursion
     return out
 
 

@@ -193,10 +193,19 @@ def input_rates_per_ms(n_stims: int, stim_rate_hz: float, frac_inh: float) -> np
     return rate
 
 
-def simulate(net: Network, tstop_ms: float, pc, v_init_mV: float = -76.0, dt_ms: float = 0.025):
-    """Simulate with ``pc.psolve``; return all spikes (gid, t_ms) sorted, on every rank."""
+def simulate(net: Network, tstop_ms: float, pc, v_init_mV: float = -76.0, dt_ms: float = 0.05,
+             integrator: str = "fixed_cn"):
+    """Simulate with ``pc.psolve``; return all spikes (gid, t_ms) sorted, on every rank.
+
+    The default solve is the ground truth's (Crank–Nicolson, dt 0.05 ms, v_init -76 mV:
+    :data:`lfdeep_neuron.equivalence.GROUND_TRUTH_SOLVER`), so detailed cells in the network behave as the
+    cells the surrogates learned from; ``integrator='fixed'`` is NEURON's backward Euler.
+    """
     from neuron import h
 
+    if integrator not in ("fixed", "fixed_cn"):
+        raise ValueError(f"integrator must be 'fixed' or 'fixed_cn', got {integrator!r}")
+    h.secondorder = 2 if integrator == "fixed_cn" else 0
     h.dt = dt_ms
     pc.set_maxstep(10.0)
     h.finitialize(v_init_mV)
