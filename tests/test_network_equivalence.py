@@ -163,7 +163,8 @@ def test_generate_only_selects_one_split(morphology):
     assert selected_indices(cfg, "test:20") == test[:20]
     # the bundled model's test split (recorded in its checkpoint) is this split
     from lfdeep_neuron.surrogate.checkpoint import bundled_checkpoint, load_surrogate
-    assert load_surrogate(bundled_checkpoint()).meta["metrics"]["test_sims"] == test
+    scored = load_surrogate(bundled_checkpoint()).meta["metrics"]["test_sims"]
+    assert len(scored) >= 20 and scored == test[:len(scored)]
     for bad in ("nope", "test:x"):
         with pytest.raises(InputError, match="--only"):
             selected_indices(cfg, bad)
@@ -192,8 +193,9 @@ def test_demo_quick_fires_and_draws(tmp_path, capsys):
 
 # Measured on the bundled model (models/DEFAULT) by this test's own computation; margins stated per bound.
 # A model that stops answering its inputs (or a broken intake, time rule or normalisation) falls far below.
-MIN_DEPOL_RATIO_100_BASAL = 0.25   # surrogate / cell peak soma depolarisation, 100-event basal volleys (0.37)
-MAX_CONTROL_SOMA_RMSE_MV = 0.6     # clipped at -55 mV, background alone, t >= 100 ms (0.24)
+MIN_DEPOL_RATIO_100_BASAL = 0.55   # surrogate / cell peak soma depolarisation, 100-event basal volleys (0.76;
+#                                    the model bundled before the volley fine-tune: 0.37)
+MAX_CONTROL_SOMA_RMSE_MV = 0.6     # clipped at -55 mV, background alone, t >= 100 ms (0.32)
 
 
 def test_bundled_model_answers_a_volley_like_the_cell(morphology):
