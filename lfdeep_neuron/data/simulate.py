@@ -240,7 +240,6 @@ class Simulator:
 
     def __init__(self, cfg: GenerationConfig):
         from lfdeep_neuron import mechanisms
-        from lfdeep_neuron.data.inputs import dendritic_lengths_um
         from lfdeep_neuron.hay import HayL5PC
         from lfdeep_neuron.hay.morphology import check_morphology
 
@@ -257,8 +256,6 @@ class Simulator:
         self.segments = _as_table(self.cell.segment_table())
         self.sections = _as_table(self.cell.section_table())
         self.synapses = _as_table(self.cell.synapse_table())
-        self.lengths_um, self.n_basal = dendritic_lengths_um(self.segments)
-        self.n_channels = int(len(self.synapses["syn_idx"]))
 
     def simulate(self, index: int) -> tuple[dict, dict]:
         """Run simulation ``index``; return (``write_record`` kwargs, timing info)."""
