@@ -336,7 +336,9 @@ def test_recipes_build_and_flags_override_them(tmp_path):
     # fine-tune recipe: (its --init's recipe, the --init file it was trained from, which was l5pc_BASE.pt)
     fine_tunes = {"spike_lstm_mh_history_128_own": ("spike_lstm_mh_history_128_8k",
                                                     "l5pc_spike_lstm_mh_history_128_8k.pt"),
-                  "spike_lstm_mh_history_128_16k_own": ("spike_lstm_mh_history_128_16k", "cand16k.pt")}
+                  "spike_lstm_mh_history_128_16k_own": ("spike_lstm_mh_history_128_16k", "cand16k.pt"),
+                  "spike_lstm_mh_history_128_16k_volleys": ("spike_lstm_mh_history_128_16k_own",
+                                                            "l5pc_spike_lstm_mh_history_128_16k_own.pt")}
     default = Path(bundled_checkpoint())
     assert default.stem in {f"l5pc_{n}" for n in (*one_stage, *fine_tunes)}
     shipped = {p.name for p in MODELS_DIR.glob("*.pt")}
@@ -349,8 +351,9 @@ def test_recipes_build_and_flags_override_them(tmp_path):
         for key in ("arch", "config", "imem", "steps", "batch", "window_ms", "skip_ms", "lr", "spike_weight",
                     "soma_weight", "model", "seed", "history_own", "history_own_threshold", "history_own_passes"):
             assert getattr(recipe, key) == prov["args"][key], (name, key)
-    # the default's recipe warm-starts from its stage 1, which models/ keeps for that command
+    # the default's recipe warm-starts from its stage 2, and that one's from stage 1: models/ keeps both
     assert (MODELS_DIR / "l5pc_spike_lstm_mh_history_128_16k.pt").is_file()
+    assert (MODELS_DIR / "l5pc_spike_lstm_mh_history_128_16k_own.pt").is_file()
     for name in one_stage:
         prov = provenance(f"l5pc_{name}.pt")
         recipe = parse_args(["--recipe", name, "--data", DATA, "--out", "x.pt"])
