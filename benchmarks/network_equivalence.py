@@ -46,8 +46,8 @@ from lfdeep_neuron.equivalence import (Connectivity, NetworkSpec, VolleyProtocol
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY", "../shared/hay/cell1.asc"),
-                   help="Hay cell1.asc")
+    p.add_argument("--morphology", default=os.environ.get("LFDEEP_HAY_MORPHOLOGY"),
+                   help="morphology of the detailed cell (default: $LFDEEP_HAY_MORPHOLOGY)")
     p.add_argument("--model", default=None, help="surrogate checkpoint (default: the bundled one)")
     p.add_argument("--out", default="runs/network_equivalence", help="folder of runs, figures and JSON")
     p.add_argument("--parts", nargs="+", choices=["volleys", "recurrent"], default=["volleys", "recurrent"])
@@ -306,6 +306,10 @@ def main(argv=None) -> int:
 
     if args.model is None:
         args.model = str(bundled_checkpoint())
+    if not args.morphology:
+        print("network_equivalence: no morphology given: pass --morphology or set LFDEEP_HAY_MORPHOLOGY",
+              file=sys.stderr)
+        return 1
     for what, p in (("morphology", args.morphology), ("checkpoint", args.model)):
         if not Path(p).is_file():
             print(f"network_equivalence: {what} {p} does not exist", file=sys.stderr)

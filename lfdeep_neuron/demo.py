@@ -55,7 +55,7 @@ def simulate_network(model, n_cells: int, tstop_ms: float, generator: str, seed:
     from neuron import h
 
     from lfdeep_neuron.cosim import SurrogateEngine, SurrogateL5PC, connect
-    from lfdeep_neuron.equivalence import background_events
+    from lfdeep_neuron.equivalence import GROUND_TRUTH_SOLVER, background_events
     from lfdeep_neuron.surrogate.metrics import emitted_to_metric_times
 
     rank, nhost = int(pc.id()), int(pc.nhost())
@@ -77,7 +77,7 @@ def simulate_network(model, n_cells: int, tstop_ms: float, generator: str, seed:
     h.dt = dt_ms
     pc.set_maxstep(10.0)
     t0 = time.perf_counter()
-    h.finitialize(-76.0)
+    h.finitialize(GROUND_TRUTH_SOLVER["v_init_mV"])
     pc.psolve(float(tstop_ms))
     run_s = time.perf_counter() - t0
     parts = pc.py_allgather((np.asarray(spike_gid, np.int64), np.asarray(spike_t)))

@@ -26,8 +26,17 @@ __all__ = ["GROUND_TRUTH_SOLVER", "background_events", "VolleyProtocol", "Connec
            "delete_events", "run_detailed", "run_surrogates", "volley_responses", "network_scores",
            "population_rate"]
 
-#: The solve of the training corpus (``lfdeep-neuron generate`` defaults).
-GROUND_TRUTH_SOLVER = dict(integrator="fixed_cn", dt_ms=0.05, v_init_mV=-76.0)
+def _generation_defaults() -> dict:
+    from dataclasses import fields
+
+    from lfdeep_neuron.data.simulate import GenerationConfig
+
+    d = {f.name: f.default for f in fields(GenerationConfig)}
+    return {k: d[k] for k in ("integrator", "dt_ms", "v_init_mV")}
+
+
+#: The solve of the training corpus: ``lfdeep-neuron generate``'s defaults (Crank–Nicolson, dt 0.05 ms, -76 mV).
+GROUND_TRUTH_SOLVER = _generation_defaults()
 
 
 def background_events(gid: int, segments: dict, synapses: dict, duration_ms: int, generator: str = "published",
@@ -264,7 +273,7 @@ def run_surrogates(spec: NetworkSpec, model, dt_ms: float = 0.05, spike_threshol
         cvode.active(0)
         h.dt = float(dt_ms)
         t0 = time.perf_counter()
-        h.finitialize(-76.0)
+        h.finitialize(GROUND_TRUTH_SOLVER["v_init_mV"])
         h.continuerun(float(spec.duration_ms))
         wall = time.perf_counter() - t0
         cvode.active(old[0])
