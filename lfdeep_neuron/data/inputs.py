@@ -80,7 +80,6 @@ NMDA_CONFIG = GeneratorConfig()
 EXCITED_CONFIG = GeneratorConfig(bas_ex_inh_diff_per_100ms=(-800, 0), apic_ex_inh_diff_per_100ms=(-800, 0))
 
 
-
 @dataclass
 class GeneratorDraw:
     """What one call of the generator chose (stored as ``gen_*`` record attributes)."""
